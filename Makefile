@@ -1,0 +1,58 @@
+# precision-search — every target creates/refreshes the project's virtualenv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev
+CONFIG ?= search_spaces/digits_mlp.yaml
+TRIALS ?=
+STUDY ?=
+PARALLEL ?=
+POLICY ?= knee
+TRIAL ?=
+RAY_ADDRESS ?=
+MLFLOW_PORT ?= 5000
+export RAY_ADDRESS
+
+STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
+comma := ,
+
+.PHONY: venv search front promote ui mlflow-server test test-fast bench gpu-check clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(STAMP)
+
+search: $(STAMP)
+	$(BIN)/precision-search search --config $(CONFIG) $(if $(TRIALS),--trials $(TRIALS)) $(if $(STUDY),--study $(STUDY)) $(if $(PARALLEL),--parallel $(PARALLEL))
+
+front: $(STAMP)
+	$(BIN)/precision-search front --config $(CONFIG) $(if $(STUDY),--study $(STUDY))
+
+promote: $(STAMP)
+	$(BIN)/precision-search promote --config $(CONFIG) $(if $(STUDY),--study $(STUDY)) $(if $(TRIAL),--trial $(TRIAL),--policy $(POLICY))
+
+ui: $(STAMP)
+	bash mlflow/ui.sh
+
+mlflow-server: $(STAMP)
+	bash mlflow/server.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/formats.py
+
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
+
+clean:
+	rm -rf .precision-search .pytest_cache

@@ -1,0 +1,71 @@
+"""ONNX Runtime on the CPU: the backend that always exists."""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.backends.base import Backend, Session
+from pipeline.backends.native import execution
+from pipeline.formats import Format
+from pipeline.results import Execution
+
+
+@lru_cache(maxsize=1)
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class OrtSession(Session):
+    def __init__(self, onnx_path: str | Path, providers: list, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self._sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        self.input_names = [i.name for i in self._sess.get_inputs()]
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+        self.providers = self._sess.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._sess.run(self.output_names, feeds)
+
+
+class OrtCpuBackend(Backend):
+    name = "ort-cpu"
+    needs_gpu = False
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnxruntime is not installed: pip install -e ."
+        return True, ""
+
+    def device(self) -> str:
+        return f"{cpu_model_name()} ({os.cpu_count()} cores)"
+
+    def execution(self, fmt: Format, realisation: str = "") -> Execution:
+        return execution(self.name, fmt, realisation)
+
+    def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
+        return OrtSession(onnx_path, ["CPUExecutionProvider"], threads)
+
+    def runtime_version(self) -> str:
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"

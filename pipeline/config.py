@@ -1,0 +1,324 @@
+"""The search configuration (``search_spaces/*.yaml``), validated before any work.
+
+Every error names the field path (``measure.batch_size``) and what is expected,
+so a user can fix a config without reading code. Import strings
+(``package.module:function``) are checked for importability at load time too,
+because discovering a typo after the reference export wastes minutes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.formats import ALL_FORMATS, INT4_BLOCK_SIZES, Calibration, Format, Int8Activations
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says which field and how to fix it."""
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see search_spaces/README.md for the schema)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Where the trained model comes from.
+
+    ``factory`` is an import string returning the model (``torch.nn.Module`` or
+    ``keras.Model``); ``checkpoint`` is an optional state dict (``.pt``, loaded
+    with ``weights_only=True``) applied to it. ``path`` instead loads a saved
+    model file (``.pt`` full TorchScript-free module saved with torch.save is
+    refused: it needs pickle; use factory + checkpoint), or ``.keras``.
+    """
+
+    framework: Literal["torch", "keras"] = "torch"
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    path: str | None = None
+    output_names: list[str] | None = None
+    opset: int = Field(21, ge=17, le=23)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if not self.factory and not self.path:
+            raise ValueError("give either `factory: package.module:function` or `path: model.keras`")
+        if self.factory and self.path:
+            raise ValueError("give only one of `factory` and `path`")
+        return self
+
+
+class DataSpec(_Strict):
+    """A dataset: an import string returning ``(inputs, targets)``, or an ``.npz`` file.
+
+    ``inputs`` is a dict name -> array (one entry per model input, e.g.
+    ``input_ids``, ``attention_mask``) or a single array for single-input models;
+    ``targets`` is an array aligned on the first axis. ``limit`` caps the rows used.
+    """
+
+    source: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+
+
+class DataConfig(_Strict):
+    calibration: DataSpec
+    eval: DataSpec
+    train: DataSpec | None = None  # for QAT; defaults to calibration
+
+
+class MetricSpec(_Strict):
+    """The task metric, computed over all eval outputs and targets at once.
+
+    Built-ins: ``accuracy`` (top-1), ``mse``, ``spearman``; or an import string
+    ``pkg.mod:fn`` with ``fn(outputs: dict[str, ndarray], targets) -> float``.
+    ``higher_is_better`` defaults from the built-in (accuracy/spearman: yes; mse: no)
+    and must be given for a custom metric.
+    """
+
+    name: str = "accuracy"
+    output: str | int = 0
+    higher_is_better: bool | None = None
+
+    @model_validator(mode="after")
+    def _direction(self) -> "MetricSpec":
+        from pipeline.metrics import BUILTIN_METRICS
+
+        if self.higher_is_better is None:
+            if self.name in BUILTIN_METRICS:
+                self.higher_is_better = BUILTIN_METRICS[self.name].higher_is_better
+            else:
+                raise ValueError(
+                    f"custom metric {self.name!r}: set `higher_is_better: true|false` "
+                    f"(built-ins are {sorted(BUILTIN_METRICS)})"
+                )
+        elif self.name not in BUILTIN_METRICS and ":" not in self.name:
+            raise ValueError(f"unknown metric {self.name!r}: use one of {sorted(BUILTIN_METRICS)} or `pkg.mod:fn`")
+        return self
+
+
+class EnergySpec(_Strict):
+    """Energy measurement settings (see pipeline/energy)."""
+
+    meter: Literal["auto", "nvml", "rapl", "estimated"] = "auto"
+    min_seconds: float = Field(1.0, gt=0)
+    repeats: int = Field(3, ge=1)
+    # gCO2e per kWh. Default: world average electricity carbon intensity 2023,
+    # 473 g/kWh (Ember, "Global Electricity Review 2024").
+    grid_intensity_g_per_kwh: float = Field(473.0, ge=0)
+    # Estimated meter only: watts per busy core when no meter exists.
+    tdp_watts: float | None = Field(None, gt=0)
+
+
+class MeasureSpec(_Strict):
+    backend: str = "auto"
+    threads: int = Field(0, ge=0, description="0 = all cores")
+    batch_size: int = Field(32, ge=1)
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, ge=1)
+    energy: EnergySpec = Field(default_factory=EnergySpec)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        allowed = {"auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "tflite"}
+        if v not in allowed:
+            raise ValueError(f"backend must be one of {sorted(allowed)}, got {v!r}")
+        return v
+
+
+Objective = Literal["accuracy", "energy", "latency", "size"]
+
+
+class SearchSpec(_Strict):
+    """The search space and the study's settings."""
+
+    formats: list[Format] = Field(default_factory=lambda: list(ALL_FORMATS))
+    pin: dict[str, Format] = Field(default_factory=dict)  # glob -> fixed format
+    exclude: list[str] = Field(default_factory=list)  # globs kept FP32 and not searched
+    methods: list[Literal["ptq", "qat"]] = Field(default_factory=lambda: ["ptq"])
+    calibrations: list[Calibration] = Field(default_factory=lambda: [Calibration.MINMAX, Calibration.PERCENTILE])
+    int8_activations: list[Int8Activations] = Field(
+        default_factory=lambda: [Int8Activations.STATIC, Int8Activations.DYNAMIC]
+    )
+    int4_block_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    qat_steps: list[int] = Field(default_factory=lambda: [100, 300])
+    qat_learning_rates: tuple[float, float] = (1e-5, 1e-3)
+    objectives: list[Objective] = Field(default_factory=lambda: ["accuracy", "energy", "size"])
+    max_accuracy_drop: float | None = Field(0.05, ge=0)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    trials: int = Field(30, ge=1)
+    baselines: bool = True
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[Format]) -> list[Format]:
+        if not v:
+            raise ValueError("at least one format is needed, e.g. [fp32, int8]")
+        return v
+
+    @field_validator("int4_block_sizes")
+    @classmethod
+    def _blocks(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in INT4_BLOCK_SIZES]
+        if bad or not v:
+            raise ValueError(f"int4 block sizes must be a non-empty subset of {list(INT4_BLOCK_SIZES)}, got {v}")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if "accuracy" not in v:
+            raise ValueError("objectives must include `accuracy`")
+        if len(set(v)) != len(v):
+            raise ValueError("objectives must not repeat")
+        return v
+
+
+class TrackingSpec(_Strict):
+    experiment: str | None = None  # default: the config's name
+    registry_name: str | None = None  # default: the config's name
+    alias: str = "champion"
+
+
+class SearchConfig(_Strict):
+    """A whole ``search_spaces/*.yaml`` file."""
+
+    name: str
+    model: ModelSpec
+    data: DataConfig
+    metric: MetricSpec = Field(default_factory=MetricSpec)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    loss: str | None = None  # QAT loss: "cross_entropy", "mse" or import string
+    workdir: str = ".precision-search"
+
+    # Set by load_config: the folder the YAML lives in, for relative paths.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("name must be letters, digits, '_', '-' or '.', e.g. digits-mlp")
+        return v
+
+    def resolve_path(self, p: str) -> Path:
+        """Paths in a config are relative to the project root the command runs in,
+        falling back to the config file's folder."""
+        path = Path(os.path.expandvars(os.path.expanduser(p)))
+        if path.is_absolute() or path.exists():
+            return path
+        alt = self.base_dir / path
+        return alt if alt.exists() else path
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.workdir) / self.name
+
+
+def _check_import_strings(cfg: SearchConfig) -> list[str]:
+    from pipeline.importing import check_import_string
+
+    problems = []
+    fields = [("model.factory", cfg.model.factory), ("data.calibration.source", cfg.data.calibration.source),
+              ("data.eval.source", cfg.data.eval.source)]
+    if cfg.data.train:
+        fields.append(("data.train.source", cfg.data.train.source))
+    if ":" in cfg.metric.name:
+        fields.append(("metric.name", cfg.metric.name))
+    if cfg.loss and ":" in cfg.loss:
+        fields.append(("loss", cfg.loss))
+    for field, value in fields:
+        if not value:
+            continue
+        if ":" not in value:
+            if field.startswith("data.") and value.endswith(".npz"):
+                if not cfg.resolve_path(value).exists():
+                    problems.append(f"  - {field}: file {value!r} does not exist")
+                continue
+            problems.append(f"  - {field}: expected `package.module:function` (or a .npz file for data), got {value!r}")
+            continue
+        err = check_import_string(value)
+        if err:
+            problems.append(f"  - {field}: {err}")
+    if cfg.model.checkpoint and not cfg.resolve_path(cfg.model.checkpoint).exists():
+        # a checkpoint the factory will create on first use is fine; only warn-worthy if no factory
+        if not cfg.model.factory:
+            problems.append(f"  - model.checkpoint: file {cfg.model.checkpoint!r} does not exist")
+    if cfg.model.path and not cfg.resolve_path(cfg.model.path).exists():
+        problems.append(f"  - model.path: file {cfg.model.path!r} does not exist")
+    return problems
+
+
+def _check_framework(cfg: SearchConfig) -> list[str]:
+    import importlib.util
+
+    if cfg.model.framework == "keras":
+        missing = [m for m in ("tensorflow", "keras", "tf2onnx") if importlib.util.find_spec(m) is None]
+        if missing:
+            return [
+                f"  - model.framework: keras needs {', '.join(missing)}; install the extra: "
+                "pip install -e '.[keras]'   (or: make venv EXTRAS=keras)"
+            ]
+    else:
+        if importlib.util.find_spec("torch") is None:
+            return ["  - model.framework: torch is not installed: pip install torch==2.13.0"]
+    return []
+
+
+def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | None = None,
+                 check_imports: bool = True) -> SearchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    cfg.base_dir = base_dir or Path(".")
+    problems = _check_framework(cfg)
+    if check_imports and not problems:
+        problems += _check_import_strings(cfg)
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n" + "\n".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, check_imports: bool = True) -> SearchConfig:
+    """Read, merge dotted ``overrides`` (``{"search.trials": 12}``) and validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist (presets live in search_spaces/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return parse_config(data, source=str(path), base_dir=path.parent, check_imports=check_imports)

@@ -1,0 +1,183 @@
+"""Evaluate one candidate plan end to end: quantize (PTQ or QAT) -> artifact -> measure.
+
+:class:`Evaluator` holds what is shared by all candidates of one config (the
+FP32 reference export, datasets, backend, the reference's own accuracy on that
+backend) so a Ray worker or the CLI builds them once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.backends import resolve_backend
+from pipeline.config import SearchConfig
+from pipeline.data import Dataset, load_dataset
+from pipeline.formats import Format
+from pipeline.measure import (
+    TrialFailure,
+    effective_bits_per_weight,
+    measure_energy,
+    run_dataset,
+    task_metric,
+    time_batches,
+    weight_bytes,
+)
+from pipeline.metrics import accuracy_drop
+from pipeline.models import ReferenceModel, get_adapter
+from pipeline.plan import QuantPlan
+from pipeline.results import LayerReport, Measurement, TrialResult
+
+log = logging.getLogger(__name__)
+
+# Calibration runs at most this many rows: ORT calibrators keep every batch's
+# activations in memory, and a few hundred rows already fix per-tensor ranges.
+MAX_CALIBRATION_ROWS = 512
+
+
+class Evaluator:
+    def __init__(self, config: SearchConfig, workdir: str | Path | None = None):
+        self.config = config
+        self.workdir = Path(workdir) if workdir else config.work_path
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.adapter = get_adapter(config)
+        self.backend, self.backend_note = resolve_backend(config.measure.backend)
+
+    # -- shared state, built lazily once -----------------------------------
+    @cached_property
+    def reference(self) -> ReferenceModel:
+        return self.adapter.export_reference(self.workdir)
+
+    @cached_property
+    def calibration(self) -> Dataset:
+        return load_dataset(self.config.data.calibration, self.config, "data.calibration")
+
+    @cached_property
+    def eval_set(self) -> Dataset:
+        ds = load_dataset(self.config.data.eval, self.config, "data.eval")
+        if ds.targets is None:
+            from pipeline.config import ConfigError
+
+            raise ConfigError("data.eval.source: returned no targets; the metric needs them")
+        return ds
+
+    @cached_property
+    def reference_weight_bytes(self) -> int:
+        return weight_bytes(self.reference.onnx_path)
+
+    @cached_property
+    def reference_accuracy(self) -> float:
+        """The FP32 reference's metric on this backend, cached on disk per (reference, backend)."""
+        cache = Path(self.reference.onnx_path).with_name(f"accuracy-{self.backend.name}-{self.config.metric.name.replace(':', '_')}.json")
+        if cache.exists():
+            return float(json.loads(cache.read_text())["value"])
+        session = self.backend.open(self.reference.onnx_path, self.config.measure.threads)
+        value = task_metric(self.config, run_dataset(session, self.eval_set, self.config.measure.batch_size),
+                            self.eval_set.targets)
+        cache.write_text(json.dumps({"value": value}))
+        return value
+
+    def calibration_feeds(self, batch_size: int = 32) -> list[dict[str, np.ndarray]]:
+        ds = self.calibration.head(MAX_CALIBRATION_ROWS)
+        names = set(self.reference.input_names)
+        return [{k: v for k, v in b.items() if k in names} for b in ds.batches(batch_size)]
+
+    # -- one candidate -----------------------------------------------------
+    def quantize(self, plan: QuantPlan, out_dir: Path, progress=None) -> tuple[str, list[LayerReport], dict, list[float] | None]:
+        """Build the candidate artifact; returns (path, layer reports, extra info, QAT loss curve)."""
+        from exporters.onnx_quant import quantize_model
+
+        table = self.reference.layer_table
+        choices = plan.resolve(table.names)
+        source = self.reference
+        curve = None
+        extra: dict = {}
+        if plan.method == "qat":
+            from pipeline.qat import run_qat
+
+            outcome = run_qat(self.config, self.adapter, plan, self.reference, out_dir, progress=progress)
+            source, curve = outcome.reference, outcome.loss_curve
+            extra["qat_steps"] = outcome.steps
+            extra["qat_seconds"] = outcome.seconds
+        out_path = out_dir / "candidate.onnx"
+        quantized = quantize_model(
+            source.onnx_path, source.layer_table, choices, self.calibration_feeds(), plan.calibration, out_path,
+            workdir=out_dir,
+        )
+        extra["calibration_used"] = quantized.calibration_used
+        reports = []
+        for lq in quantized.layers:
+            layer = table[lq.name]
+            reports.append(LayerReport(name=lq.name, onnx_op=layer.onnx_op, format=lq.format,
+                                       execution=self.backend.execution(lq.format, lq.realisation),
+                                       params=layer.params, detail=lq.detail))
+        return quantized.path, reports, extra, curve
+
+    def measure(self, artifact: str | Path, energy: bool = True) -> Measurement:
+        cfg = self.config
+        session = self.backend.open(artifact, cfg.measure.threads)
+        outputs = run_dataset(session, self.eval_set, cfg.measure.batch_size)
+        value = task_metric(cfg, outputs, self.eval_set.targets)
+        ref = self.reference_accuracy
+        feeds = self.eval_set.fixed_batch(cfg.measure.batch_size)
+        times = time_batches(session, feeds, cfg.measure.warmup, cfg.measure.runs)
+        p50 = float(np.percentile(times, 50))
+        table = self.reference.layer_table
+        layer_bytes = sum(4 * l.params for l in table)
+        return Measurement(
+            backend=self.backend.name,
+            device=self.backend.device(),
+            metric=cfg.metric.name,
+            accuracy=value,
+            reference_accuracy=ref,
+            accuracy_drop=accuracy_drop(ref, value, cfg.metric.higher_is_better),
+            batch_size=cfg.measure.batch_size,
+            latency_ms_p50=p50,
+            latency_ms_p95=float(np.percentile(times, 95)),
+            throughput_per_s=cfg.measure.batch_size / (p50 / 1e3),
+            size_bytes=os.path.getsize(artifact),
+            effective_bits_per_weight=effective_bits_per_weight(
+                artifact, self.reference.onnx_path, table.total_params(), self.reference_weight_bytes, layer_bytes),
+            energy=measure_energy(cfg, self.backend, session, feeds) if energy else None,
+            threads=cfg.measure.threads or os.cpu_count(),
+            runtime_version=self.backend.runtime_version(),
+        )
+
+    def evaluate(self, plan: QuantPlan, out_dir: str | Path, energy: bool = True, progress=None) -> TrialResult:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            artifact, layers, extra, curve = self.quantize(plan, out_dir, progress=progress)
+        except (TrialFailure, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any quantizer failure fails this trial only
+            raise TrialFailure(f"quantization failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            measurement = self.measure(artifact, energy=energy)
+        except TrialFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise TrialFailure(f"measurement failed on {self.backend.name}: {type(exc).__name__}: {exc}") from exc
+        extra["backend_note"] = self.backend_note
+        (out_dir / "plan.yaml").write_text(plan.to_yaml())
+        return TrialResult(
+            plan_yaml=plan.to_yaml(),
+            plan_summary=plan.summary(self.reference.layer_table.names),
+            method=plan.method,
+            layers=layers,
+            measurement=measurement,
+            artifact_path=str(artifact),
+            qat_curve=curve,
+            extra=extra,
+        )
+
+
+def uniform_plans(formats: list[Format] | None = None) -> dict[str, QuantPlan]:
+    """The FP32 reference and one plan per uniform format: every study's baselines."""
+    formats = formats or list(Format)
+    return {f"uniform-{f.value}": QuantPlan.uniform(f) for f in formats}

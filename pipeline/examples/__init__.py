@@ -1,0 +1,1 @@
+"""Bundled examples that work offline (scikit-learn's digits, a tiny transformer)."""

@@ -1,0 +1,61 @@
+"""The layer table: one row per quantizable layer of a model.
+
+It ties a framework layer name (what users write in plans) to exactly one ONNX
+weight initializer and exactly one ONNX node in the FP32 reference graph. The
+quantizer, QAT and every report work through this table, so a layer that maps
+to zero or several ONNX nodes is a bug the adapters must refuse, not paper over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+LayerKind = Literal["linear", "conv", "matmul", "embedding"]
+
+
+class Layer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # framework name, e.g. "encoder.layers.0.linear1" or Keras "dense_1"
+    kind: LayerKind
+    module_type: str  # e.g. "Linear", "Conv2d", "Embedding", "Dense"
+    onnx_node: str  # name of the ONNX node computing the layer (Gemm/MatMul/Conv/Gather)
+    onnx_op: str  # its op_type
+    weight: str  # name of the ONNX initializer holding the weight
+    weight_shape: tuple[int, ...]  # shape of that initializer as stored in ONNX
+    params: int  # number of weight elements (bias excluded)
+    macs: int | None = None  # multiply-accumulates per sample, where known
+
+
+class LayerTable(BaseModel):
+    layers: list[Layer]
+
+    @property
+    def names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> Layer:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def total_params(self) -> int:
+        return sum(l.params for l in self.layers)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LayerTable":
+        return cls.model_validate(json.loads(Path(path).read_text()))

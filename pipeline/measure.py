@@ -1,0 +1,99 @@
+"""Measure a candidate artifact through its runtime: accuracy, latency, size, energy.
+
+Accuracy is computed from the artifact's own outputs on the eval set (never
+from the framework model). Latency is the median/p95 of many timed runs of one
+fixed batch after warm-up; throughput is batch_size / median latency.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline.backends.base import Backend, Session
+from pipeline.config import SearchConfig
+from pipeline.data import Dataset
+from pipeline.metrics import compute_metric
+from pipeline.results import EnergyReport
+
+
+class TrialFailure(RuntimeError):
+    """A candidate that cannot be measured (NaN outputs, runtime error): the trial fails, the study goes on."""
+
+
+def run_dataset(session: Session, dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
+    """All outputs for all rows, concatenated, keyed by output name."""
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in session.output_names}
+    for feeds in dataset.batches(batch_size):
+        feeds = {k: v for k, v in feeds.items() if k in session.input_names}
+        for name, out in zip(session.output_names, session.run(feeds)):
+            chunks[name].append(np.asarray(out))
+    return {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
+
+
+def task_metric(config: SearchConfig, outputs: dict[str, np.ndarray], targets: np.ndarray) -> float:
+    bad = [k for k, v in outputs.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+    if bad:
+        raise TrialFailure(f"non-finite values (NaN/Inf) in model output(s) {bad}")
+    value = compute_metric(config.metric.name, config.metric.output, outputs, targets)
+    if not np.isfinite(value):
+        raise TrialFailure(f"metric {config.metric.name} is not finite ({value})")
+    return float(value)
+
+
+def time_batches(session: Session, feeds: dict[str, np.ndarray], warmup: int, runs: int) -> np.ndarray:
+    """Per-run latency in milliseconds."""
+    feeds = {k: v for k, v in feeds.items() if k in session.input_names}
+    for _ in range(warmup):
+        session.run(feeds)
+    session.synchronize()
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        session.run(feeds)
+        session.synchronize()
+        times[i] = (time.perf_counter() - t0) * 1e3
+    return times
+
+
+def measure_energy(config: SearchConfig, backend: Backend, session: Session, feeds: dict[str, np.ndarray]) -> EnergyReport | None:
+    """Energy per inference through the meter chosen for this backend (pipeline.energy)."""
+    try:
+        from pipeline.energy import measure_energy as _measure, select_meter
+    except ImportError:
+        return None
+    feeds = {k: v for k, v in feeds.items() if k in session.input_names}
+    meter = select_meter(config.measure.energy, backend)
+    return _measure(meter, lambda: session.run(feeds), config.measure.batch_size, config.measure.energy,
+                    sync=session.synchronize)
+
+
+def weight_bytes(onnx_path: str | Path) -> int:
+    """Bytes of all initializers in the file (weights, scales, zero points, biases)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        if init.raw_data:
+            total += len(init.raw_data)
+        else:
+            from onnx import numpy_helper
+
+            total += numpy_helper.to_array(init).nbytes
+    return total
+
+
+def effective_bits_per_weight(candidate: str | Path, reference: str | Path, quantizable_params: int,
+                              reference_weight_bytes: int | None = None, layer_weight_bytes: int | None = None) -> float:
+    """Storage bits per quantizable weight, scales and zero points included.
+
+    Computed from the files: (candidate initializer bytes - reference bytes that
+    are not layer weights, e.g. biases and norms) * 8 / quantizable params. An
+    all-FP32 candidate gives 32.0; INT4 with block 32 and fp32 scales ~5.
+    """
+    ref_total = reference_weight_bytes if reference_weight_bytes is not None else weight_bytes(reference)
+    layer_bytes = layer_weight_bytes if layer_weight_bytes is not None else 4 * quantizable_params
+    other = ref_total - layer_bytes
+    return max(weight_bytes(candidate) - other, 0) * 8.0 / max(quantizable_params, 1)

@@ -1,0 +1,293 @@
+"""PyTorch adapter: model -> FP32 ONNX reference + layer table.
+
+Export uses the dynamo exporter (``torch.onnx.export(dynamo=True)``), which
+keeps each node's module path in its metadata (``pkg.torch.onnx.name_scopes``),
+with a dynamic batch axis. Mapping layers to ONNX is done by **weight content**
+(each module's weight, or its transpose, equals exactly one initializer), with
+the module path as a tie-breaker. Names alone are not enough: constant folding
+renames transposed weights, and ``nn.MultiheadAttention`` calls ``F.linear`` on
+raw parameters, so its projections carry no module scope of their own.
+
+ONNX optimizers deduplicate identical initializers (deep-copied layers start
+with equal weights), which would make one weight feed several nodes; the adapter
+un-ties those so every quantizable node owns its weight and can get its own
+format. Genuinely tied weights (one ``Parameter`` used twice) become separate
+layers ``name`` and ``name#2``, each with its own copy in the ONNX file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pipeline.config import ConfigError, SearchConfig
+from pipeline.data import SINGLE_INPUT_NAME, load_dataset
+from pipeline.layers import Layer, LayerTable
+from pipeline.models.base import ModelAdapter, ReferenceModel
+
+log = logging.getLogger(__name__)
+
+QUANT_OPS = {"Gemm": (1,), "MatMul": (1, 0), "Conv": (1,), "Gather": (0,)}
+
+
+@dataclass
+class _TorchLayer:
+    name: str
+    module_path: str
+    kind: str
+    module_type: str
+    weight: np.ndarray  # float32, as in torch
+    param_id: int  # id() of the Parameter, to recognise genuine tying
+
+
+def _fingerprint(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest()
+
+
+def enumerate_layers(model) -> list[_TorchLayer]:
+    """Quantizable weights of a torch model, in module order."""
+    import torch.nn as nn
+
+    out: list[_TorchLayer] = []
+    for path, mod in model.named_modules():
+        w = None
+        kind = None
+        if isinstance(mod, nn.Linear):
+            w, kind = mod.weight, "linear"
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            w, kind = mod.weight, "conv"
+        elif isinstance(mod, nn.Embedding):
+            w, kind = mod.weight, "embedding"
+        elif isinstance(mod, nn.MultiheadAttention) and getattr(mod, "in_proj_weight", None) is not None:
+            out.append(_TorchLayer(f"{path}.in_proj" if path else "in_proj", path, "matmul",
+                                   "MultiheadAttention.in_proj", mod.in_proj_weight.detach().float().cpu().numpy(),
+                                   id(mod.in_proj_weight)))
+            continue
+        if w is not None:
+            out.append(_TorchLayer(path or type(mod).__name__, path, kind, type(mod).__name__,
+                                   w.detach().float().cpu().numpy(), id(w)))
+    return out
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                return list(json.loads(p.value)) if p.value.startswith("[") else eval(p.value, {})  # noqa: S307
+            except Exception:  # noqa: BLE001
+                return []
+    return []
+
+
+def build_layer_table(onnx_model: onnx.ModelProto, torch_layers: list[_TorchLayer]) -> LayerTable:
+    """Map each torch layer to exactly one ONNX node + initializer; un-tie shared initializers in place."""
+    graph = onnx_model.graph
+    inits = {i.name: i for i in graph.initializer}
+
+    by_print: dict[str, list[int]] = {}
+    for idx, tl in enumerate(torch_layers):
+        prints = {_fingerprint(tl.weight)}
+        if tl.weight.ndim == 2:
+            prints.add(_fingerprint(tl.weight.T))
+        for fp in prints:
+            by_print.setdefault(fp, []).append(idx)
+
+    init_prints: dict[str, str] = {}
+    assignments: list[tuple[int, onnx.NodeProto, int]] = []  # (torch layer idx, node, weight input index)
+    taken: dict[int, int] = {}
+    for node in graph.node:
+        if node.op_type not in QUANT_OPS:
+            continue
+        for pos in QUANT_OPS[node.op_type]:
+            if pos >= len(node.input) or node.input[pos] not in inits:
+                continue
+            name = node.input[pos]
+            if name not in init_prints:
+                init_prints[name] = _fingerprint(numpy_helper.to_array(inits[name]).astype(np.float32))
+            cands = by_print.get(init_prints[name], [])
+            if not cands:
+                continue
+            scopes = set(_scopes(node))
+            scoped = [c for c in cands if torch_layers[c].module_path in scopes]
+            pool = scoped or cands
+            free = [c for c in pool if c not in taken]
+            chosen = free[0] if free else pool[0]
+            taken[chosen] = taken.get(chosen, 0) + 1
+            assignments.append((chosen, node, pos))
+            break
+
+    # Un-tie: each quantizable node gets its own initializer.
+    consumers: dict[str, int] = {}
+    for _, node, pos in assignments:
+        consumers[node.input[pos]] = consumers.get(node.input[pos], 0) + 1
+    seen: dict[str, int] = {}
+    for _, node, pos in assignments:
+        w = node.input[pos]
+        if consumers[w] > 1:
+            seen[w] = seen.get(w, 0) + 1
+            if seen[w] > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[w])
+                copy.name = f"{w}__untied{seen[w]}"
+                graph.initializer.append(copy)
+                node.input[pos] = copy.name
+
+    layers: list[Layer] = []
+    uses: dict[int, int] = {}
+    for idx, node, pos in assignments:
+        tl = torch_layers[idx]
+        uses[idx] = uses.get(idx, 0) + 1
+        name = tl.name if uses[idx] == 1 else f"{tl.name}#{uses[idx]}"
+        init = next(i for i in graph.initializer if i.name == node.input[pos])
+        shape = tuple(int(d) for d in init.dims)
+        macs = int(np.prod(tl.weight.shape)) if tl.kind in ("linear", "matmul") else None
+        layers.append(Layer(name=name, kind=tl.kind, module_type=tl.module_type, onnx_node=node.name,
+                            onnx_op=node.op_type, weight=node.input[pos], weight_shape=shape,
+                            params=int(np.prod(shape)), macs=macs))
+
+    unmatched = [torch_layers[i].name for i in range(len(torch_layers)) if i not in uses]
+    if unmatched:
+        raise RuntimeError(
+            f"layer table: {len(unmatched)} quantizable layer(s) map to no ONNX node with their weight: "
+            f"{unmatched[:10]}. They may be unused in forward(), or the exporter rewrote their weights "
+            "(e.g. fused a BatchNorm into a Conv). Remove unused modules or fuse before export."
+        )
+    node_names = [l.onnx_node for l in layers]
+    if len(set(node_names)) != len(node_names):
+        raise RuntimeError("layer table: one ONNX node claimed by several layers; please report this model")
+    return LayerTable(layers=layers)
+
+
+def _content_hash(model, config: SearchConfig, sample: dict[str, np.ndarray]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(config.model.model_dump_json().encode())
+    h.update(json.dumps({k: [list(v.shape[1:]), str(v.dtype)] for k, v in sample.items()}).encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+class TorchAdapter(ModelAdapter):
+    framework = "torch"
+
+    def __init__(self, config: SearchConfig):
+        super().__init__(config)
+        self._sample: dict[str, np.ndarray] | None = None
+
+    # -- model -------------------------------------------------------------
+    def load_model(self) -> Any:
+        import torch
+
+        spec = self.config.model
+        if spec.factory:
+            from pipeline.importing import import_object
+
+            model = import_object(spec.factory)(**spec.kwargs)
+        else:
+            path = self.config.resolve_path(spec.path)
+            if path.suffix != ".pt2":
+                raise ConfigError(
+                    f"model.path: {path} — for PyTorch give `factory:` plus `checkpoint:` (a state dict), "
+                    "or a .pt2 file saved with torch.export.save"
+                )
+            model = torch.export.load(str(path)).module()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model.factory: {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+        if spec.checkpoint:
+            ckpt = self.config.resolve_path(spec.checkpoint)
+            if not ckpt.exists():
+                raise ConfigError(f"model.checkpoint: {ckpt} does not exist")
+            try:
+                state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ConfigError(
+                    f"model.checkpoint: {ckpt} could not be loaded with weights_only=True ({exc}); "
+                    "save a state_dict (torch.save(model.state_dict(), path)), not a pickled module"
+                ) from exc
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        return model.eval()
+
+    def sample_inputs(self) -> dict[str, np.ndarray]:
+        if self._sample is None:
+            ds = load_dataset(self.config.data.calibration, self.config, "data.calibration")
+            self._sample = ds.fixed_batch(2)  # batch 2: a batch of 1 would be specialised by torch.export
+        return self._sample
+
+    # -- export ------------------------------------------------------------
+    def export_reference(self, workdir: Path) -> ReferenceModel:
+        model = self.load_model()
+        sample = self.sample_inputs()
+        digest = _content_hash(model, self.config, sample)
+        folder = Path(workdir) / "reference" / digest
+        meta_path = folder / "reference.json"
+        if meta_path.exists():
+            return ReferenceModel.model_validate_json(meta_path.read_text())
+        folder.mkdir(parents=True, exist_ok=True)
+        ref = self._export(model, sample, folder / "reference.onnx", digest)
+        tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(ref.model_dump_json(indent=2))
+        os.replace(tmp, meta_path)
+        return ref
+
+    def export_model(self, model: Any, out_path: Path) -> ReferenceModel:
+        return self._export(model.eval(), self.sample_inputs(), Path(out_path), digest="")
+
+    def _export(self, model, sample: dict[str, np.ndarray], out_path: Path, digest: str) -> ReferenceModel:
+        import torch
+
+        names = list(sample)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sample.items()}
+        with torch.no_grad():
+            out = model(tensors[SINGLE_INPUT_NAME]) if names == [SINGLE_INPUT_NAME] else model(**tensors)
+        n_out = len(out) if isinstance(out, (tuple, list)) else 1
+        output_names = self.config.model.output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        if len(output_names) != n_out:
+            raise ConfigError(f"model.output_names: {len(output_names)} names for {n_out} model outputs")
+
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        if names == [SINGLE_INPUT_NAME]:
+            args, kwargs, dyn = (tensors[SINGLE_INPUT_NAME],), {}, ({0: batch},)
+        else:
+            args, kwargs, dyn = (), tensors, {k: {0: batch} for k in names}
+        tmp = out_path.with_suffix(f".tmp{os.getpid()}.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            try:
+                program = torch.onnx.export(
+                    model, args, kwargs=kwargs, dynamo=True, opset_version=self.config.model.opset,
+                    input_names=names, output_names=output_names, dynamic_shapes=dyn, optimize=True,
+                    verbose=False, report=False,
+                )
+                onnx_model = program.model_proto
+            except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter
+                log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript exporter", exc)
+                torch.onnx.export(
+                    model, args + tuple(kwargs.values()), str(tmp), dynamo=False,
+                    opset_version=self.config.model.opset, input_names=names, output_names=output_names,
+                    dynamic_axes={**{k: {0: "batch"} for k in names}, **{o: {0: "batch"} for o in output_names}},
+                )
+                onnx_model = onnx.load(str(tmp))
+                tmp.unlink(missing_ok=True)
+        table = build_layer_table(onnx_model, enumerate_layers(model))
+        onnx.save(onnx_model, str(tmp))
+        os.replace(tmp, out_path)
+        return ReferenceModel(onnx_path=str(out_path), layer_table=table, input_names=names,
+                              output_names=output_names, content_hash=digest, framework="torch")
