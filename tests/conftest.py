@@ -1,0 +1,57 @@
+"""Shared fixtures: configs for the bundled examples with a per-test workdir.
+
+Trained example weights are cached once per machine (PRECISION_SEARCH_CACHE),
+so only the first test that needs a digits model pays the few seconds of training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _config(preset: str, workdir: Path, **overrides):
+    from pipeline.config import load_config
+
+    base = {
+        "workdir": str(workdir),
+        "measure.runs": 5,
+        "measure.warmup": 1,
+        "measure.energy.min_seconds": 0.05,
+        "measure.energy.repeats": 1,
+    }
+    base.update(overrides)
+    return load_config(ROOT / "search_spaces" / preset, overrides=base)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config('digits_mlp.yaml', **{'search.trials': 3}) -> SearchConfig in a temp workdir."""
+    return lambda preset, **kw: _config(preset, tmp_path / "work", **kw)
+
+
+@pytest.fixture(scope="session")
+def shared_workdir(tmp_path_factory) -> Path:
+    """One workdir for tests that only read the FP32 reference (export once per session)."""
+    return tmp_path_factory.mktemp("shared-work")
+
+
+@pytest.fixture(scope="session")
+def mlp_config(shared_workdir):
+    return _config("digits_mlp.yaml", shared_workdir)
+
+
+@pytest.fixture(scope="session")
+def cnn_config(shared_workdir):
+    return _config("digits_cnn.yaml", shared_workdir)
+
+
+@pytest.fixture(scope="session")
+def encoder_config(shared_workdir):
+    return _config("tiny_encoder.yaml", shared_workdir)

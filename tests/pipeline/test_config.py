@@ -1,0 +1,112 @@
+"""Config validation: bad configs fail before any work, naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_config
+
+GOOD = {
+    "name": "t",
+    "model": {"factory": "pipeline.examples.digits:mlp"},
+    "data": {
+        "calibration": {"source": "pipeline.examples.digits:mlp_calibration"},
+        "eval": {"source": "pipeline.examples.digits:mlp_eval"},
+    },
+}
+
+
+def _with(**patch):
+    import copy
+
+    d = copy.deepcopy(GOOD)
+    for dotted, value in patch.items():
+        node = d
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return d
+
+
+def test_good_config_loads_with_defaults():
+    cfg = parse_config(GOOD)
+    assert cfg.metric.name == "accuracy" and cfg.metric.higher_is_better is True
+    assert cfg.measure.backend == "auto"
+    assert [f.value for f in cfg.search.formats] == ["fp32", "bf16", "fp8", "int8", "int4"]
+    assert cfg.search.objectives == ["accuracy", "energy", "size"]
+
+
+@pytest.mark.parametrize(
+    "patch, field, hint",
+    [
+        ({"measure__batch_size": 0}, "measure.batch_size", "greater than or equal to 1"),
+        ({"measure__backend": "cuda"}, "measure.backend", "ort-cpu"),
+        ({"search__formats": ["int3"]}, "search.formats.0", "fp32"),
+        ({"search__int4_block_sizes": [48]}, "search.int4_block_sizes", "[32, 64, 128]"),
+        ({"search__objectives": ["energy"]}, "search.objectives", "accuracy"),
+        ({"metric__name": "f1"}, "metric", "higher_is_better"),
+        ({"modle": {}}, "modle", "unknown field"),
+        ({"name": "has space"}, "name", "letters"),
+    ],
+)
+def test_bad_field_is_named_with_the_fix(patch, field, hint):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(**patch))
+    msg = str(err.value)
+    assert field in msg and hint in msg, msg
+
+
+def test_missing_data_section_is_named():
+    d = _with()
+    del d["data"]["eval"]
+    with pytest.raises(ConfigError, match=r"data\.eval: required field is missing"):
+        parse_config(d)
+
+
+def test_unimportable_factory_is_caught_at_load():
+    with pytest.raises(ConfigError, match=r"model\.factory: cannot import module 'no_such_pkg.models'"):
+        parse_config(_with(model={"factory": "no_such_pkg.models:net"}))
+    with pytest.raises(ConfigError, match=r"data\.eval\.source: module 'pipeline.examples.digits' has no attribute"):
+        parse_config(_with(data__eval={"source": "pipeline.examples.digits:nope"}))
+    with pytest.raises(ConfigError, match=r"expected `package.module:function`"):
+        parse_config(_with(data__calibration={"source": "digits"}))
+
+
+def test_model_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="factory"):
+        parse_config(_with(model={"framework": "torch"}))
+
+
+def test_load_config_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides_are_dotted_and_validated(tmp_path):
+    import yaml
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(GOOD))
+    cfg = load_config(p, overrides={"search.trials": 7, "measure.runs": 3})
+    assert cfg.search.trials == 7 and cfg.measure.runs == 3
+    with pytest.raises(ConfigError, match="search.trials"):
+        load_config(p, overrides={"search.trials": 0})
+
+
+def test_bundled_presets_are_valid():
+    from pathlib import Path
+
+    presets = sorted(Path(__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml"))
+    assert presets
+    for p in presets:
+        try:
+            load_config(p)
+        except ConfigError as exc:
+            if "keras" in str(exc) and "pip install" in str(exc):
+                continue  # a Keras preset without the [keras] extra: the error names the install command
+            raise

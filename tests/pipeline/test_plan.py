@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.formats import Format, Int8Activations
+from pipeline.plan import QuantPlan
+
+LAYERS = ["embed", "enc.0.q", "enc.0.ffn", "enc.1.q", "enc.1.ffn", "head"]
+
+
+def test_first_matching_glob_wins_and_star_is_the_rest():
+    plan = QuantPlan(layers={"enc.*.q": "int4", "enc.0.*": "fp8", "*": "int8"})
+    r = plan.resolve(LAYERS)
+    assert r["enc.0.q"].format is Format.INT4  # first pattern wins over enc.0.*
+    assert r["enc.0.ffn"].format is Format.FP8
+    assert r["enc.1.ffn"].format is Format.INT8 and r["embed"].format is Format.INT8
+
+
+def test_unmatched_layers_default_to_fp32_and_unused_pattern_is_an_error():
+    assert QuantPlan(layers={"head": "int8"}).resolve(LAYERS)["embed"].format is Format.FP32
+    with pytest.raises(ValueError, match="match no quantizable layer"):
+        QuantPlan(layers={"hed": "int8"}).resolve(LAYERS)
+
+
+def test_long_form_overrides_knobs_per_layer():
+    plan = QuantPlan(
+        int8_activations="dynamic",
+        int4_block_size=64,
+        layers={"head": {"format": "int8", "int8_activations": "static"}, "enc.*": {"format": "int4", "int4_block_size": 128}, "*": "int8"},
+    )
+    r = plan.resolve(LAYERS)
+    assert r["head"].int8_activations is Int8Activations.STATIC
+    assert r["embed"].int8_activations is Int8Activations.DYNAMIC
+    assert r["enc.0.q"].int4_block_size == 128 and r["embed"].int4_block_size == 64
+
+
+def test_yaml_round_trip_and_errors(tmp_path):
+    plan = QuantPlan(method="qat", calibration="percentile", layers={"fc1": "int4", "*": "int8"})
+    p = tmp_path / "plan.yaml"
+    p.write_text(plan.to_yaml())
+    back = QuantPlan.from_yaml(p)
+    assert back == plan and back.qat is not None  # qat budget gets defaults
+    p.write_text("layers: {fc1: int3}\n")
+    with pytest.raises(ConfigError, match="layers.fc1"):
+        QuantPlan.from_yaml(p)
+    p.write_text("layers: {fc1: int4}\nint4_block_size: 48\n")
+    with pytest.raises(ConfigError, match="int4_block_size"):
+        QuantPlan.from_yaml(p)
+
+
+def test_summary_names_every_layer():
+    s = QuantPlan(int8_activations="dynamic", layers={"head": "int4", "*": "int8"}).summary(LAYERS)
+    assert s.split() == [f"{n}=int8(dyn)" for n in LAYERS[:-1]] + ["head=int4(b32)"]
