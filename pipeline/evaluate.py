@@ -83,9 +83,11 @@ class Evaluator:
         return value
 
     def calibration_feeds(self, batch_size: int = 32) -> list[dict[str, np.ndarray]]:
+        """Equal-sized batches (ORT's histogram calibrators stack them, so a short last batch is dropped)."""
         ds = self.calibration.head(MAX_CALIBRATION_ROWS)
         names = set(self.reference.input_names)
-        return [{k: v for k, v in b.items() if k in names} for b in ds.batches(batch_size)]
+        batch_size = min(batch_size, len(ds))
+        return [{k: v for k, v in b.items() if k in names} for b in ds.batches(batch_size, drop_last=True)]
 
     # -- one candidate -----------------------------------------------------
     def quantize(self, plan: QuantPlan, out_dir: Path, progress=None) -> tuple[str, list[LayerReport], dict, list[float] | None]:
@@ -151,9 +153,10 @@ class Evaluator:
     def evaluate(self, plan: QuantPlan, out_dir: str | Path, energy: bool = True, progress=None) -> TrialResult:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        plan.resolve(self.reference.layer_table.names)  # a plan naming unknown layers is a user error, raised as is
         try:
             artifact, layers, extra, curve = self.quantize(plan, out_dir, progress=progress)
-        except (TrialFailure, ValueError):
+        except TrialFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - any quantizer failure fails this trial only
             raise TrialFailure(f"quantization failed: {type(exc).__name__}: {exc}") from exc
