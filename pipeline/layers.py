@@ -33,6 +33,9 @@ class Layer(BaseModel):
 
 class LayerTable(BaseModel):
     layers: list[Layer]
+    # Framework layers with no weight left in the exported graph (unused in forward, or
+    # constant-folded by the exporter); listed so reports can say why they are absent.
+    skipped: list[str] = []
 
     @property
     def names(self) -> list[str]:

@@ -31,5 +31,7 @@ def run(args) -> int:
         table.add_row(l.name, l.kind, l.module_type, l.onnx_op, l.onnx_node, l.weight,
                       "x".join(map(str, l.weight_shape)), f"{l.params:,}")
     console.print(table)
+    if ref.layer_table.skipped:
+        console.print(f"[yellow]not quantizable (weight unused or constant-folded in the export):[/yellow] {ref.layer_table.skipped}")
     console.print(f"inputs: {ref.input_names}  outputs: {ref.output_names}  total params: {ref.layer_table.total_params():,}")
     return 0

@@ -156,17 +156,27 @@ def build_layer_table(onnx_model: onnx.ModelProto, torch_layers: list[_TorchLaye
                             onnx_op=node.op_type, weight=node.input[pos], weight_shape=shape,
                             params=int(np.prod(shape)), macs=macs))
 
-    unmatched = [torch_layers[i].name for i in range(len(torch_layers)) if i not in uses]
-    if unmatched:
+    unmatched = [i for i in range(len(torch_layers)) if i not in uses]
+    all_prints = {_fingerprint(numpy_helper.to_array(i).astype(np.float32)) for i in graph.initializer
+                  if i.data_type == onnx.TensorProto.FLOAT}
+    skipped, stranded = [], []
+    for i in unmatched:
+        tl = torch_layers[i]
+        prints = {_fingerprint(tl.weight)} | ({_fingerprint(tl.weight.T)} if tl.weight.ndim == 2 else set())
+        (stranded if prints & all_prints else skipped).append(tl.name)
+    if stranded:
         raise RuntimeError(
-            f"layer table: {len(unmatched)} quantizable layer(s) map to no ONNX node with their weight: "
-            f"{unmatched[:10]}. They may be unused in forward(), or the exporter rewrote their weights "
-            "(e.g. fused a BatchNorm into a Conv). Remove unused modules or fuse before export."
+            f"layer table: {len(stranded)} layer(s) have their weight in the ONNX graph but feed no "
+            f"Gemm/MatMul/Conv/Gather node directly: {stranded[:10]}; please report this model"
         )
+    for name in skipped:
+        # Unused in forward(), or computed away by the exporter (e.g. a position-embedding Gather with
+        # constant indices is folded into a constant): there is no weight left to quantize.
+        log.warning("layer %s: its weight is not in the exported graph (unused or constant-folded); not quantizable", name)
     node_names = [l.onnx_node for l in layers]
     if len(set(node_names)) != len(node_names):
         raise RuntimeError("layer table: one ONNX node claimed by several layers; please report this model")
-    return LayerTable(layers=layers)
+    return LayerTable(layers=layers, skipped=skipped)
 
 
 def _content_hash(model, config: SearchConfig, sample: dict[str, np.ndarray]) -> str:

@@ -93,3 +93,25 @@ def test_genuinely_tied_weights_become_two_layers(tmp_path):
     # named_modules lists a then b; the shared Parameter is one weight used by two nodes.
     assert len(table) == 2 and len({l.onnx_node for l in table}) == 2
     assert len({l.weight for l in table}) == 2  # un-tied: each node owns its initializer
+
+
+def test_layer_whose_weight_is_folded_away_is_skipped_not_silently_lost():
+    import torch.nn as nn
+
+    from pipeline.models.torch_adapter import build_layer_table
+
+    class WithPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(16, 8)  # looked up with constant indices: folded by the exporter
+            self.unused = nn.Linear(8, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(x + self.pos(torch.arange(4)).sum(0))
+
+    m = WithPositions().eval()
+    prog = torch.onnx.export(m, (torch.randn(2, 8),), dynamo=True, opset_version=21, optimize=True)
+    table = build_layer_table(prog.model_proto, enumerate_layers(m))
+    assert table.names == ["fc"]
+    assert sorted(table.skipped) == ["pos", "unused"]
