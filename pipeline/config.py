@@ -121,11 +121,11 @@ class EnergySpec(_Strict):
     meter: Literal["auto", "nvml", "rapl", "estimated"] = "auto"
     min_seconds: float = Field(1.0, gt=0)
     repeats: int = Field(3, ge=1)
-    # gCO2e per kWh. Default: world average electricity carbon intensity 2023,
-    # 473 g/kWh (Ember, "Global Electricity Review 2024").
+    # gCO2e per kWh. Default: world average electricity carbon intensity 2024,
+    # 473 g/kWh (Ember, "Global Electricity Review 2025"). Set your grid's.
     grid_intensity_g_per_kwh: float = Field(473.0, ge=0)
-    # Estimated meter only: watts per busy core when no meter exists.
-    tdp_watts: float | None = Field(None, gt=0)
+    # Estimated meter only: watts per busy logical CPU (default in pipeline/energy/estimate.py).
+    watts_per_cpu: float | None = Field(None, gt=0)
 
 
 class MeasureSpec(_Strict):

@@ -123,6 +123,7 @@ class Evaluator:
     def measure(self, artifact: str | Path, energy: bool = True) -> Measurement:
         cfg = self.config
         session = self.backend.open(artifact, cfg.measure.threads)
+        self.last_engine_path = getattr(session, "engine_path", None)
         outputs = run_dataset(session, self.eval_set, cfg.measure.batch_size)
         value = task_metric(cfg, outputs, self.eval_set.targets)
         ref = self.reference_accuracy
@@ -175,6 +176,7 @@ class Evaluator:
             layers=layers,
             measurement=measurement,
             artifact_path=str(artifact),
+            engine_path=str(self.last_engine_path) if getattr(self, "last_engine_path", None) else None,
             qat_curve=curve,
             extra=extra,
         )

@@ -45,8 +45,14 @@ def task_metric(config: SearchConfig, outputs: dict[str, np.ndarray], targets: n
 
 
 def time_batches(session: Session, feeds: dict[str, np.ndarray], warmup: int, runs: int) -> np.ndarray:
-    """Per-run latency in milliseconds."""
+    """Per-run latency in milliseconds.
+
+    Sessions that can time device execution themselves (TensorRT: CUDA events,
+    ``time_ms``) do so; others are timed on the host around a synchronised run.
+    """
     feeds = {k: v for k, v in feeds.items() if k in session.input_names}
+    if hasattr(session, "time_ms"):
+        return np.asarray(session.time_ms(feeds, runs=runs, warmup=warmup), dtype=float)
     for _ in range(warmup):
         session.run(feeds)
     session.synchronize()

@@ -26,19 +26,35 @@ MATMULNBITS_INT4 = "matmulnbits-int4"  # com.microsoft MatMulNBits, weight-only
 QDQ_INT4 = "qdq-int4"  # blocked DequantizeLinear(int4) on the weight, weight-only
 GATHER_INT8 = "gather-int8"  # embedding table stored int8, dequantized on gather
 GATHER_INT4 = "gather-int4"  # embedding table stored int4 (block-wise)
+GATHER_FP8 = "gather-fp8"  # embedding table stored float8e4m3fn (GatherBlockQuantized)
 
 # ORT CPU (MLAS): integer kernels for INT8 (VNNI where the CPU has it) and for
 # INT4 MatMulNBits; no bf16 or fp8 compute kernels (DESIGN facts, Nov 2026).
-_ORT_CPU_NATIVE = {FP32, QDQ_INT8, DYNAMIC_INT8, MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4}
+_ORT_CPU_NATIVE = {FP32, QDQ_INT8, DYNAMIC_INT8, MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4, GATHER_FP8}
 
-# ORT CUDA EP: fp32/bf16 cuBLAS, int4 MatMulNBits CUDA kernel; INT8 QDQ runs as
-# DQ + float GEMM (no QLinear CUDA kernels), FP8 QDQ likewise.
-_ORT_CUDA_NATIVE = {FP32, CAST_BF16, MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4}
+# ORT CUDA EP: int4 MatMulNBits CUDA kernel; INT8 QDQ runs as DQ + float GEMM
+# (no QLinear CUDA kernels), FP8 QDQ likewise. BF16 written as Cast pairs is
+# rounding followed by an fp32 cuBLAS GEMM (TF32 disabled by pipeline.backends.gpu):
+# emulated. (The CUDA EP does have bf16 GEMMs; a graph that feeds them bf16
+# directly is what exporters.tensorrt.promote_bf16_layers writes for TensorRT.)
+_ORT_CUDA_NATIVE = {FP32, MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4}
 
-# TensorRT (native builder or the ORT TensorRT EP): explicit quantization of QDQ
-# graphs gives real INT8 and (Hopper/Ada, sm >= 89) FP8 kernels; bf16 native;
-# INT4 weight-only via blocked DQ on TensorRT >= 10.
-_TENSORRT_NATIVE = {FP32, CAST_BF16, QDQ_INT8, QDQ_INT4, GATHER_INT8}
+# TensorRT (native builder): strongly typed networks (the only kind in TensorRT
+# 11) run each layer in the types the graph gives it. Explicit quantization of
+# QDQ graphs gives real INT8 kernels and, on sm >= 89 (Ada, Hopper), FP8
+# kernels; INT4 weight-only blocked DQ is fused into the GEMM prologue (int4
+# weights read by the kernel, fp compute, like MatMulNBits on ORT CPU).
+# Cast-pair BF16 layers are native because exporters.tensorrt rewrites them to
+# bf16 compute (promote_bf16_layers) before the build; bf16 needs sm >= 80.
+# TensorRT cannot parse DynamicQuantizeLinear/MatMulInteger or com.microsoft
+# ops (MatMulNBits, GatherBlockQuantized): those plans are refused before the
+# build (see UNSUPPORTED).
+_TENSORRT_NATIVE = {FP32, CAST_BF16, QDQ_INT8, QDQ_INT4}
+
+# ORT TensorRT EP: the same TensorRT for the nodes it takes (the graph is given
+# the same bf16 promotion); nodes TensorRT cannot parse fall back to the CUDA
+# EP, which has real MatMulNBits and GatherBlockQuantized kernels.
+_ORT_TRT_NATIVE = _TENSORRT_NATIVE | {MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4}
 
 # TFLite: INT8 full-integer kernels; everything else runs in float.
 _TFLITE_NATIVE = {FP32, QDQ_INT8}
@@ -46,9 +62,28 @@ _TFLITE_NATIVE = {FP32, QDQ_INT8}
 NATIVE_REALISATIONS: dict[str, set[str]] = {
     "ort-cpu": _ORT_CPU_NATIVE,
     "ort-cuda": _ORT_CUDA_NATIVE,
-    "ort-trt": _TENSORRT_NATIVE,
+    "ort-trt": _ORT_TRT_NATIVE,
     "tensorrt": _TENSORRT_NATIVE,
     "tflite": _TFLITE_NATIVE,
+}
+
+# Realisations a backend cannot run at all (building/loading fails with a clear error).
+UNSUPPORTED: dict[str, set[str]] = {
+    "tensorrt": {DYNAMIC_INT8, MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4, GATHER_FP8},
+}
+
+# Every realisation the quantizer writes and the format it realises (for tables and docs).
+REALISATIONS: dict[str, Format] = {
+    FP32: Format.FP32,
+    CAST_BF16: Format.BF16,
+    QDQ_FP8: Format.FP8,
+    QDQ_INT8: Format.INT8,
+    DYNAMIC_INT8: Format.INT8,
+    GATHER_INT8: Format.INT8,
+    MATMULNBITS_INT4: Format.INT4,
+    QDQ_INT4: Format.INT4,
+    GATHER_INT4: Format.INT4,
+    GATHER_FP8: Format.FP8,
 }
 
 
@@ -59,3 +94,28 @@ def execution(backend: str, fmt: Format, realisation: str, fp8_capable_gpu: bool
     if realisation == QDQ_FP8 and backend in ("tensorrt", "ort-trt") and fp8_capable_gpu:
         return "native"
     return "native" if realisation in NATIVE_REALISATIONS.get(backend, set()) else "emulated"
+
+
+def describe(backend: str, realisation: str, fp8_capable_gpu: bool = False) -> str:
+    """'native', 'emulated' or 'unsupported' for one cell of the table."""
+    if realisation in UNSUPPORTED.get(backend, set()):
+        return "unsupported"
+    if backend == "tensorrt" and realisation == QDQ_FP8 and not fp8_capable_gpu:
+        return "unsupported"  # TensorRT has no FP8 kernels before sm 8.9: the build fails
+    return execution(backend, REALISATIONS[realisation], realisation, fp8_capable_gpu)
+
+
+def native_table_markdown(backends: tuple[str, ...] = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")) -> str:
+    """The table as Markdown (README, reports). FP8 cells on TensorRT show both GPU cases."""
+    header = "| format | realisation | " + " | ".join(backends) + " |"
+    lines = [header, "|" + "---|" * (len(backends) + 2)]
+    for realisation, fmt in REALISATIONS.items():
+        cells = []
+        for b in backends:
+            cell = describe(b, realisation, False)
+            with_fp8 = describe(b, realisation, True)
+            if with_fp8 != cell:
+                cell = f"{with_fp8} on sm>=89 (Ada/Hopper), else {cell}"
+            cells.append(cell)
+        lines.append(f"| {fmt.value} | {realisation} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

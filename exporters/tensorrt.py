@@ -1,0 +1,715 @@
+"""TensorRT engines from the quantizer's QDQ ONNX, with each layer in the precision its plan gave it.
+
+TensorRT 11 builds strongly typed networks only (TensorRT 10 does when asked,
+which this module always does): every tensor has the type the ONNX graph gives
+it and no builder flag adds precisions behind the graph's back. Per-layer
+precision is therefore carried by the graph itself:
+
+- INT8 / FP8 layers: explicit quantization. QuantizeLinear/DequantizeLinear
+  pairs around a GEMM/Conv become real INT8 kernels and, on sm >= 89 (Ada,
+  Hopper), FP8 kernels. TensorRT requires symmetric quantization (zero points
+  0) and signed types (INT8, FP8, INT4).
+- INT4 layers: blocked DequantizeLinear(int4 weight) feeding the GEMM, which
+  TensorRT fuses into a weight-only kernel (int4 weights, fp compute).
+- BF16 layers: the quantizer writes them as Cast round-trips around an fp32
+  GEMM (the only form ONNX Runtime CPU runs). In a strongly typed network that
+  would stay fp32 compute, so :func:`promote_bf16_layers` rewrites each such
+  layer to take bf16 operands and return fp32 through one Cast: a bf16 GEMM
+  with fp32 accumulation, which is what the plan asked for.
+- FP32 layers: fp32, with TF32 disabled by default (``allow_tf32``).
+
+What TensorRT cannot parse (DynamicQuantizeLinear + MatMulInteger, QLinear*
+ops, com.microsoft ops such as MatMulNBits, asymmetric or unsigned Q/DQ) is
+listed by :func:`tensorrt_problems` and refused before a build, with the fix.
+
+Only :func:`build_engine` and :class:`TrtSession` need TensorRT (and torch with
+CUDA for device buffers, streams and CUDA-event timing); the graph functions
+run anywhere, which is how they are tested on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.backends.base import Session
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "pip install -e '.[gpu]'  (TensorRT's wheels are on PyPI: tensorrt, tensorrt-cu12, tensorrt-cu13; "
+    "they need an NVIDIA GPU and driver)"
+)
+
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+# ONNX ops TensorRT's parser does not implement, with the plan setting that avoids them.
+UNPARSEABLE_OPS = {
+    "DynamicQuantizeLinear": "int8 with dynamic activations; use int8_activations: static for TensorRT",
+    "MatMulInteger": "int8 with dynamic activations; use int8_activations: static for TensorRT",
+    "ConvInteger": "int8 with dynamic activations; use int8_activations: static for TensorRT",
+    "QLinearMatMul": "QOperator int8; export QDQ (static) for TensorRT",
+    "QLinearConv": "QOperator int8; export QDQ (static) for TensorRT",
+}
+TRT_QUANT_TYPES = {TensorProto.INT8, TensorProto.FLOAT8E4M3FN, TensorProto.INT4}
+_QTYPE_NAMES = {
+    TensorProto.INT8: "int8",
+    TensorProto.UINT8: "uint8",
+    TensorProto.FLOAT8E4M3FN: "fp8",
+    TensorProto.FLOAT8E5M2: "fp8e5m2",
+    TensorProto.INT4: "int4",
+    TensorProto.UINT4: "uint4",
+}
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT (or a CUDA-enabled torch) is missing; the message has the install command."""
+
+
+class TensorRTBuildError(RuntimeError):
+    """The graph cannot become an engine; the message says which node and what to change."""
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise TensorRTUnavailable(f"TensorRT is not installed: {INSTALL_HINT}") from None
+    except OSError as exc:  # libnvinfer missing or wrong CUDA
+        raise TensorRTUnavailable(f"TensorRT is installed but failed to load ({exc}): {INSTALL_HINT}") from None
+    return trt
+
+
+def _import_torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        raise TensorRTUnavailable("torch is not installed: pip install torch==2.13.0 (CUDA build)") from None
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable(
+            f"torch {torch.__version__} has no CUDA device; TensorRT sessions use torch CUDA tensors, streams "
+            "and events: install the CUDA build of torch==2.13.0 on a machine with an NVIDIA GPU"
+        )
+    return torch
+
+
+# --------------------------------------------------------------------------------------
+# Graph analysis (pure ONNX)
+# --------------------------------------------------------------------------------------
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor we can type without running the model."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - custom-domain ops; fall back to declared types
+        inferred = model
+    g = inferred.graph
+    types: dict[str, int] = {}
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is not None and tt.elem_type:
+            types[vi.name] = tt.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    for node in g.node:
+        if node.op_type == "Cast":
+            types[node.output[0]] = int(_attr(node, "to"))
+        elif node.op_type == "Constant":
+            value = _attr(node, "value")
+            if isinstance(value, TensorProto):
+                types[node.output[0]] = value.data_type
+        elif node.op_type == "QuantizeLinear":
+            if len(node.input) > 2 and node.input[2] and node.input[2] in types:
+                types[node.output[0]] = types[node.input[2]]
+            elif _attr(node, "output_dtype"):
+                types[node.output[0]] = int(_attr(node, "output_dtype"))
+            else:
+                types.setdefault(node.output[0], TensorProto.UINT8)  # ONNX default without a zero point
+        elif node.op_type == "DequantizeLinear" and len(node.input) > 1 and node.input[1] in types:
+            types[node.output[0]] = types[node.input[1]]
+    return types
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def _operand_kind(name: str, producers: dict[str, onnx.NodeProto], types: dict[str, int]) -> str:
+    p = producers.get(name)
+    if p is not None and p.op_type == "DequantizeLinear":
+        return _QTYPE_NAMES.get(types.get(p.input[0], 0), "quantized")
+    et = types.get(name)
+    if et == TensorProto.BFLOAT16:
+        return "bf16"
+    if et == TensorProto.FLOAT16:
+        return "fp16"
+    if p is not None and p.op_type == "Cast" and types.get(p.input[0]) == TensorProto.BFLOAT16:
+        return "bf16-rounded"
+    return "fp32"
+
+
+def _classify(a: str, w: str) -> str:
+    if a == w and a in ("int8", "fp8", "bf16", "fp16", "fp32"):
+        return a
+    if w in ("int4", "uint4", "int8", "uint8") and a in ("fp32", "fp16", "bf16", "bf16-rounded"):
+        return f"{w}-weight-only"
+    if {a, w} <= {"bf16", "bf16-rounded"}:
+        return "bf16-emulated (Cast round-trips, fp32 compute)"
+    return f"mixed ({a} x {w})"
+
+
+def layer_precisions(model: onnx.ModelProto) -> dict[str, str]:
+    """What each GEMM-like node computes in, read from the graph (node name -> precision).
+
+    ``int8``/``fp8``: both operands dequantized from that type (explicit
+    quantization); ``int4-weight-only``: int4 weights, float activations;
+    ``bf16``: both operands bf16; ``bf16-emulated``: Cast round-trips before an
+    fp32 GEMM; ``fp32``. Nodes without a name are keyed ``<op>#<index>``.
+    """
+    g = model.graph
+    types = _elem_types(model)
+    producers = _producers(g)
+    out: dict[str, str] = {}
+    for i, node in enumerate(g.node):
+        key = node.name or f"{node.op_type}#{i}"
+        if node.op_type in COMPUTE_OPS and node.domain in ("", "ai.onnx") and len(node.input) >= 2:
+            out[key] = _classify(_operand_kind(node.input[0], producers, types),
+                                 _operand_kind(node.input[1], producers, types))
+        elif node.op_type == "MatMulNBits":
+            out[key] = f"int{_attr(node, 'bits', 4)}-weight-only (com.microsoft.MatMulNBits)"
+        elif node.op_type in ("MatMulInteger", "ConvInteger"):
+            out[key] = "int8 (dynamic activations)"
+        elif node.op_type in ("QLinearMatMul", "QLinearConv"):
+            out[key] = "int8 (QOperator)"
+    return out
+
+
+def _zero_point_values(name: str, inits: dict[str, TensorProto], producers) -> np.ndarray | None:
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    p = producers.get(name)
+    if p is not None and p.op_type == "Constant":
+        value = _attr(p, "value")
+        if isinstance(value, TensorProto):
+            return numpy_helper.to_array(value)
+    return None
+
+
+def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
+    """Why TensorRT cannot build this graph as quantized, one line per node; empty when it can."""
+    g = model.graph
+    types = _elem_types(model)
+    producers = _producers(g)
+    inits = {i.name: i for i in g.initializer}
+    problems: list[str] = []
+    for i, node in enumerate(g.node):
+        label = f"node {node.name or f'#{i}'} ({node.op_type})"
+        if node.domain not in ("", "ai.onnx"):
+            hint = (
+                "int4 layers for TensorRT must be written as blocked DequantizeLinear (QDQ int4), not MatMulNBits"
+                if node.op_type == "MatMulNBits"
+                else "TensorRT's ONNX parser implements standard ONNX ops only"
+            )
+            problems.append(f"{label}: custom-domain op {node.domain}.{node.op_type}; {hint}")
+            continue
+        if node.op_type in UNPARSEABLE_OPS:
+            problems.append(f"{label}: not supported by TensorRT's ONNX parser ({UNPARSEABLE_OPS[node.op_type]})")
+            continue
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            qtensor = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
+            qtype = types.get(qtensor)
+            if qtype is not None and qtype not in TRT_QUANT_TYPES:
+                problems.append(
+                    f"{label}: quantized type {_QTYPE_NAMES.get(qtype, qtype)} is not one TensorRT takes "
+                    "(int8, fp8 e4m3, int4); quantize with signed types (QInt8/QInt4, not QUInt8)"
+                )
+            if len(node.input) > 2 and node.input[2]:
+                zp = _zero_point_values(node.input[2], inits, producers)
+                if zp is not None and np.any(zp.astype(np.float64) != 0):
+                    problems.append(
+                        f"{label}: non-zero zero point; TensorRT needs symmetric quantization "
+                        "(ORT: extra_options ActivationSymmetric/WeightSymmetric = True)"
+                    )
+    return problems
+
+
+# --------------------------------------------------------------------------------------
+# BF16 promotion
+# --------------------------------------------------------------------------------------
+def _bf16_source(name: str, producers: dict[str, onnx.NodeProto], types: dict[str, int]) -> str | None:
+    """The bf16 tensor behind ``name``: itself if bf16, or the input of a Cast(to=float) of a bf16 tensor."""
+    if types.get(name) == TensorProto.BFLOAT16:
+        return name
+    p = producers.get(name)
+    if (p is not None and p.op_type == "Cast" and int(_attr(p, "to", 0)) == TensorProto.FLOAT
+            and types.get(p.input[0]) == TensorProto.BFLOAT16):
+        return p.input[0]
+    return None
+
+
+BF16_CONV_OPSET = 22  # Conv accepts bfloat16 from ONNX opset 22 (MatMul/Gemm since 13)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def promote_bf16_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Rewrite Cast-pair BF16 layers to bf16 compute; returns (new model, promoted node names).
+
+    A MatMul/Gemm/Conv whose two operands are both bf16 values cast up to fp32
+    (``Cast(x, bf16) -> Cast(fp32)`` for activations, a bf16 initializer ->
+    ``Cast(fp32)`` for weights) is given the bf16 values directly; its bias, if
+    any, is cast to bf16; its output is cast back to fp32 under the original
+    name, so the rest of the graph is unchanged. The operands' rounding is
+    identical; what changes is that the GEMM itself now runs in bf16 (with the
+    fp32 accumulation TensorRT's bf16 kernels use). Casts left without consumers
+    are removed. Layers of any other form are left alone. Idempotent.
+
+    Conv takes bf16 only from ONNX opset 22, which changed nothing but type
+    lists; a model below it that has a Conv to promote is moved to opset 22.
+    """
+    m = copy.deepcopy(model)
+    g = m.graph
+    types = _elem_types(m)
+    producers = _producers(g)
+    graph_outputs = {o.name for o in g.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for inp in n.input:
+            consumers.setdefault(inp, []).append(n)
+    drop: set[tuple[str, str]] = set()  # (input, output) of Casts made redundant
+    new_nodes: list[onnx.NodeProto] = []
+    promoted: list[str] = []
+    for i, node in enumerate(g.node):
+        if node.op_type not in COMPUTE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            new_nodes.append(node)
+            continue
+        sources = [_bf16_source(node.input[k], producers, types) for k in (0, 1)]
+        # Promote only fp32 GEMMs fed by bf16 values cast up; a GEMM already on bf16 stays as it is.
+        if any(s is None or s == node.input[k] for k, s in enumerate(sources)):
+            new_nodes.append(node)
+            continue
+        name = node.name or f"{node.op_type.lower()}_{i}"
+        node.name = name
+        node.input[0], node.input[1] = sources[0], sources[1]
+        if len(node.input) > 2 and node.input[2]:
+            bias = node.input[2]
+            src = _bf16_source(bias, producers, types)
+            if src is None:
+                cast_out = f"{bias}__bf16_for_{name}"
+                new_nodes.append(helper.make_node("Cast", [bias], [cast_out], to=TensorProto.BFLOAT16,
+                                                  name=f"{name}__bias_to_bf16"))
+                src = cast_out
+            node.input[2] = src
+        out = node.output[0]
+        readers = consumers.get(out, [])
+        if (out not in graph_outputs and len(readers) == 1 and readers[0].op_type == "Cast"
+                and int(_attr(readers[0], "to", 0)) == TensorProto.BFLOAT16):
+            # The quantizer's output round trip (Cast bf16 -> Cast fp32): the GEMM now writes the
+            # bf16 tensor itself and the existing Cast back to fp32 stays; the Cast to bf16 goes.
+            node.output[0] = readers[0].output[0]
+            drop.add((out, readers[0].output[0]))
+            new_nodes.append(node)
+        else:
+            node.output[0] = f"{out}__bf16"
+            new_nodes.append(node)
+            new_nodes.append(helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT,
+                                              name=f"{name}__out_to_fp32"))
+        promoted.append(name)
+        if node.op_type == "Conv" and _default_opset(m) < BF16_CONV_OPSET:
+            for o in m.opset_import:
+                if o.domain in ("", "ai.onnx"):
+                    o.version = BF16_CONV_OPSET
+    if not promoted:
+        return m, []
+    new_nodes = [n for n in new_nodes if not (n.op_type == "Cast" and (n.input[0], n.output[0]) in drop)]
+    # Drop Casts (and only Casts) that no longer feed anything.
+    while True:
+        used = {inp for n in new_nodes for inp in n.input} | graph_outputs
+        keep = [n for n in new_nodes if n.op_type != "Cast" or any(o in used for o in n.output)]
+        if len(keep) == len(new_nodes):
+            break
+        new_nodes = keep
+    copies = []
+    for n in new_nodes:  # detach from the repeated field before clearing it
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        copies.append(c)
+    del g.node[:]
+    g.node.extend(copies)
+    new_nodes = copies
+    # value_info of tensors that no longer exist (outputs the rewrite bypassed) is dropped.
+    live = {t for n in new_nodes for t in list(n.input) + list(n.output)}
+    for vi in [vi for vi in g.value_info if vi.name not in live]:
+        g.value_info.remove(vi)
+    return m, promoted
+
+
+@dataclass
+class PreparedModel:
+    path: Path  # what TensorRT reads (the input file when nothing was rewritten)
+    source: Path
+    bf16_promoted: list[str]
+    precisions: dict[str, str]
+    problems: list[str]
+
+
+def prepare_for_tensorrt(onnx_path: str | Path, suffix: str = ".trt.onnx") -> PreparedModel:
+    """BF16 promotion (written next to the input when it changes anything) plus the analysis."""
+    src = Path(onnx_path)
+    model = onnx.load(str(src))
+    promoted_model, promoted = promote_bf16_layers(model)
+    path = src
+    if promoted:
+        path = src.with_name(src.name.removesuffix(".onnx") + suffix)
+        onnx.save(promoted_model, str(path))
+    return PreparedModel(path=path, source=src, bf16_promoted=promoted,
+                         precisions=layer_precisions(promoted_model), problems=tensorrt_problems(promoted_model))
+
+
+# --------------------------------------------------------------------------------------
+# Engine build
+# --------------------------------------------------------------------------------------
+Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+@dataclass
+class EngineArtifact:
+    engine_path: str
+    meta_path: str
+    onnx_path: str
+    prepared_onnx: str
+    onnx_sha256: str
+    tensorrt_version: str
+    gpu: str
+    shapes: dict[str, list[list[int]]]
+    allow_tf32: bool
+    builder_optimization_level: int
+    build_seconds: float
+    bf16_promoted: list[str] = field(default_factory=list)
+    precisions: dict[str, str] = field(default_factory=dict)
+    layer_info_path: str | None = None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gpu_name(device: int = 0) -> str:
+    from pipeline.backends.gpu import gpu_info
+
+    info = gpu_info(device)
+    return f"{info.name} sm{info.sm[0]}{info.sm[1]}" if info else "unknown GPU"
+
+
+def engine_key(prepared_sha: str, shapes: Shapes, trt_version: str, gpu: str, allow_tf32: bool, level: int) -> str:
+    blob = json.dumps([prepared_sha, {k: [list(s) for s in v] for k, v in sorted(shapes.items())},
+                       trt_version, gpu, allow_tf32, level], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_engine(
+    onnx_path: str | Path,
+    shapes: Shapes,
+    engine_path: str | Path | None = None,
+    *,
+    allow_tf32: bool = False,
+    builder_optimization_level: int = 3,
+    workspace_bytes: int | None = None,
+    device: int = 0,
+    reuse: bool = True,
+) -> EngineArtifact:
+    """Build (or reuse) a serialized engine for ``onnx_path`` with one optimisation profile.
+
+    ``shapes`` gives (min, opt, max) per dynamic input. The engine is written to
+    ``engine_path`` (default: next to the ONNX, named by a key of graph, shapes,
+    TensorRT version, GPU and options) with a JSON sidecar recording all of
+    them, the per-layer precisions and, where TensorRT provides it, the engine
+    inspector's layer report (``*.layers.json``). An engine with the same key
+    is reused rather than rebuilt.
+    """
+    trt = import_tensorrt()
+    prepared = prepare_for_tensorrt(onnx_path)
+    if prepared.problems:
+        raise TensorRTBuildError(
+            f"TensorRT cannot build {onnx_path} as quantized:\n  - " + "\n  - ".join(prepared.problems)
+        )
+    sha = _sha256(prepared.path)
+    gpu = _gpu_name(device)
+    key = engine_key(sha, shapes, trt.__version__, gpu, allow_tf32, builder_optimization_level)
+    src = Path(onnx_path)
+    engine_path = Path(engine_path) if engine_path else src.with_name(f"{src.name.removesuffix('.onnx')}.{key}.engine")
+    meta_path = engine_path.with_suffix(".json")
+    if reuse and engine_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            meta.pop("key", None)
+            return EngineArtifact(**meta)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed is not None:  # required on 10.x, accepted (ignored) on 11.x
+        flags |= 1 << int(strongly_typed)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(prepared.path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {prepared.path}:\n  - " + "\n  - ".join(errors))
+
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if not allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = int(builder_optimization_level)
+    if hasattr(trt, "ProfilingVerbosity"):
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        dims = tuple(inp.shape)
+        if inp.name in shapes:
+            mn, opt, mx = shapes[inp.name]
+            profile.set_shape(inp.name, tuple(mn), tuple(opt), tuple(mx))
+        elif any(d < 0 for d in dims):
+            raise TensorRTBuildError(
+                f"input {inp.name!r} has dynamic shape {dims}: give its (min, opt, max) in `shapes`"
+            )
+    config.add_optimization_profile(profile)
+
+    t0 = time.perf_counter()
+    blob = builder.build_serialized_network(network, config)
+    build_s = time.perf_counter() - t0
+    if blob is None:
+        raise TensorRTBuildError(f"TensorRT could not build an engine from {prepared.path} (see its log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(blob))
+
+    layer_info_path = None
+    try:
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        inspector = engine.create_engine_inspector()
+        info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+        layer_info_path = str(engine_path.with_suffix(".layers.json"))
+        Path(layer_info_path).write_text(info)
+    except Exception as exc:  # noqa: BLE001 - the inspector report is a bonus, not a requirement
+        log.info("TensorRT engine inspector unavailable: %s", exc)
+
+    artifact = EngineArtifact(
+        engine_path=str(engine_path), meta_path=str(meta_path), onnx_path=str(src),
+        prepared_onnx=str(prepared.path), onnx_sha256=sha, tensorrt_version=trt.__version__, gpu=gpu,
+        shapes={k: [list(s) for s in v] for k, v in shapes.items()}, allow_tf32=allow_tf32,
+        builder_optimization_level=int(builder_optimization_level), build_seconds=build_s,
+        bf16_promoted=prepared.bf16_promoted, precisions=prepared.precisions, layer_info_path=layer_info_path,
+    )
+    meta_path.write_text(json.dumps({**asdict(artifact), "key": key}, indent=2))
+    return artifact
+
+
+# --------------------------------------------------------------------------------------
+# Running and timing
+# --------------------------------------------------------------------------------------
+def onnx_io(onnx_path: str | Path) -> tuple[dict[str, list[int | None]], list[str]]:
+    """Graph inputs (name -> dims, None where dynamic) and output names."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        inputs[vi.name] = dims
+    return inputs, [o.name for o in model.graph.output]
+
+
+def profile_for(inputs: dict[str, list[int | None]], feeds: dict[str, np.ndarray], max_batch: int) -> Shapes:
+    """One optimisation profile covering ``feeds``: a dynamic first (batch) dimension gets
+    1..max(batch, max_batch); other dynamic dimensions are fixed at the fed size."""
+    shapes: Shapes = {}
+    for name, dims in inputs.items():
+        if name not in feeds:
+            raise ValueError(f"missing input {name!r} (inputs: {list(inputs)})")
+        actual = tuple(int(d) for d in np.shape(feeds[name]))
+        if len(actual) != len(dims):
+            raise ValueError(f"input {name!r}: expected rank {len(dims)}, got shape {actual}")
+        mn, mx = list(actual), list(actual)
+        if dims and dims[0] is None:
+            mn[0], mx[0] = 1, max(actual[0], max_batch)
+        shapes[name] = (tuple(mn), actual, tuple(mx))
+    return shapes
+
+
+def _covers(shapes: Shapes, feeds: dict[str, np.ndarray]) -> bool:
+    for name, (mn, _, mx) in shapes.items():
+        s = np.shape(feeds[name])
+        if len(s) != len(mn) or any(not (a <= b <= c) for a, b, c in zip(mn, s, mx)):
+            return False
+    return True
+
+
+class _Engine:
+    """A deserialized engine, its execution context and a stream."""
+
+    def __init__(self, artifact: EngineArtifact, device: int):
+        trt = import_tensorrt()
+        torch = _import_torch_cuda()
+        self.trt, self.torch, self.artifact = trt, torch, artifact
+        self.device = torch.device("cuda", device)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(artifact.engine_path).read_bytes())
+        if self.engine is None:
+            raise TensorRTBuildError(f"could not deserialize {artifact.engine_path} (TensorRT/GPU mismatch?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(device=self.device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self._bound: dict[str, Any] = {}
+
+    def _torch_dtype(self, name: str):
+        t, trt = self.torch, self.trt
+        dt = self.engine.get_tensor_dtype(name)
+        table = {trt.DataType.FLOAT: t.float32, trt.DataType.HALF: t.float16, trt.DataType.INT8: t.int8,
+                 trt.DataType.INT32: t.int32, trt.DataType.BOOL: t.bool}
+        for attr, tdt in (("BF16", t.bfloat16), ("INT64", t.int64), ("UINT8", t.uint8)):
+            if hasattr(trt.DataType, attr):
+                table[getattr(trt.DataType, attr)] = tdt
+        if dt not in table:
+            raise TensorRTBuildError(f"I/O tensor {name!r} has type {dt}, which this session cannot bind")
+        return table[dt]
+
+    def bind(self, feeds: dict[str, np.ndarray]) -> None:
+        """Copy inputs to the device, set shapes, allocate outputs, set all addresses."""
+        torch = self.torch
+        bound = {}
+        with torch.cuda.stream(self.stream):
+            for name in self.inputs:
+                dtype = self._torch_dtype(name)
+                host = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+                dev = host.to(device=self.device, dtype=dtype, non_blocking=False)
+                if not self.context.set_input_shape(name, tuple(dev.shape)):
+                    raise ValueError(f"input {name!r} shape {tuple(dev.shape)} is outside the engine's profile")
+                self.context.set_tensor_address(name, dev.data_ptr())
+                bound[name] = dev
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                out = torch.empty(shape, dtype=self._torch_dtype(name), device=self.device)
+                self.context.set_tensor_address(name, out.data_ptr())
+                bound[name] = out
+        self._bound = bound
+
+    def enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.artifact.engine_path}")
+
+    def outputs_numpy(self, names: list[str]) -> list[np.ndarray]:
+        self.stream.synchronize()
+        result = []
+        for n in names:
+            t = self._bound[n]
+            if t.dtype == self.torch.bfloat16:
+                t = t.float()
+            result.append(t.cpu().numpy())
+        return result
+
+
+class TrtSession(Session):
+    """A :class:`pipeline.backends.base.Session` over TensorRT engines built from one ONNX file.
+
+    The engine is built on the first ``run`` from the fed shapes (see
+    :func:`profile_for`) and rebuilt only for feeds outside every profile built
+    so far. ``run`` copies host inputs to the GPU and outputs back (like the ORT
+    backends); :meth:`time_ms` times device execution alone with CUDA events,
+    on inputs bound once.
+    """
+
+    def __init__(self, onnx_path: str | Path, device: int = 0, max_batch: int = 256, allow_tf32: bool = False,
+                 builder_optimization_level: int = 3, shapes: Shapes | None = None):
+        import_tensorrt()
+        _import_torch_cuda()
+        self.onnx_path = Path(onnx_path)
+        self.device = device
+        self.max_batch = max_batch
+        self.allow_tf32 = allow_tf32
+        self.builder_optimization_level = builder_optimization_level
+        self._inputs, self.output_names = onnx_io(onnx_path)
+        self.input_names = list(self._inputs)
+        self._engines: list[tuple[Shapes, _Engine]] = []
+        self.engine_path: str | None = None
+        self.artifacts: list[EngineArtifact] = []
+        if shapes:
+            self._build(shapes)
+
+    def _build(self, shapes: Shapes) -> _Engine:
+        artifact = build_engine(self.onnx_path, shapes, allow_tf32=self.allow_tf32,
+                                builder_optimization_level=self.builder_optimization_level, device=self.device)
+        engine = _Engine(artifact, self.device)
+        self._engines.append((shapes, engine))
+        self.artifacts.append(artifact)
+        self.engine_path = self.engine_path or artifact.engine_path
+        return engine
+
+    def _engine_for(self, feeds: dict[str, np.ndarray]) -> _Engine:
+        for shapes, engine in self._engines:
+            if _covers(shapes, feeds):
+                return engine
+        return self._build(profile_for(self._inputs, feeds, self.max_batch))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        engine = self._engine_for(feeds)
+        engine.bind(feeds)
+        engine.enqueue()
+        return engine.outputs_numpy(self.output_names)
+
+    def synchronize(self) -> None:
+        for _, engine in self._engines:
+            engine.stream.synchronize()
+
+    def time_ms(self, feeds: dict[str, np.ndarray], runs: int = 30, warmup: int = 5) -> np.ndarray:
+        """Per-run device execution time (ms) from CUDA events around each enqueue."""
+        torch = _import_torch_cuda()
+        engine = self._engine_for(feeds)
+        engine.bind(feeds)
+        for _ in range(warmup):
+            engine.enqueue()
+        engine.stream.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+        for s, e in zip(starts, ends):
+            s.record(engine.stream)
+            engine.enqueue()
+            e.record(engine.stream)
+        engine.stream.synchronize()
+        return np.array([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+    def run_bound(self, feeds: dict[str, np.ndarray]):
+        """A zero-copy batch runner for energy windows: binds ``feeds`` once and returns
+        ``(run_batch, sync)`` that enqueue the engine and wait for it."""
+        engine = self._engine_for(feeds)
+        engine.bind(feeds)
+        return engine.enqueue, engine.stream.synchronize

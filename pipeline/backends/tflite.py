@@ -1,0 +1,115 @@
+"""TFLite on the CPU: runs ``.tflite`` artifacts built from Keras models by ``exporters.tflite``.
+
+It cannot run ONNX: a trial on this backend builds its artifact from the Keras
+model (``exporters.tflite.convert``), not through ``exporters.onnx_quant``, and
+its FP32 reference is a float ``.tflite`` of the same model, so accuracy drops
+compare like with like.
+
+Interpreter: LiteRT's (``ai_edge_litert``) where installed, else TensorFlow's
+``tf.lite.Interpreter`` (deprecated but present in TF 2.21). Both apply the
+XNNPACK delegate by default, with ``num_threads`` = the configured threads.
+Full-integer models take int8 inputs and give int8 outputs; the session
+quantizes float feeds with the model's input scale/zero point (rounding half
+away from zero, as TFLite's QUANTIZE kernel does) and dequantizes the outputs,
+so callers always see float in, float out, as with an ONNX session.
+
+Nothing heavy is imported at module import (the registry imports this module).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.backends.base import Backend, BackendUnavailable, Session
+from pipeline.backends.native import execution
+from pipeline.backends.ort_cpu import cpu_model_name
+from pipeline.backends.registry import register
+from pipeline.formats import Format
+from pipeline.results import Execution
+
+INSTALL_HINT = "pip install -e '.[keras]'"
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+class TFLiteSession(Session):
+    def __init__(self, path: str | Path, threads: int = 0):
+        from exporters.tflite import _interpreter
+
+        self._interp = _interpreter(model_path=str(path), threads=threads or None)
+        sigs = self._interp.get_signature_list()
+        if not sigs:
+            raise BackendUnavailable(f"{path}: the .tflite file has no signature; build it with exporters.tflite")
+        self._runner = self._interp.get_signature_runner(next(iter(sigs)))
+        self._in = self._runner.get_input_details()
+        self._out = self._runner.get_output_details()
+        self.input_names = list(self._in)
+        self.output_names = list(sigs[next(iter(sigs))]["outputs"])
+
+    @staticmethod
+    def _qparams(detail) -> tuple[float, int] | None:
+        scale, zp = detail["quantization"]
+        return (float(scale), int(zp)) if scale else None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = {}
+        for name, d in self._in.items():
+            x = np.asarray(feeds[name])
+            q = self._qparams(d)
+            if q is not None and d["dtype"] in (np.int8, np.uint8) and np.issubdtype(x.dtype, np.floating):
+                info = np.iinfo(d["dtype"])
+                x = np.clip(_round_half_away(x.astype(np.float32) / np.float32(q[0])) + q[1], info.min, info.max)
+            args[name] = np.ascontiguousarray(x, dtype=d["dtype"])
+        res = self._runner(**args)
+        out = []
+        for name in self.output_names:
+            y = res[name]
+            q = self._qparams(self._out[name])
+            if q is not None and np.issubdtype(y.dtype, np.integer):
+                y = ((y.astype(np.float32) - np.float32(q[1])) * np.float32(q[0])).astype(np.float32)
+            out.append(np.array(y, copy=True))
+        return out
+
+
+@register
+class TFLiteBackend(Backend):
+    name = "tflite"
+    needs_gpu = False
+    install_hint = INSTALL_HINT
+
+    def available(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("ai_edge_litert") is None and importlib.util.find_spec("tensorflow") is None:
+            return False, f"needs the TFLite interpreter (TensorFlow or ai-edge-litert): {INSTALL_HINT}"
+        return True, ""
+
+    def device(self) -> str:
+        return f"{cpu_model_name()} ({os.cpu_count()} cores), TFLite XNNPACK"
+
+    def execution(self, fmt: Format, realisation: str = "") -> Execution:
+        return execution(self.name, fmt, realisation)
+
+    def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
+        path = Path(onnx_path)
+        if path.suffix != ".tflite":
+            raise BackendUnavailable(
+                f"backend 'tflite' runs .tflite artifacts, not {path.name}: build the candidate from the Keras "
+                "model with exporters.tflite.convert (TFLite cannot read ONNX)"
+            )
+        self.require()
+        return TFLiteSession(path, threads)
+
+    def runtime_version(self) -> str:
+        for pkg, label in (("ai-edge-litert", "LiteRT"), ("tensorflow", "TensorFlow Lite")):
+            try:
+                if importlib.util.find_spec(pkg.replace("-", "_")) is not None:
+                    return f"{label} {version(pkg)}"
+            except PackageNotFoundError:
+                continue
+        return ""
