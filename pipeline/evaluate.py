@@ -123,7 +123,6 @@ class Evaluator:
     def measure(self, artifact: str | Path, energy: bool = True) -> Measurement:
         cfg = self.config
         session = self.backend.open(artifact, cfg.measure.threads)
-        self.last_engine_path = getattr(session, "engine_path", None)
         outputs = run_dataset(session, self.eval_set, cfg.measure.batch_size)
         value = task_metric(cfg, outputs, self.eval_set.targets)
         ref = self.reference_accuracy
@@ -132,6 +131,8 @@ class Evaluator:
         p50 = float(np.percentile(times, 50))
         table = self.reference.layer_table
         layer_bytes = sum(4 * l.params for l in table)
+        energy_report = measure_energy(cfg, self.backend, session, feeds) if energy else None
+        self.last_engine_path = getattr(session, "engine_path", None)  # TensorRT builds lazily on first run
         return Measurement(
             backend=self.backend.name,
             device=self.backend.device(),
@@ -146,7 +147,7 @@ class Evaluator:
             size_bytes=os.path.getsize(artifact),
             effective_bits_per_weight=effective_bits_per_weight(
                 artifact, self.reference.onnx_path, table.total_params(), self.reference_weight_bytes, layer_bytes),
-            energy=measure_energy(cfg, self.backend, session, feeds) if energy else None,
+            energy=energy_report,
             threads=cfg.measure.threads or os.cpu_count(),
             runtime_version=self.backend.runtime_version(),
         )
