@@ -1,0 +1,351 @@
+"""The one quantizer: apply a per-layer precision plan to an FP32 ONNX reference.
+
+PTQ and QAT, PyTorch and Keras all end here, and every runtime reads what this writes, so
+the numbers in the artifact are defined once (their rules: :mod:`exporters.numerics`).
+
+What each (format, op) becomes - the ``realisation`` recorded per layer:
+
+======  ===================================  =============================================
+format  MatMul / Gemm / Conv                 Gather (embedding table)
+======  ===================================  =============================================
+fp32    unchanged (``fp32``)                 unchanged (``fp32``)
+bf16    bf16 weights + Cast round trips      bf16 table, Gather, Cast (``cast-bf16``)
+        (``cast-bf16``)
+fp8     E4M3FN QDQ weights + activations     E4M3FN table, GatherBlockQuantized
+        (``qdq-fp8``)                        (``gather-fp8``)
+int8    static: QDQ int8 (``qdq-int8``);     int8 table per row, GatherBlockQuantized
+        dynamic: DynamicQuantizeLinear +     (``gather-int8``; weight-only, the static/
+        MatMulInteger/ConvInteger            dynamic knob does not apply)
+        (``dynamic-int8``)
+int4    MatMul, Gemm: MatMulNBits            int4 table, GatherBlockQuantized
+        (``matmulnbits-int4``); Conv:        (``gather-int4``)
+        blocked DQ(int4) (``qdq-int4``)
+======  ===================================  =============================================
+
+A Gemm planned int4 or int8-dynamic is first rewritten as MatMul + Add (both forms exist
+for MatMul only). The passes run in this order, each on the previous one's output:
+prepare (opset 21, private weights/inputs, Gemm rewrites, ORT pre-processing) -> int8
+static QDQ -> fp8 QDQ -> int8 dynamic -> int4 MatMulNBits (per block size) -> hand-written
+forms (bf16, int4 Conv, int8/fp8/bf16 Gather). Layers are disjoint, and each ORT pass only
+touches its own nodes, so a layer's node is never seen by two passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from pydantic import BaseModel
+
+from exporters.quant import handwritten, ort_passes
+from exporters.quant.calibration import ENTROPY_NUM_BINS, ENTROPY_NUM_QUANTIZED_BINS, INT8_METHODS, check_feeds
+from exporters.quant.graph import (
+    NameScope,
+    ensure_opset,
+    gemm_to_matmul,
+    initializers,
+    isolate_inputs,
+    make_weight_private,
+    node,
+    remove_unused_initializers,
+)
+from pipeline.backends import native
+from pipeline.formats import Calibration, Format, Int8Activations
+from pipeline.layers import Layer, LayerTable
+from pipeline.plan import LayerChoice
+
+log = logging.getLogger(__name__)
+
+GATHER_FP8: str = getattr(native, "GATHER_FP8", "gather-fp8")
+"""fp8 embedding tables (GatherBlockQuantized on a float8e4m3fn table). Not yet a constant in
+pipeline/backends/native.py; until it is, this spelling is used and counts as emulated."""
+
+SUPPORTED_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+
+
+class LayerQuantization(BaseModel):
+    name: str
+    format: Format
+    realisation: str  # one of the realisation constants in pipeline/backends/native.py
+    detail: str  # human text, e.g. "int8 W8A8 static per-channel, minmax"
+
+
+class QuantizedModel(BaseModel):
+    path: str
+    layers: list[LayerQuantization]
+    calibration_used: str  # e.g. "minmax" or "distribution (fp8 present)"
+
+
+@dataclass
+class _Planned:
+    layer: Layer
+    choice: LayerChoice
+    weight_index: int
+
+    @property
+    def node(self) -> str:
+        return self.layer.onnx_node
+
+    @property
+    def op(self) -> str:
+        return self.layer.onnx_op
+
+    @property
+    def kind(self) -> str:
+        """Which pass handles the layer."""
+        f, op = self.choice.format, self.op
+        if f is Format.FP32:
+            return "fp32"
+        if op == "Gather":
+            return f"gather-{f.value}"
+        if f is Format.BF16:
+            return "bf16"
+        if f is Format.FP8:
+            return "fp8"
+        if f is Format.INT8:
+            return "int8-dynamic" if self.choice.int8_activations is Int8Activations.DYNAMIC else "int8-static"
+        return "int4-conv" if op == "Conv" else "int4-nbits"
+
+
+def quantize_model(
+    reference_onnx: str | Path,
+    layer_table: LayerTable,
+    choices: dict[str, LayerChoice],
+    calibration_feeds: Sequence[dict[str, np.ndarray]],
+    calibration: Calibration,
+    out_path: str | Path,
+    workdir: str | Path | None = None,
+) -> QuantizedModel:
+    """Write ``out_path``: the reference model with every layer in its planned format.
+
+    ``choices`` must hold exactly the layer table's names (``QuantPlan.resolve`` output).
+    ``calibration_feeds`` are input batches (dicts of graph input -> array); they are only
+    run when some layer is int8-static or fp8. ``calibration`` picks the int8 range
+    calibrator; fp8 layers always use Distribution (recorded in ``calibration_used``).
+    Intermediate models (one per pass) go to ``workdir/onnx_quant_work`` (a temporary folder
+    when ``workdir`` is None) and are deleted once the artifact is written; after a failure
+    they are kept there for inspection (given a ``workdir``). The result is loaded once in ONNX Runtime on the CPU
+    before returning, so an artifact that comes back always has every kernel it needs.
+    """
+    reference_onnx, out_path = Path(reference_onnx), Path(out_path)
+    if not reference_onnx.is_file():
+        raise FileNotFoundError(f"reference_onnx: no file at {reference_onnx}")
+    calibration = Calibration(calibration)
+    base = Path(tempfile.mkdtemp(prefix="onnx_quant_")) if workdir is None else Path(workdir)
+    work = base / "onnx_quant_work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        result = _quantize(reference_onnx, layer_table, choices, calibration_feeds, calibration, out_path, work)
+    except Exception:
+        if workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            log.warning("onnx_quant failed; intermediate models kept in %s", work)
+        raise
+    shutil.rmtree(work if workdir is not None else base, ignore_errors=True)
+    return result
+
+
+def _plan(model: onnx.ModelProto, table: LayerTable, choices: dict[str, LayerChoice], source: Path) -> list[_Planned]:
+    names = table.names
+    missing = [n for n in names if n not in choices]
+    unknown = [n for n in choices if n not in set(names)]
+    if missing or unknown:
+        raise ValueError(
+            "choices must map every layer of the layer table and nothing else"
+            + (f"; missing {missing[:10]}" if missing else "")
+            + (f"; not in the table {unknown[:10]}" if unknown else "")
+            + " (use QuantPlan.resolve(layer_table.names))"
+        )
+    inits = initializers(model)
+    by_name = {n.name: n for n in model.graph.node if n.name}
+    planned = []
+    for layer in table:
+        where = f"layer {layer.name!r}"
+        n = by_name.get(layer.onnx_node)
+        if n is None:
+            raise ValueError(f"{where}: ONNX node {layer.onnx_node!r} is not in {source}; rebuild the layer table from this export")
+        if n.op_type != layer.onnx_op:
+            raise ValueError(f"{where}: node {layer.onnx_node!r} is a {n.op_type}, the layer table says {layer.onnx_op}")
+        if n.op_type not in SUPPORTED_OPS:
+            raise ValueError(f"{where}: op {n.op_type} cannot be quantized (supported: {', '.join(SUPPORTED_OPS)})")
+        if layer.weight not in n.input or layer.weight not in inits:
+            raise ValueError(
+                f"{where}: weight {layer.weight!r} is not a constant initializer input of node {layer.onnx_node!r} "
+                f"(inputs {list(n.input)})"
+            )
+        widx = list(n.input).index(layer.weight)
+        expected = 0 if n.op_type == "Gather" else (None if n.op_type == "MatMul" else 1)
+        if expected is not None and widx != expected:
+            raise ValueError(f"{where}: weight {layer.weight!r} is input {widx} of the {n.op_type}, expected input {expected}")
+        p = _Planned(layer, choices[layer.name], widx)
+        if p.kind in ("int4-nbits", "int8-dynamic") and n.op_type == "MatMul" and widx != 1:
+            raise NotImplementedError(f"{where}: {p.kind} needs the weight as the MatMul's second input (x @ W)")
+        if p.kind == "int4-nbits" and n.op_type == "MatMul":
+            shape = inits[layer.weight].dims
+            if len(shape) < 2 or any(d != 1 for d in shape[:-2]):
+                raise NotImplementedError(f"{where}: int4 MatMulNBits needs a 2-D weight, got shape {list(shape)}")
+        planned.append(p)
+    return planned
+
+
+def _quantize(
+    reference: Path, table: LayerTable, choices: dict[str, LayerChoice], feeds: Sequence[dict[str, np.ndarray]],
+    calibration: Calibration, out_path: Path, work: Path,
+) -> QuantizedModel:
+    model = ensure_opset(onnx.load(str(reference)))
+    planned = _plan(model, table, choices, reference)
+    by_kind: dict[str, list[_Planned]] = {}
+    for p in planned:
+        by_kind.setdefault(p.kind, []).append(p)
+    static_kinds = [k for k in ("int8-static", "fp8") if k in by_kind]
+    if static_kinds:
+        check_feeds(model, feeds)
+
+    # --- prepare: private weights, Gemm -> MatMul where needed, private activation inputs
+    names = NameScope(model)
+    rewritten: set[str] = set()
+    for p in planned:
+        if p.kind == "fp32":
+            continue
+        make_weight_private(model, p.node, p.weight_index, names)
+        if p.op == "Gemm" and p.kind in ("int4-nbits", "int8-dynamic"):
+            gemm_to_matmul(model, p.node, names)
+            rewritten.add(p.layer.name)
+            p.weight_index = 1
+    for kind in static_kinds:
+        groups: dict[tuple[str, int], list[str]] = {}
+        for p in by_kind[kind]:
+            n = node(model, p.node)
+            act = 1 - p.weight_index if n.op_type == "MatMul" else 0
+            groups.setdefault((n.input[act], act), []).append(p.node)
+        for (tensor, idx), group in groups.items():
+            isolate_inputs(model, tensor, group, idx, kind, names)
+    current = work / "prepared.onnx"
+    _save(model, current)
+    current = _pre_process(current, work / "preprocessed.onnx")
+
+    # --- ORT passes
+    calib_parts = []
+    if "int8-static" in by_kind:
+        group = by_kind["int8-static"]
+        nxt = work / "int8_static.onnx"
+        ort_passes.int8_static_pass(current, nxt, [p.node for p in group], [p.op for p in group], INT8_METHODS[calibration], feeds)
+        current = nxt
+        calib_parts.append(
+            calibration.value
+            + (f" ({ENTROPY_NUM_BINS} bins, {ENTROPY_NUM_QUANTIZED_BINS} quantized)" if calibration is Calibration.ENTROPY else "")
+        )
+    if "fp8" in by_kind:
+        group = by_kind["fp8"]
+        nxt = work / "fp8.onnx"
+        ort_passes.fp8_static_pass(current, nxt, [p.node for p in group], [p.op for p in group], feeds)
+        current = nxt
+        calib_parts.append("distribution (fp8 present)")
+    if "int8-dynamic" in by_kind:
+        group = by_kind["int8-dynamic"]
+        nxt = work / "int8_dynamic.onnx"
+        ort_passes.int8_dynamic_pass(current, nxt, [p.node for p in group], ["MatMul" if p.op == "Gemm" else p.op for p in group])
+        current = nxt
+    model = onnx.load(str(current))
+    int4_ort = by_kind.get("int4-nbits", []) + by_kind.get("gather-int4", [])
+    for block in sorted({p.choice.int4_block_size for p in int4_ort}):
+        model = ort_passes.int4_nbits_pass(model, [p.node for p in int4_ort if p.choice.int4_block_size == block], block)
+
+    # --- hand-written forms
+    names = NameScope(model)
+    for p in planned:
+        if p.kind == "bf16":
+            handwritten.bf16_layer(model, p.node, p.weight_index, names)
+        elif p.kind == "gather-bf16":
+            handwritten.bf16_gather(model, p.node, names)
+        elif p.kind == "int4-conv":
+            handwritten.int4_conv(model, p.node, p.choice.int4_block_size, names)
+        elif p.kind == "gather-int8":
+            handwritten.int8_gather(model, p.node, names)
+        elif p.kind == "gather-fp8":
+            handwritten.fp8_gather(model, p.node, names)
+    remove_unused_initializers(model)
+    _save(model, out_path)
+    _check_loads(out_path)
+
+    calibration_used = ", ".join(calib_parts) if calib_parts else "none (no static activations)"
+    if len(calib_parts) == 2:
+        calibration_used = f"{calib_parts[0]} for int8, distribution (fp8 present)"
+    layers = [_describe(p, calibration, p.layer.name in rewritten) for p in planned]
+    return QuantizedModel(path=str(out_path), layers=layers, calibration_used=calibration_used)
+
+
+def _pre_process(src: Path, dst: Path) -> Path:
+    """ORT's quant_pre_process without its graph optimizer (which would rename/fuse the
+    layer nodes): symbolic + ONNX shape inference only. Falls back to ONNX shape inference
+    when symbolic inference cannot handle the graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with ort_passes.quiet():
+            quant_pre_process(str(src), str(dst), skip_optimization=True)
+        return dst
+    except Exception as exc:  # symbolic shape inference gives up on some exporters' graphs
+        log.info("symbolic shape inference failed (%s); using ONNX shape inference only", exc)
+        with ort_passes.quiet():
+            quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=True)
+        return dst
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() > 1_800_000_000:  # protobuf's 2 GB limit
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))
+
+
+def _check_loads(path: Path) -> None:
+    """Every artifact must at least load (all kernels found) in ORT on the CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RuntimeError(f"quantized model {path} does not load in onnxruntime (CPU): {exc}") from exc
+
+
+def _describe(p: _Planned, calibration: Calibration, rewritten: bool) -> LayerQuantization:
+    k, op, b = p.kind, p.op, p.choice.int4_block_size
+    suffix = " (Gemm rewritten as MatMul + Add)" if rewritten else ""
+    table = {
+        "fp32": (native.FP32, "fp32, unchanged"),
+        "bf16": (native.CAST_BF16, "bf16 emulated: bf16 weights/bias, input and output rounded to bf16 by Cast pairs, fp32 compute"),
+        "fp8": (native.QDQ_FP8, "fp8 E4M3FN QDQ, per-tensor weight and activation scales std/std(E4M3), distribution calibration, fp32 bias"),
+        "int8-static": (
+            native.QDQ_INT8,
+            f"int8 W8A8 static per-channel symmetric weights, per-tensor symmetric activations, {calibration.value}, int32 bias"
+            + (", int8 output (QLinearConv)" if op == "Conv" else ", fp32 output"),
+        ),
+        "int8-dynamic": (
+            native.DYNAMIC_INT8,
+            "int8 W8A8 dynamic: "
+            + ("per-tensor" if op == "Conv" else "per-channel")
+            + " symmetric weights, uint8 activations scaled per batch (DynamicQuantizeLinear + "
+            + ("ConvInteger)" if op == "Conv" else "MatMulInteger)"),
+        ),
+        "int4-nbits": (native.MATMULNBITS_INT4, f"int4 weight-only, symmetric blocks of {b} along K, MatMulNBits, fp32 activations"),
+        "int4-conv": (native.QDQ_INT4, f"int4 weight-only, symmetric blocks of {b} along I*kh*kw, blocked DequantizeLinear(int4) + Reshape, fp32 Conv"),
+        "gather-bf16": (native.CAST_BF16, "bf16 table, Gather then Cast to fp32 (weight-only)"),
+        "gather-fp8": (GATHER_FP8, "fp8 E4M3FN table, per-tensor std scale, GatherBlockQuantized (weight-only)"),
+        "gather-int8": (native.GATHER_INT8, "int8 table, symmetric per row, GatherBlockQuantized uint8 (weight-only)"),
+        "gather-int4": (native.GATHER_INT4, f"int4 table, symmetric blocks of {b} along the embedding dim, GatherBlockQuantized (weight-only)"),
+    }
+    realisation, detail = table[k]
+    return LayerQuantization(name=p.layer.name, format=p.choice.format, realisation=realisation, detail=detail + suffix)
