@@ -16,7 +16,7 @@ export RAY_ADDRESS
 STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 comma := ,
 
-.PHONY: venv search front promote ui mlflow-server test test-fast bench gpu-check clean
+.PHONY: venv search front promote ui mlflow-server test bench bench-qat gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/formats.py
+
+bench-qat: $(STAMP)
+	$(BIN)/python benchmarks/qat_recovery.py
 
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py

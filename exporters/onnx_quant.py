@@ -287,10 +287,15 @@ def _pre_process(src: Path, dst: Path) -> Path:
     """ORT's quant_pre_process without its graph optimizer (which would rename/fuse the
     layer nodes): symbolic + ONNX shape inference only. Falls back to ONNX shape inference
     when symbolic inference cannot handle the graph."""
+    import contextlib
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     try:
-        with ort_passes.quiet():
+        # When symbolic inference gives up, ORT saves "sym_shape_infer_temp.onnx" into the
+        # current directory: run it from the work folder so the user's tree stays clean.
+        with ort_passes.quiet(), contextlib.chdir(dst.parent):
             quant_pre_process(str(src), str(dst), skip_optimization=True)
         return dst
     except Exception as exc:  # symbolic shape inference gives up on some exporters' graphs

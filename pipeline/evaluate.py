@@ -104,8 +104,12 @@ class Evaluator:
 
             outcome = run_qat(self.config, self.adapter, plan, self.reference, out_dir, progress=progress)
             source, curve = outcome.reference, outcome.loss_curve
-            extra["qat_steps"] = outcome.steps
-            extra["qat_seconds"] = outcome.seconds
+            extra.update(
+                qat_steps=outcome.steps, qat_seconds=outcome.seconds,
+                qat_learning_rate=outcome.budget.get("learning_rate"), qat_batch_size=outcome.budget.get("batch_size"),
+                qat_seed=outcome.budget.get("seed"), qat_loss=outcome.loss, qat_autocast=outcome.autocast,
+                qat_recalibrations=outcome.recalibrations,
+            )
         out_path = out_dir / "candidate.onnx"
         quantized = quantize_model(
             source.onnx_path, source.layer_table, choices, self.calibration_feeds(), plan.calibration, out_path,

@@ -1,0 +1,748 @@
+"""Quantization-aware training for Keras 3 models (TensorFlow backend).
+
+The fake quantizers reproduce what ``exporters.onnx_quant`` deploys (rules:
+``exporters.numerics``), per layer, on the weight *as the ONNX node holds it*:
+each Keras kernel is mapped to its ONNX initializer layout (Dense [K, N] as is,
+Conv2D HWIO -> OIHW, Conv1D -> [O, I, 1, k]; found by matching the reference
+ONNX's weight exactly), quantized there with the deployed per-channel axis /
+block axis, and mapped back. Per (format, node):
+
+=============  ==========================================================  ==========================================
+format         weight (ONNX layout)                                        activations / bias
+=============  ==========================================================  ==========================================
+int8 static    symmetric per output channel, ``absmax/127``, rne           input per tensor (calibrated, sat.);
+                                                                           Conv: int32 bias ``s_x*s_w``, output q'd
+int8 dynamic   per output channel (Conv: per tensor)                       input uint8 per call (DynamicQuantizeLinear)
+fp8 E4M3FN     per tensor, ``std(w)/std(E4M3)``, sat. +-448, rne           input per tensor, ``std_x/std(E4M3)``
+int4           blocks of B along K (Conv: along I*kh*kw), ``v/-8``,        unchanged (weight only)
+               MLAS rounding ``roundf(w/s + 8) - 8`` (ties up)
+bf16           bf16 (rne); Conv bias too                                   input and node output rounded to bf16
+=============  ==========================================================  ==========================================
+
+tf2onnx exports ``Dense``/``EinsumDense`` as MatMul + a float ``Add`` (so the bias
+stays fp32 and a bf16 output is rounded *before* the bias) and ``Conv*`` as a Conv
+holding its bias; the fake quantizers follow the node, not the Keras layer.
+Static activation ranges are observed on the FP32 model with ONNX Runtime's own
+collectors and settings (through :class:`pipeline.qat.fake_quant.ActivationFakeQuant`,
+the same statistics code the PyTorch QAT uses) and refreshed every
+:data:`pipeline.qat.RECALIBRATE_EVERY` steps. Gradients are straight-through
+(identity for weights, zero outside the representable range for activations).
+
+Keras 3's own quantization (``layer.quantize("int8" | "int4" | "float8")``) was
+checked (keras 3.15.1) and does not match the deployed numerics: its int8 scales
+are ``127/(absmax+eps)`` with activations quantized per *row* on the fly, its int4
+is asymmetric with zero points, its float8 uses delayed amax-history scaling -
+none is ORT's rule, so training with them would train a different grid.
+
+How the quantizers are attached: each planned layer's ``call`` is replaced on the
+instance (not the class) by an equivalent that applies the quantizers, and
+restored afterwards. Layer objects, names and variables stay the user's, so the
+fine-tuned model exports with an identical layer table, and subclassed models
+work as well as functional ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from exporters import numerics
+from pipeline.config import ConfigError, SearchConfig
+from pipeline.formats import Calibration, Format, Int8Activations
+from pipeline.models.base import ReferenceModel
+from pipeline.plan import LayerChoice, QATSettings, QuantPlan
+
+log = logging.getLogger(__name__)
+
+E4M3_STD = float(numerics.E4M3_STD)
+E4M3_MAX = float(numerics.E4M3_MAX)
+INT8_QMIN, INT8_QMAX = numerics.INT8_SATURATE_MIN, numerics.INT8_SATURATE_MAX
+
+
+# --------------------------------------------------------------------------- TF fake quant
+def _tf():
+    from pipeline.models.keras_adapter import import_tf
+
+    return import_tf()[0]
+
+
+def _ste(x, y):
+    """Forward exactly ``y``, gradient identity to ``x`` (``x + sg(y - x)`` would round when |x| >> |y|)."""
+    tf = _tf()
+    return tf.stop_gradient(y) + (x - tf.stop_gradient(x))
+
+
+def _ste_masked(x, y, lo, hi):
+    tf = _tf()
+    mask = tf.cast((x >= lo) & (x <= hi), x.dtype)
+    return tf.stop_gradient(y) + (x - tf.stop_gradient(x)) * mask
+
+
+def int8_weight_scale(w, axis: int | None):
+    """``numerics.int8_weight_scale``: ``2*absmax/254`` in float64, float32; < tiny -> 1."""
+    tf = _tf()
+    a = tf.abs(tf.stop_gradient(w))
+    if axis is None:
+        absmax = tf.reduce_max(a)
+    else:
+        axes = [d for d in range(len(w.shape)) if d != axis % len(w.shape)]
+        absmax = tf.reduce_max(a, axis=axes)
+    s64 = 2.0 * tf.cast(absmax, tf.float64) / float(2 * numerics.INT8_WEIGHT_QMAX)
+    tiny = float(np.finfo(np.float32).tiny)
+    return tf.cast(tf.where(s64 < tiny, tf.ones_like(s64), s64), tf.float32)
+
+
+def _per_axis(s, ndim: int, axis: int | None):
+    tf = _tf()
+    if axis is None:
+        return s
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return tf.reshape(s, shape)
+
+
+def fake_int8_weight(w, axis: int | None):
+    """Symmetric int8 weight, rne(w/s) (the range [-127, 127] holds by construction); STE."""
+    tf = _tf()
+    s = int8_weight_scale(w, axis)
+    sb = _per_axis(s, len(w.shape), axis)
+    q = tf.clip_by_value(tf.math.rint(tf.stop_gradient(w) / sb), INT8_QMIN, INT8_QMAX)
+    return _ste(w, q * sb), s
+
+
+def fake_int8_static(x, scale):
+    """Static int8 activation: ``sat(rne(x/s)) * s``, zero point 0; clipped STE."""
+    tf = _tf()
+    q = tf.clip_by_value(tf.math.rint(tf.stop_gradient(x) / scale), INT8_QMIN, INT8_QMAX)
+    return _ste_masked(x, q * scale, INT8_QMIN * scale, INT8_QMAX * scale)
+
+
+def fake_int8_dynamic(x):
+    """DynamicQuantizeLinear + dequantize over the whole tensor (uint8, per call); clipped STE."""
+    tf = _tf()
+    xd = tf.stop_gradient(x)
+    lo = tf.minimum(tf.reduce_min(xd), 0.0)
+    hi = tf.maximum(tf.reduce_max(xd), 0.0)
+    scale = (hi - lo) / tf.constant(255.0, tf.float32)
+    safe = tf.where(scale > 0, scale, tf.ones_like(scale))
+    zp = tf.clip_by_value(tf.math.rint(0.0 - lo / safe), 0.0, 255.0)
+    q = tf.clip_by_value(tf.math.rint(xd / safe) + zp, 0.0, 255.0)
+    y = tf.where(scale > 0, (q - zp) * safe, tf.zeros_like(xd))
+    return _ste_masked(x, y, (0.0 - zp) * safe, (255.0 - zp) * safe)
+
+
+def fp8_weight_scale(w):
+    """``std(w)/std(E4M3)`` per tensor (std in float64, stored float32)."""
+    tf = _tf()
+    std = tf.cast(tf.math.reduce_std(tf.cast(tf.stop_gradient(w), tf.float64)), tf.float32)
+    return std / tf.constant(E4M3_STD, tf.float32)
+
+
+def _e4m3(v):
+    tf = _tf()
+    v = tf.clip_by_value(v, -E4M3_MAX, E4M3_MAX)  # QuantizeLinear saturates; the cast alone gives NaN
+    return tf.cast(tf.cast(v, tf.dtypes.experimental.float8_e4m3fn), tf.float32)
+
+
+def fake_fp8(x, scale, weight: bool):
+    tf = _tf()
+    y = _e4m3(tf.stop_gradient(x) / scale) * scale
+    if weight:
+        return _ste(x, y)
+    return _ste_masked(x, y, -E4M3_MAX * scale, E4M3_MAX * scale)
+
+
+def fake_bf16(x):
+    tf = _tf()
+    return _ste(x, tf.cast(tf.cast(tf.stop_gradient(x), tf.bfloat16), tf.float32))
+
+
+def _roundf(x):
+    """C ``roundf`` (ties away from zero), as ``numerics._roundf``."""
+    tf = _tf()
+    t = tf.math.floor(tf.abs(x)) * tf.sign(x)  # trunc
+    return t + tf.where(tf.abs(x - t) >= 0.5, tf.sign(x), tf.zeros_like(x))
+
+
+def fake_int4_blocks(w2d, block_size: int):
+    """``numerics.int4_block_quantize(rounding="half_up")`` + dequantize for ``[N, K]``; STE.
+
+    MLAS's rule in float32: ``clip(roundf(w * (1/s) + 8), 0, 15) - 8`` (exact ties go up).
+    """
+    tf = _tf()
+    n, k = int(w2d.shape[0]), int(w2d.shape[1])
+    nb = -(-k // block_size)
+    x = tf.stop_gradient(w2d)
+    if nb * block_size != k:
+        x = tf.pad(x, [[0, 0], [0, nb * block_size - k]])
+    blocks = tf.reshape(x, [n, nb, block_size])
+    hi = tf.reduce_max(blocks, axis=2)
+    lo = tf.reduce_min(blocks, axis=2)
+    v = tf.where(tf.abs(hi) > tf.abs(lo), hi, lo)
+    s = (v / tf.constant(-8.0, tf.float32))[:, :, None]
+    zero = tf.equal(s, 0.0)
+    recip = tf.where(zero, tf.zeros_like(s), tf.constant(1.0, tf.float32) / tf.where(zero, tf.ones_like(s), s))
+    q = tf.clip_by_value(_roundf(blocks * recip + tf.constant(8.0, tf.float32)), 0.0, 15.0) - 8.0
+    y = tf.reshape(q * s, [n, nb * block_size])[:, :k]
+    return _ste(w2d, y)
+
+
+def fake_int8_bias(b, input_scale, weight_scale):
+    """int32 bias of a static int8 Conv: ``s_b = s_x * s_w`` (float32), rne in float64; STE."""
+    tf = _tf()
+    s = tf.cast(input_scale, tf.float32) * weight_scale
+    q = tf.math.rint(tf.cast(tf.stop_gradient(b), tf.float64) / tf.cast(s, tf.float64))
+    info = np.iinfo(np.int32)
+    q = tf.clip_by_value(q, float(info.min), float(info.max))
+    return _ste(b, tf.cast(q, tf.float32) * s)
+
+
+# --------------------------------------------------------------------------- per layer
+@dataclass
+class _ActQ:
+    """One activation quantizer: its kind, the deployed scale (a tf.Variable), its statistics."""
+
+    kind: str  # int8_static | int8_dynamic | fp8 | bf16
+    name: str
+    scale: Any = None  # tf.Variable for static kinds
+    stats: Any = None  # pipeline.qat.fake_quant.ActivationFakeQuant (numpy/ORT statistics only)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kind in ("int8_static", "fp8")
+
+    def apply(self, x, mode: str):
+        if mode == "observe":
+            if self.needs_calibration:
+                import torch
+
+                self.stats.observe(torch.from_numpy(np.array(x, dtype=np.float32)))
+            return x
+        if mode != "qat":
+            return x
+        if self.kind == "bf16":
+            return fake_bf16(x)
+        if self.kind == "int8_dynamic":
+            return fake_int8_dynamic(x)
+        if self.kind == "int8_static":
+            return fake_int8_static(x, self.scale)
+        return fake_fp8(x, self.scale, weight=False)
+
+
+@dataclass
+class _QLayer:
+    name: str
+    layer: Any
+    family: str  # dense | einsum | conv
+    choice: LayerChoice
+    onnx_op: str  # MatMul | Gemm | Conv
+    perm: tuple[int, ...]  # Keras kernel axes -> ONNX weight axes (before the reshape)
+    onnx_shape: tuple[int, ...]
+    channel_axis: int  # output-channel axis of the ONNX weight
+    input_qs: list  # per call of the layer (a shared layer has one ONNX node, and one scale, per call)
+    output_qs: list
+    bias_in_node: bool
+    last_weight_scale: Any = None
+    _calls: int = 0
+
+    def next_use(self) -> int:
+        """Which call of the layer this is, within one forward pass (calls come in graph order)."""
+        i = self._calls % len(self.input_qs)
+        self._calls += 1
+        return i
+
+    def to_onnx(self, k):
+        tf = _tf()
+        return tf.reshape(tf.transpose(k, self.perm), self.onnx_shape)
+
+    def from_onnx(self, w, kernel_shape):
+        tf = _tf()
+        transposed = [kernel_shape[p] for p in self.perm]
+        inv = [self.perm.index(i) for i in range(len(self.perm))]
+        return tf.transpose(tf.reshape(w, transposed), inv)
+
+    def weight(self, kernel, mode: str):
+        if mode != "qat":
+            return kernel
+        tf = _tf()
+        fmt = self.choice.format
+        w = self.to_onnx(kernel)
+        if fmt is Format.BF16:
+            wq = fake_bf16(w)
+        elif fmt is Format.FP8:
+            wq = fake_fp8(w, fp8_weight_scale(w), weight=True)
+        elif fmt is Format.INT8:
+            per_tensor = self.onnx_op == "Conv" and self.choice.int8_activations is Int8Activations.DYNAMIC
+            wq, s = fake_int8_weight(w, None if per_tensor else self.channel_axis)
+            self.last_weight_scale = s
+        else:  # int4: [N, K] rows = output channels, K = the reduction axis as ONNX stores it
+            if self.onnx_op == "Conv":
+                wq = tf.reshape(fake_int4_blocks(tf.reshape(w, [self.onnx_shape[0], -1]), self.choice.int4_block_size),
+                                self.onnx_shape)
+            else:  # MatMul [K, N]
+                wq = tf.transpose(fake_int4_blocks(tf.transpose(w), self.choice.int4_block_size))
+        return self.from_onnx(wq, [int(d) for d in kernel.shape])
+
+    def bias(self, b, mode: str, input_q: _ActQ | None):
+        if mode != "qat" or b is None or not self.bias_in_node:
+            return b
+        if self.choice.format is Format.BF16:
+            return fake_bf16(b)
+        if (self.choice.format is Format.INT8 and input_q is not None and input_q.kind == "int8_static"
+                and self.last_weight_scale is not None):
+            return fake_int8_bias(b, input_q.scale, self.last_weight_scale)
+        return b
+
+
+def _input_kind(choice: LayerChoice) -> str | None:
+    if choice.format in (Format.FP32, Format.INT4):
+        return None
+    if choice.format is Format.BF16:
+        return "bf16"
+    if choice.format is Format.FP8:
+        return "fp8"
+    return "int8_dynamic" if choice.int8_activations is Int8Activations.DYNAMIC else "int8_static"
+
+
+def _output_kind(choice: LayerChoice, onnx_op: str) -> str | None:
+    if choice.format is Format.BF16:
+        return "bf16"
+    if choice.format is Format.INT8 and onnx_op == "Conv" and choice.int8_activations is Int8Activations.STATIC:
+        return "int8_static"
+    return None
+
+
+def _find_perm(kernel: np.ndarray, onnx_w: np.ndarray, preferred: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The axis permutation p with ``kernel.transpose(p).reshape(W.shape) == W`` exactly."""
+    cands = ([preferred] if preferred else []) + list(itertools.permutations(range(kernel.ndim)))
+    for p in cands:
+        t = kernel.transpose(p)
+        if t.size == onnx_w.size and np.array_equal(t.reshape(onnx_w.shape), onnx_w):
+            return tuple(p)
+    return None
+
+
+class KerasQAT:
+    """Fake quantizers on the planned layers of one Keras model, for one plan.
+
+    Modes: ``fp32`` (identity), ``observe`` (identity, static activation quantizers
+    record statistics; eager calls only), ``qat`` (deployed numerics).
+    """
+
+    def __init__(self, model, choices: dict[str, LayerChoice], reference: ReferenceModel,
+                 calibration: Calibration = Calibration.MINMAX):
+        import onnx
+        from onnx import numpy_helper
+
+        from pipeline.models.keras_adapter import enumerate_layers, import_tf
+        from pipeline.qat.fake_quant import ActivationFakeQuant
+
+        tf, keras = import_tf()
+        self.model = model
+        self.calibration = Calibration(calibration)
+        self.mode = "fp32"
+        self.layers: list[_QLayer] = []
+        graph = onnx.load(reference.onnx_path).graph
+        inits = {i.name: i for i in graph.initializer}
+        nodes = {n.name: n for n in graph.node}
+        klayers = {kl.name: kl for kl in enumerate_layers(model, keras)}
+        table = {l.name: l for l in reference.layer_table}
+        unknown = [n for n in choices if n.split("#")[0] not in klayers]
+        if unknown:
+            raise ValueError(f"QAT: plan layer(s) {unknown} are not layers of this Keras model; "
+                             f"its layers are {list(klayers)[:20]}")
+        done: dict[str, LayerChoice] = {}
+        for name, choice in choices.items():
+            base = name.split("#")[0]
+            if base in done:  # a shared layer: one weight, one fake quantizer (the first call's format)
+                if done[base] != choice:
+                    log.warning("QAT: %s shares its weight with %s; training with %s's format (%s)",
+                                name, base, base, done[base].format)
+                continue
+            done[base] = choice
+            if choice.format is Format.FP32:
+                continue
+            kl = klayers[base]
+            row = table[base]
+            if kl.kind == "embedding":
+                raise NotImplementedError(f"QAT: Keras Embedding layers ({base}) are not supported yet; plan them fp32 "
+                                          "or use method: ptq")
+            if row.onnx_op not in ("MatMul", "Gemm", "Conv"):
+                raise NotImplementedError(f"QAT: layer {base} became an ONNX {row.onnx_op}; only MatMul/Gemm/Conv")
+            layer = kl.layer
+            node = nodes[row.onnx_node]
+            w = numpy_helper.to_array(inits[row.weight]).astype(np.float32)
+            family = ("conv" if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) else
+                      "einsum" if isinstance(layer, keras.layers.EinsumDense) else "dense")
+            preferred = _preferred_perm(family, kl.weight.ndim)
+            perm = _find_perm(kl.weight, w, preferred)
+            if perm is None:
+                raise RuntimeError(f"QAT: cannot map layer {base}'s kernel {kl.weight.shape} onto its ONNX weight "
+                                   f"{w.shape}; was the reference exported from these weights?")
+            if row.onnx_op == "Gemm":
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                axis = 0 if trans_b else 1
+            else:
+                axis = 0 if row.onnx_op == "Conv" else len(w.shape) - 1
+            bias_in_node = row.onnx_op in ("Conv", "Gemm") and len(node.input) > 2 and bool(node.input[2])
+            uses = sum(1 for n in table if n.split("#")[0] == base)
+            ql = _QLayer(base, layer, family, choice, row.onnx_op, perm, tuple(w.shape), axis, [], [], bias_in_node)
+            for use in range(uses):
+                for which, kind in (("input", _input_kind(choice)), ("output", _output_kind(choice, row.onnx_op))):
+                    aq = None
+                    if kind is not None:
+                        aq = _ActQ(kind, f"{base}{'#%d' % (use + 1) if use else ''}:{which}")
+                        if aq.needs_calibration:
+                            aq.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32,
+                                                   name=f"qat_scale_{len(self.layers)}_{use}_{which}")
+                            aq.stats = ActivationFakeQuant(kind, self.calibration, name=aq.name)
+                    getattr(ql, f"{which}_qs").append(aq)
+            self.layers.append(ql)
+        for ql in self.layers:
+            self._attach(ql)
+
+    # -- attach / detach -------------------------------------------------------
+    def _attach(self, ql: _QLayer) -> None:
+        from pipeline.models.keras_adapter import import_tf
+
+        _, keras = import_tf()
+        ops = keras.ops
+        layer = ql.layer
+        if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+            raise NotImplementedError(f"QAT: layer {ql.name} is already Keras-quantized or has LoRA enabled")
+        qat = self
+
+        def mode() -> str:
+            return qat.mode_for(ql)
+
+        def finish(y, bias, out_q):
+            if ql.bias_in_node:  # Conv: bias inside the node, output quantized after it
+                if bias is not None:
+                    y = y + bias
+                if out_q is not None:
+                    y = out_q.apply(y, mode())
+            else:  # MatMul (or a Conv without bias input) then a float Add: node output is before the bias
+                if out_q is not None:
+                    y = out_q.apply(y, mode())
+                if bias is not None:
+                    y = y + bias
+            return layer.activation(y) if layer.activation is not None else y
+
+        def quantizers():
+            i = ql.next_use()
+            return ql.input_qs[i], ql.output_qs[i]
+
+        if ql.family == "dense":
+            def call(inputs, training=None):
+                in_q, out_q = quantizers()
+                x = in_q.apply(inputs, mode()) if in_q else inputs
+                y = ops.matmul(x, ql.weight(layer.kernel, mode()))
+                return finish(y, ql.bias(layer.bias, mode(), in_q), out_q)
+        elif ql.family == "einsum":
+            def call(inputs, training=None):
+                in_q, out_q = quantizers()
+                x = in_q.apply(inputs, mode()) if in_q else inputs
+                y = ops.einsum(layer.equation, x, ql.weight(layer.kernel, mode()))
+                return finish(y, ql.bias(layer.bias, mode(), in_q), out_q)
+        else:
+            def call(inputs):
+                in_q, out_q = quantizers()
+                padding = layer.padding
+                if padding == "causal":
+                    inputs = ops.pad(inputs, layer._compute_causal_padding())
+                    padding = "valid"
+                x = in_q.apply(inputs, mode()) if in_q else inputs
+                y = ops.conv(x, ql.weight(layer.kernel, mode()), strides=list(layer.strides), padding=padding,
+                             dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+                bias = None
+                if layer.use_bias:
+                    shape = ((1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last"
+                             else (1, layer.filters) + (1,) * layer.rank)
+                    bias = ops.reshape(ql.bias(layer.bias, mode(), in_q), shape)
+                return finish(y, bias, out_q)
+
+        layer.__dict__["call"] = call  # instance attribute shadows the class method; restored by detach()
+
+    def detach(self) -> None:
+        for ql in self.layers:
+            ql.layer.__dict__.pop("call", None)
+        self.layers = []
+
+    # -- modes -----------------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        if mode not in ("fp32", "observe", "qat", "observe-after-int8"):
+            raise ValueError(f"mode must be fp32, observe or qat, not {mode!r}")
+        self.mode = mode
+
+    def mode_for(self, ql: _QLayer) -> str:
+        """``observe-after-int8``: static-int8 layers run quantized, the rest observe (see calibrate)."""
+        if self.mode != "observe-after-int8":
+            return self.mode
+        return "qat" if _is_int8_static(ql.choice) else "observe"
+
+    def static_quantizers(self) -> list[_ActQ]:
+        return [q for ql in self.layers for q in ql.input_qs + ql.output_qs if q is not None and q.needs_calibration]
+
+    def calibrate(self, batches: list[dict[str, np.ndarray]], call: Callable[[Any, dict], Any]) -> int:
+        """Static activation scales from the FP32 model on ``batches`` (eager), as ORT's
+        calibrator gets them from the FP32 ONNX graph. Returns how many were set."""
+        static = self.static_quantizers()
+        if not static:
+            return 0
+        int8 = [q for ql in self.layers if _is_int8_static(ql.choice) for q in ql.input_qs + ql.output_qs if q is not None]
+        fp8 = [q for q in static if q.kind == "fp8"]
+        # The quantizer calibrates int8-static layers on the FP32 graph, then fp8 layers on the
+        # graph with the int8 QDQ already in place (exporters.onnx_quant pass order): same here.
+        phases = [("observe", int8 if fp8 and int8 else static)]
+        if fp8 and int8:
+            phases.append(("observe-after-int8", fp8))
+        previous = self.mode
+        try:
+            for mode, group in phases:
+                for q in group:
+                    q.stats.reset()
+                self.set_mode(mode)
+                for batch in batches:
+                    call(self.model, batch)
+                for q in group:
+                    q.stats.finalize()
+                    q.scale.assign(_deployed_scale(q))
+        finally:
+            self.set_mode(previous)
+        return len(static)
+
+    def describe(self) -> dict[str, str]:
+        out = {}
+        for ql in self.layers:
+            c = ql.choice
+            tag = c.format.value
+            if c.format is Format.INT8:
+                tag += f" {c.int8_activations}"
+            if c.format is Format.INT4:
+                tag += f" block {c.int4_block_size}"
+            out[ql.name] = f"{tag} on ONNX {ql.onnx_op} weight {list(ql.onnx_shape)}"
+        return out
+
+    def __enter__(self) -> "KerasQAT":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def _deployed_scale(q: _ActQ) -> float:
+    """The scale the quantizer stores for this activation.
+
+    int8: ORT's ``compute_scale_zp``: ``2*absmax/254`` computed in float64 from the
+    calibrated range, rounded to float32 once. fp8: ``std/std(E4M3)``.
+    """
+    if q.kind != "int8_static":
+        return float(q.stats.scale)
+    rmin, rmax = q.stats.range
+    absmax = max(abs(min(float(rmin), 0.0)), abs(max(float(rmax), 0.0)))
+    s = np.float32((2.0 * np.float64(absmax)) / np.float64(2 * numerics.INT8_WEIGHT_QMAX))
+    return float(s) if s >= np.finfo(np.float32).tiny else 1.0
+
+
+def _is_int8_static(choice: LayerChoice) -> bool:
+    return choice.format is Format.INT8 and choice.int8_activations is Int8Activations.STATIC
+
+
+def _preferred_perm(family: str, ndim: int) -> tuple[int, ...] | None:
+    """How tf2onnx usually lays out a kernel: Dense as is; Conv (..., I, O) -> (O, I, ...)."""
+    if family == "conv":
+        return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
+    return tuple(range(ndim))
+
+
+def _all_layers(model):
+    from pipeline.models.keras_adapter import _walk
+
+    return list(_walk(model, set()))
+
+
+# --------------------------------------------------------------------------- loss
+def resolve_loss(config: SearchConfig, model, output_names: list[str], targets: np.ndarray | None):
+    """``(name, fn(outputs, y) -> scalar)`` for Keras QAT.
+
+    Order: ``config.loss`` if set (``cross_entropy`` = sparse categorical cross-entropy
+    on logits, ``mse``, or ``pkg.mod:fn`` called as ``fn(outputs, targets)`` like the
+    PyTorch side, or a ``keras.losses.Loss`` class, instantiated); else the model's
+    compiled loss (``model.compute_loss``); else cross-entropy for integer targets and
+    MSE otherwise. Built-ins apply to ``metric.output``.
+    """
+    from pipeline.models.keras_adapter import import_tf
+    from pipeline.qat.train import select_output
+
+    _, keras = import_tf()
+    key = config.metric.output
+    name = config.loss
+    if name is None and getattr(model, "compiled", False) and getattr(model, "loss", None) is not None:
+        def compiled(out, y):
+            return model.compute_loss(x=None, y=y, y_pred=out, training=True)
+
+        return f"compiled: {getattr(model.loss, 'name', model.loss)}", compiled
+    if name is None:
+        name = "cross_entropy" if targets is not None and np.issubdtype(np.asarray(targets).dtype, np.integer) else "mse"
+    if name == "cross_entropy":
+        ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return name, lambda out, y: ce(y, select_output(out, key, output_names))
+    if name == "mse":
+        mse = keras.losses.MeanSquaredError()
+        return name, lambda out, y: mse(y, select_output(out, key, output_names))
+    if ":" not in name:
+        raise ConfigError(f"loss: {name!r} is not `cross_entropy`, `mse` or an import string `pkg.mod:fn`")
+    from pipeline.importing import import_object
+
+    try:
+        obj = import_object(name)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"loss: cannot import {name!r} ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, type) and issubclass(obj, keras.losses.Loss):
+        inst = obj()
+        return name, lambda out, y: inst(y, select_output(out, key, output_names))
+    if not callable(obj):
+        raise ConfigError(f"loss: {name!r} is not callable")
+    return name, obj
+
+
+# --------------------------------------------------------------------------- loop
+@dataclass
+class KerasQATReport:
+    loss_curve: list[float]
+    steps: int
+    seconds: float
+    loss_name: str
+    rows: int
+    recalibrations: int
+    layers: dict[str, str] = field(default_factory=dict)
+
+
+def _datasets(config: SearchConfig, input_names: list[str]):
+    from pipeline.data import load_dataset
+    from pipeline.qat import CALIBRATION_BATCH, MAX_CALIBRATION_ROWS
+
+    train = (load_dataset(config.data.train, config, "data.train") if config.data.train is not None
+             else load_dataset(config.data.calibration, config, "data.calibration"))
+    missing = [k for k in input_names if k not in train.inputs]
+    if missing:
+        raise ConfigError(f"data.train: the training set lacks model input(s) {missing}; it has {list(train.inputs)}")
+    # exactly Evaluator.calibration_feeds: the rows the quantizer calibrates on (equal batches)
+    cal = load_dataset(config.data.calibration, config, "data.calibration").head(MAX_CALIBRATION_ROWS)
+    bs = min(CALIBRATION_BATCH, len(cal))
+    batches = [{k: v for k, v in b.items() if k in input_names} for b in cal.batches(bs, drop_last=True)]
+    return train, batches
+
+
+def train_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: ReferenceModel,
+              progress: Any = None) -> tuple[Any, KerasQATReport]:
+    """Load the model, fine-tune it with fake quantization per ``plan``; quantizers removed after."""
+    from pipeline.models.keras_adapter import structure_inputs
+    from pipeline.qat import RECALIBRATE_EVERY
+    from pipeline.qat.train import _Progress
+
+    tf, keras = adapter.tf()
+    settings = plan.qat or QATSettings()
+    choices = plan.resolve(reference.layer_table.names)
+    keras.utils.set_random_seed(settings.seed)
+    model = adapter.load_model()
+    names = reference.input_names
+    train_set, calib = _datasets(config, names)
+    inputs = {k: train_set.inputs[k] for k in names}
+    targets = train_set.targets
+    if targets is None:  # self-distillation: the FP32 model's own (metric) output
+        from pipeline.qat.train import select_output
+
+        outs = [select_output(adapter.predict(model, b), config.metric.output, reference.output_names)
+                for b in train_set.batches(256)]
+        targets = np.concatenate([np.asarray(o) for o in outs])
+    loss_name, loss_fn = resolve_loss(config, model, reference.output_names,
+                                      train_set.targets if train_set.targets is not None else targets)
+
+    def call(m, feeds):
+        return m(structure_inputs(m, feeds), training=False)
+
+    frozen = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+    for l in frozen:  # BN in inference mode: a few hundred small batches must not rewrite its statistics
+        l.trainable = False
+    qm = KerasQAT(model, choices, reference, plan.calibration)
+    recal = 0
+    curve: list[float] = []
+    try:
+        if qm.calibrate(calib, call):
+            recal += 1
+        qm.set_mode("qat")
+        steps, bs = settings.steps, min(settings.batch_size, len(train_set))
+        schedule = keras.optimizers.schedules.CosineDecay(settings.learning_rate, decay_steps=steps)
+        opt = keras.optimizers.Adam(learning_rate=schedule)
+        variables = model.trainable_variables
+        if not variables:
+            raise ValueError("QAT: the model has no trainable variables")
+
+        @tf.function(reduce_retracing=True)
+        def step_fn(batch, y):
+            with tf.GradientTape() as tape:
+                out = model(structure_inputs(model, batch), training=True)
+                value = loss_fn(out, y)
+            grads = tape.gradient(value, variables)
+            opt.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+            return value
+
+        rng = np.random.default_rng(settings.seed)
+        n = len(train_set)
+        order = rng.permutation(n)
+        pos = 0
+        t0 = time.perf_counter()
+        with _Progress(progress, steps, f"QAT {config.name}") as bar:
+            for step in range(1, steps + 1):
+                if pos + bs > n:
+                    order, pos = rng.permutation(n), 0
+                idx = order[pos:pos + bs]
+                pos += bs
+                value = float(step_fn({k: tf.constant(v[idx]) for k, v in inputs.items()}, tf.constant(targets[idx])))
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"QAT loss became {value} at step {step}; lower plan.qat.learning_rate "
+                                             f"(now {settings.learning_rate:g})")
+                curve.append(value)
+                if step % RECALIBRATE_EVERY == 0 and step < steps and qm.calibrate(calib, call):
+                    recal += 1
+                bar.update(step, value)
+        seconds = time.perf_counter() - t0
+        layers = qm.describe()
+    finally:
+        qm.detach()
+        for l in frozen:
+            l.trainable = True
+    return model, KerasQATReport(curve, len(curve), seconds, loss_name, len(train_set), recal, layers)
+
+
+def keras_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: ReferenceModel,
+              workdir: str | Path | None = None, progress: Any = None) -> tuple[Any, list[float]]:
+    """The fine-tuned Keras model (quantizers removed, FP32 weights) and its loss per step."""
+    model, report = train_qat(config, adapter, plan, reference, progress=progress)
+    return model, report.loss_curve
+
+
+def run_keras_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: ReferenceModel,
+                  out_dir: str | Path, progress: Any = None):
+    """:func:`pipeline.qat.run_qat` for Keras: fine-tune, export like the reference, return a QATOutcome."""
+    from pipeline.qat import QATOutcome
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, report = train_qat(config, adapter, plan, reference, progress=progress)
+    exported = adapter.export_model(model, out_dir / "qat_fp32.onnx")
+    if sorted(exported.layer_table.names) != sorted(reference.layer_table.names):
+        raise RuntimeError("QAT export: the fine-tuned Keras model's layer table differs from the reference's "
+                           f"({sorted(exported.layer_table.names)} vs {sorted(reference.layer_table.names)})")
+    settings = plan.qat or QATSettings()
+    return QATOutcome(reference=exported, loss_curve=report.loss_curve, steps=report.steps, seconds=report.seconds,
+                      budget=settings.model_dump(), loss=report.loss_name, autocast=None, train_rows=report.rows,
+                      recalibrations=report.recalibrations, layers=report.layers)
