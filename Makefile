@@ -11,7 +11,8 @@ POLICY ?= knee
 TRIAL ?=
 RAY_ADDRESS ?=
 MLFLOW_PORT ?= 5000
-export RAY_ADDRESS
+PROMOTE_ARGS ?=
+export RAY_ADDRESS MLFLOW_PORT
 
 STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 comma := ,
@@ -37,7 +38,7 @@ front: $(STAMP)
 	$(BIN)/precision-search front --config $(CONFIG) $(if $(STUDY),--study $(STUDY))
 
 promote: $(STAMP)
-	$(BIN)/precision-search promote --config $(CONFIG) $(if $(STUDY),--study $(STUDY)) $(if $(TRIAL),--trial $(TRIAL),--policy $(POLICY))
+	$(BIN)/precision-search promote --config $(CONFIG) $(if $(STUDY),--study $(STUDY)) $(if $(TRIAL),--trial $(TRIAL),--policy $(POLICY)) $(PROMOTE_ARGS)
 
 ui: $(STAMP)
 	bash mlflow/ui.sh
