@@ -225,6 +225,20 @@ class SearchConfig(_Strict):
             raise ValueError("name must be letters, digits, '_', '-' or '.', e.g. digits-mlp")
         return v
 
+    @model_validator(mode="after")
+    def _backend_fits_model(self) -> "SearchConfig":
+        if self.measure.backend == "tflite":
+            if self.model.framework != "keras":
+                raise ValueError("measure.backend: tflite converts Keras models only; use ort-cpu for PyTorch models")
+            bad = [f.value for f in self.search.formats if f not in (Format.FP32, Format.INT8)]
+            if bad:
+                raise ValueError(f"search.formats: TFLite builds fp32 and int8 layers only; remove {bad} "
+                                 "(or measure on ort-cpu, which runs every format)")
+            if Int8Activations.DYNAMIC in self.search.int8_activations:
+                raise ValueError("search.int8_activations: TFLite mixes int8 and fp32 layers with static "
+                                 "activations only; set [static]")
+        return self
+
     def resolve_path(self, p: str) -> Path:
         """Paths in a config are relative to the project root the command runs in,
         falling back to the config file's folder."""

@@ -70,13 +70,27 @@ class Evaluator:
     def reference_weight_bytes(self) -> int:
         return weight_bytes(self.reference.onnx_path)
 
+    @property
+    def is_tflite(self) -> bool:
+        """TFLite cannot read ONNX: its artifacts are converted from the Keras model instead."""
+        return self.backend.name == "tflite"
+
+    @cached_property
+    def reference_artifact(self) -> str:
+        """The FP32 artifact this backend runs: reference.onnx, or a float .tflite for TFLite."""
+        if self.is_tflite:
+            from exporters import tflite
+
+            return tflite.reference_artifact(self.adapter, self.reference, self.calibration_feeds())
+        return self.reference.onnx_path
+
     @cached_property
     def reference_accuracy(self) -> float:
         """The FP32 reference's metric on this backend, cached on disk per (reference, backend)."""
         cache = Path(self.reference.onnx_path).with_name(f"accuracy-{self.backend.name}-{self.config.metric.name.replace(':', '_')}.json")
         if cache.exists():
             return float(json.loads(cache.read_text())["value"])
-        session = self.backend.open(self.reference.onnx_path, self.config.measure.threads)
+        session = self.backend.open(self.reference_artifact, self.config.measure.threads)
         value = task_metric(self.config, run_dataset(session, self.eval_set, self.config.measure.batch_size),
                             self.eval_set.targets)
         cache.write_text(json.dumps({"value": value}))
@@ -96,6 +110,8 @@ class Evaluator:
 
         table = self.reference.layer_table
         choices = plan.resolve(table.names)
+        if self.is_tflite:
+            return self._quantize_tflite(plan, out_dir, progress)
         source = self.reference
         curve = None
         extra: dict = {}
@@ -124,6 +140,36 @@ class Evaluator:
                                        params=layer.params, detail=lq.detail))
         return quantized.path, reports, extra, curve
 
+    def _quantize_tflite(self, plan: QuantPlan, out_dir: Path, progress=None):
+        """TFLite route: the Keras model (QAT-tuned if asked) converted by TFLite's own converter."""
+        from exporters import tflite
+
+        model, curve, extra = None, None, {}
+        if plan.method == "qat":
+            from pipeline.qat.keras_qat import keras_qat
+
+            model, curve = keras_qat(self.config, self.adapter, plan, self.reference, out_dir, progress=progress)
+            extra["qat_note"] = "QAT trains ORT's symmetric grid; TFLite int8 uses asymmetric activations (close, not exact)"
+        art = tflite.candidate(self.adapter, self.reference, plan, self.calibration_feeds(),
+                               out_dir / "candidate.tflite", model=model)
+        table = self.reference.layer_table
+        reports = [LayerReport(name=l.name, onnx_op=l.op, format=l.format,
+                               execution=self.backend.execution(l.format, l.realisation),
+                               params=table[l.name].params, detail=l.detail) for l in art.layers]
+        extra["calibration_used"] = art.calibration_used
+        if art.notes:
+            extra["tflite_notes"] = art.notes
+        return art.path, reports, extra, curve
+
+    def _bits_per_weight(self, artifact: str | Path) -> float:
+        table = self.reference.layer_table
+        if self.is_tflite:
+            from exporters import tflite
+
+            return tflite.effective_bits_per_weight(artifact, self.reference_artifact, table.total_params())
+        return effective_bits_per_weight(artifact, self.reference.onnx_path, table.total_params(),
+                                         self.reference_weight_bytes, sum(4 * l.params for l in table))
+
     def measure(self, artifact: str | Path, energy: bool = True) -> Measurement:
         cfg = self.config
         session = self.backend.open(artifact, cfg.measure.threads)
@@ -133,8 +179,6 @@ class Evaluator:
         feeds = self.eval_set.fixed_batch(cfg.measure.batch_size)
         times = time_batches(session, feeds, cfg.measure.warmup, cfg.measure.runs)
         p50 = float(np.percentile(times, 50))
-        table = self.reference.layer_table
-        layer_bytes = sum(4 * l.params for l in table)
         energy_report = measure_energy(cfg, self.backend, session, feeds) if energy else None
         self.last_engine_path = getattr(session, "engine_path", None)  # TensorRT builds lazily on first run
         return Measurement(
@@ -149,8 +193,7 @@ class Evaluator:
             latency_ms_p95=float(np.percentile(times, 95)),
             throughput_per_s=cfg.measure.batch_size / (p50 / 1e3),
             size_bytes=os.path.getsize(artifact),
-            effective_bits_per_weight=effective_bits_per_weight(
-                artifact, self.reference.onnx_path, table.total_params(), self.reference_weight_bytes, layer_bytes),
+            effective_bits_per_weight=self._bits_per_weight(artifact),
             energy=energy_report,
             threads=cfg.measure.threads or os.cpu_count(),
             runtime_version=self.backend.runtime_version(),
@@ -165,6 +208,8 @@ class Evaluator:
         except TrialFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - any quantizer failure fails this trial only
+            if type(exc).__name__ == "UnsupportedPlan":
+                raise TrialFailure(f"{self.backend.name} cannot build this plan: {exc}") from exc
             raise TrialFailure(f"quantization failed: {type(exc).__name__}: {exc}") from exc
         try:
             measurement = self.measure(artifact, energy=energy)

@@ -57,7 +57,7 @@ _TENSORRT_NATIVE = {FP32, CAST_BF16, QDQ_INT8, QDQ_INT4}
 _ORT_TRT_NATIVE = _TENSORRT_NATIVE | {MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4}
 
 # TFLite: INT8 full-integer kernels; everything else runs in float.
-_TFLITE_NATIVE = {FP32, QDQ_INT8}
+_TFLITE_NATIVE = {FP32, QDQ_INT8, DYNAMIC_INT8}  # dynamic-range kernels compute in int8
 
 NATIVE_REALISATIONS: dict[str, set[str]] = {
     "ort-cpu": _ORT_CPU_NATIVE,

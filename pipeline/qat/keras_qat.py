@@ -36,7 +36,10 @@ none is ORT's rule, so training with them would train a different grid.
 
 How the quantizers are attached: each planned layer's ``call`` is replaced on the
 instance (not the class) by an equivalent that applies the quantizers, and
-restored afterwards. Layer objects, names and variables stay the user's, so the
+restored afterwards. Layers a layer owns are covered too (MultiHeadAttention's
+query/key/value/output EinsumDense). A layer called several times (shared
+weights) is one weight quantizer but one activation quantizer per call, because
+the export has one node - and one calibrated scale - per call. Layer objects, names and variables stay the user's, so the
 fine-tuned model exports with an identical layer table, and subclassed models
 work as well as functional ones.
 """
