@@ -1,0 +1,104 @@
+"""``precision-search front``: the Pareto front of a study, one row per trial on it.
+
+Reads the Optuna study only (no Ray, no MLflow server needed); the MLflow run id
+of each row is printed so it can be opened in the UI or promoted.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from pipeline.cli.common import add_config_arg, load
+
+# Wide enough for per-layer plans when the output is a log file (rich assumes 80 columns there).
+console = Console(width=None if Console().is_terminal else 200)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("front", help="print the Pareto front of a study (one row per trial on it)")
+    add_config_arg(p)
+    p.add_argument("--study", default=None, help="study name (default: the config's name)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default: $PRECISION_SEARCH_STORAGE or sqlite:///<workdir>/<name>/optuna.db)")
+    p.add_argument("--all", action="store_true", help="list every trial, not only the front")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pipeline.study import build_records, open_study, study_objectives
+
+    cfg = load(args)
+    study = open_study(cfg, args.study, args.storage)
+    infos = study_objectives(study, cfg.metric.name)
+    records = build_records(study, infos)
+    shown = records if args.all else [r for r in records if r.on_front]
+    first = infos[0]
+    shown.sort(key=lambda r: (r.values.get(first.name, float("-inf") if first.direction == "maximize" else float("inf")),),
+               reverse=first.direction == "maximize")
+    if args.json:
+        print(json.dumps({
+            "study": study.study_name,
+            "objectives": [o.model_dump() for o in infos],
+            "energy_note": study.user_attrs.get("energy_note", ""),
+            "mlflow_parent_run_id": study.user_attrs.get("mlflow_parent_run_id"),
+            "rows": [r.model_dump(mode="json") for r in shown],
+        }, indent=2))
+        return 0
+    print_front(shown, infos, title=f"study {study.study_name}: "
+                + (f"all {len(shown)} trials" if args.all else f"Pareto front ({len(shown)} of {len(records)} trials)"))
+    note = study.user_attrs.get("energy_note")
+    if note:
+        console.print(f"energy objective: {escape(note)}")
+    if not shown:
+        console.print("[yellow]the front is empty: no finished trial meets the accuracy-drop constraint yet[/yellow]")
+    return 0
+
+
+def print_front(records, infos, title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    t.add_column("trial", justify="right")
+    t.add_column("baseline")
+    for o in infos:
+        t.add_column(o.header, justify="right")
+    t.add_column("drop", justify="right")
+    t.add_column("bits/w", justify="right")
+    t.add_column("plan", overflow="fold")
+    for r in records:
+        cells = [str(r.number) + (" *" if r.knee else ""), r.baseline or ""]
+        if r.state != "COMPLETE":
+            why = r.fail_reason.splitlines()[0] if r.fail_reason else ""
+            cells += ["-"] * len(infos) + ["-", "-", f"[red]{r.state}[/red] {escape(why)}"]
+            t.add_row(*cells)
+            continue
+        for o in infos:
+            v = r.values.get(o.name)
+            cells.append("-" if v is None else _fmt(o.source, v))
+        drop = r.metrics.get("accuracy_drop")
+        flag = "" if r.feasible is not False else " [red](infeasible)[/red]"
+        cells.append(("-" if drop is None else f"{drop:+.4f}") + flag)
+        bits = r.metrics.get("effective_bits_per_weight")
+        cells.append("-" if bits is None else f"{bits:.2f}")
+        cells.append(escape(r.plan_summary))
+        t.add_row(*cells)
+    console.print(t)
+    notes = [f"{o.column}: {o.label}" for o in infos if o.source != o.name]
+    if any(r.knee for r in records):
+        notes.append("* knee point (balanced trade-off; `make promote POLICY=knee` picks it)")
+    notes.append("MLflow child runs are named <baseline|trial>-<trial number>; --json gives their run ids")
+    for n in notes:
+        console.print(escape(n))
+
+
+def _fmt(source: str, v: float) -> str:
+    if source == "size":
+        return f"{v:,.0f}"
+    if source == "energy":
+        return f"{v:.3e}"
+    if source == "latency":
+        return f"{v:.3f}"
+    return f"{v:.4f}"

@@ -1,0 +1,98 @@
+"""``precision-search search``: run (or resume) a multi-objective per-layer precision study.
+
+Running the same command again resumes the study: finished trials are kept,
+trials a killed driver left running are marked failed and retried.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from rich.markup import escape
+
+from pipeline.cli.common import add_config_arg
+from pipeline.cli.front import console
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="Optuna multi-objective search over per-layer formats; trials run as Ray tasks")
+    add_config_arg(p)
+    p.add_argument("--trials", type=int, default=None,
+                   help="finished trials the study should hold, baselines included (default: search.trials)")
+    p.add_argument("--study", default=None, help="study name (default: the config's name); same name = resume")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="trials in flight (default: what the Ray cluster holds at the configured threads per trial)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage, any SQLAlchemy URL (default: $PRECISION_SEARCH_STORAGE or "
+                        "sqlite:///<workdir>/<name>/optuna.db)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set measure.runs=10 (repeatable; VALUE is YAML)")
+    p.add_argument("--no-progress", action="store_true", help="no live view (one line per trial is still logged)")
+    p.add_argument("--quiet", action="store_true", help="print only the final front")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(func=run)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    from pipeline.config import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set: expected KEY=VALUE (e.g. measure.runs=10), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def run(args) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.study import SearchOptions, run_search
+
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError("--trials: must be at least 1")
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError("--parallel: must be at least 1")
+    cfg = load_config(args.config, overrides=parse_overrides(args.set))
+    opts = SearchOptions(
+        trials=args.trials, study=args.study, parallel=args.parallel, storage=args.storage,
+        tracking_uri=args.tracking_uri, ray_address=args.ray_address,
+        progress="off" if (args.quiet or args.json) else ("lines" if args.no_progress else "auto"),
+        verbose=getattr(args, "verbose", False),
+    )
+    summary = run_search(cfg, opts)
+    if args.json:
+        print(json.dumps(summary.model_dump(mode="json"), indent=2))
+        return 0
+    print_summary(summary, args.config)
+    return 0
+
+
+def print_summary(summary, config_path: str = "<config>") -> None:
+    from pipeline.cli.front import print_front
+
+    console.print()
+    print_front(summary.front, summary.objectives,
+                title=f"Pareto front of study {summary.study}: {len(summary.front)} trial(s) "
+                      f"({summary.trials_complete} complete, {summary.trials_failed} failed)")
+    hv = "-" if summary.hypervolume is None else f"{summary.hypervolume:.4f}"
+    console.print(f"hypervolume {hv} (normalised: the share of the box from the accuracy-drop limit and the worst "
+                  f"uniform baseline's costs to FP32 accuracy at zero cost that the feasible trials dominate); "
+                  f"{summary.parallel} trial(s) in parallel, {summary.cpus_per_trial:g} CPU(s)"
+                  + (f" + {summary.gpus_per_trial:g} GPU" if summary.gpus_per_trial else "") + " per trial")
+    if summary.energy_note:
+        console.print(f"energy objective: {escape(summary.energy_note)}")
+    if summary.orphans_recovered:
+        console.print(f"resumed: {summary.orphans_recovered} orphaned trial(s) were marked failed and retried")
+    for err in summary.tracking_errors:
+        console.print(f"[yellow]warning:[/yellow] {escape(err)} (run the command again to reconcile MLflow)")
+    console.print(escape(f"Optuna study: {summary.storage} (study {summary.study})"))
+    console.print(escape(summary.ui_hint))
+    console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.html; "
+                  f"front trials are tagged pareto=true")
+    console.print(escape(f"  list it again: precision-search front --config {config_path} --study {summary.study}"))
+    console.print(f"done in {summary.wall_seconds:.0f} s")

@@ -1,0 +1,454 @@
+"""The MLflow record of a study: one parent run, one child run per trial, the Pareto front.
+
+Only the search driver writes here (workers never talk to MLflow), so a SQLite
+tracking store has a single writer and a cluster needs no credentials on the
+workers. Tag and artifact names come from :mod:`pipeline.tracking_schema`,
+which ``promote`` and ``front`` read back.
+
+Layout (experiment ``tracking.experiment``, default the config's name)::
+
+    <study> (parent, role=study)        params: search settings, objectives, which energy objective
+      |                                 metrics: front_size, hypervolume, trials_complete, trials_failed
+      |                                 artifacts: config.yaml, pareto/front.csv, front.png, front.html
+      +-- uniform-fp32-000 (child)      tags: study, role=trial, trial_number, state, pareto, baseline,
+      +-- trial-007 (child) ...               method, backend, device, energy_source, execution, ...
+                                        params: method, knobs, plan summary, layer.<name> = format
+                                        metrics: TrialResult.flat_metrics(), trial_seconds
+                                        artifacts: plan.yaml, result.json, candidate (ONNX flavor model)
+
+Default store: ``sqlite:///<workdir>/mlflow.db`` with artifacts in
+``<workdir>/mlartifacts`` (MLflow 3 refuses the plain file store); the
+``MLFLOW_TRACKING_URI`` environment variable overrides it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import tracking_schema as S
+
+if TYPE_CHECKING:
+    from pipeline.results import TrialResult
+    from pipeline.study import ObjectiveInfo, TrialRecord
+
+log = logging.getLogger(__name__)
+
+# Tags this module adds beyond tracking_schema (candidates for that module).
+TAG_FEASIBLE = "precision_search.feasible"  # "true" if the accuracy-drop constraint holds
+TAG_MODEL_URI = "precision_search.model_uri"  # models:/<id> of the candidate's ONNX model
+TAG_ENERGY_OBJECTIVE = "precision_search.energy_objective"  # parent: "energy" | "latency" (what was optimised)
+TAG_RETRY_OF = "precision_search.retry_of"  # child: the orphaned trial this one re-runs
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+MAX_PARAM = 6000  # MLflow param value limit
+MAX_TAG = 5000
+
+_QUIET = ("mlflow", "alembic", "urllib3")
+
+
+def quiet_mlflow() -> None:
+    """MLflow/alembic INFO lines would break the live progress view."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_SET_BY_US: set[str] = set()  # mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI; that is not the user's
+
+
+def user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI as the user set it (not as an earlier study in this process left it)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env and env not in _SET_BY_US else None
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    env = user_tracking_uri()
+    if env:
+        return env
+    path = Path(workdir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / DEFAULT_DB}"
+
+
+def sqlite_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a server-less SQLite store: artifacts in ``mlartifacts/<experiment>`` next to the database
+    (MLflow's own default is ./mlruns in whatever folder the command ran from)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.resolve().parent / DEFAULT_ARTIFACTS / experiment).as_uri()
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def execution_tag(result: "TrialResult") -> str:
+    """native if every non-FP32 layer ran natively, emulated if none did, else mixed."""
+    kinds = {l.execution for l in result.layers if l.format.value != "fp32"}
+    if not kinds:
+        return "native"
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+class StudyTracker:
+    """Writes one study's runs. Create it in the driver; it is not meant for workers."""
+
+    def __init__(self, experiment: str, study: str, workdir: str | Path, config_hash: str,
+                 tracking_uri: str | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        quiet_mlflow()
+        self.study = study
+        self.workdir = Path(workdir)
+        self.config_hash = config_hash
+        self.uri = tracking_uri or default_tracking_uri(workdir)
+        _SET_BY_US.add(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment_name = experiment
+        self.experiment_id = self._experiment(experiment)
+        # mlflow.onnx.log_model files a LoggedModel under the *active* experiment, even with run_id=...
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        self.parent_run_id = self._parent()
+        self._pareto_state: dict[str, bool] = {}
+        self._last_plot = 0.0
+
+    # -- experiment and parent run -----------------------------------------------
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            return self.client.create_experiment(name, artifact_location=sqlite_artifact_location(self.uri, name))
+        if exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def _parent(self) -> str:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{S.TAG_STUDY}` = '{_quote(self.study)}' and tags.`{S.TAG_ROLE}` = '{S.ROLE_STUDY}'",
+            max_results=1,
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=self.study,
+            tags={S.TAG_STUDY: self.study, S.TAG_ROLE: S.ROLE_STUDY, S.TAG_CONFIG_HASH: self.config_hash},
+        )
+        return run.info.run_id
+
+    def log_study(self, params: dict[str, Any], config_yaml: str | None = None,
+                  tags: dict[str, str] | None = None) -> None:
+        """Search settings (params are immutable in MLflow: only new keys are written on resume)."""
+        from mlflow.entities import Param, RunTag
+
+        have = self.client.get_run(self.parent_run_id).data.params
+        new = [Param(k, str(v)[:MAX_PARAM]) for k, v in params.items() if k not in have]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.parent_run_id, params=new[i : i + 100])
+        if tags:
+            self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
+        if config_yaml:
+            self.client.log_text(self.parent_run_id, config_yaml, "config.yaml")
+
+    def set_study_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+    # -- child runs --------------------------------------------------------------------
+    def start_trial(self, number: int, label: str | None, plan_yaml: str, plan_summary: str,
+                    layer_formats: dict[str, str], knobs: dict[str, Any], retry_of: int | None = None) -> str:
+        """Create the child run when the trial is dispatched (so running trials show in the UI)."""
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+            S.TAG_STUDY: self.study,
+            S.TAG_ROLE: S.ROLE_TRIAL,
+            S.TAG_TRIAL_NUMBER: str(number),
+            S.TAG_STATE: "RUNNING",
+            S.TAG_PARETO: "false",
+            S.TAG_METHOD: str(knobs.get("method", "ptq")),
+            S.TAG_CONFIG_HASH: self.config_hash,
+        }
+        if label:
+            tags[S.TAG_BASELINE] = label
+        if retry_of is not None:
+            tags[TAG_RETRY_OF] = str(retry_of)
+        run = self.client.create_run(self.experiment_id, run_name=f"{label or 'trial'}-{number:03d}", tags=tags)
+        run_id = run.info.run_id
+        params = {**{k: v for k, v in knobs.items()}, "plan": plan_summary}
+        params.update({f"layer.{n}": f for n, f in layer_formats.items()})
+        plist = [Param(k[:250], str(v)[:MAX_PARAM]) for k, v in params.items()]
+        for i in range(0, len(plist), 100):
+            self.client.log_batch(run_id, params=plist[i : i + 100])
+        self.client.log_text(run_id, plan_yaml, S.ARTIFACT_PLAN)
+        return run_id
+
+    def finish_trial(self, run_id: str, result: "TrialResult", objective_values: dict[str, float],
+                     feasible: bool | None, seconds: float) -> None:
+        import mlflow.onnx
+        import onnx
+        from mlflow.entities import Metric, RunTag
+
+        m = result.measurement
+        now = int(time.time() * 1000)
+        metrics = {**result.flat_metrics(), "trial_seconds": seconds}
+        metrics.update({f"objective.{k}": v for k, v in objective_values.items()})
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.log_text(run_id, result.model_dump_json(indent=2), S.ARTIFACT_RESULT)
+        tags = {
+            S.TAG_BACKEND: m.backend,
+            S.TAG_DEVICE: m.device,
+            S.TAG_ENERGY_SOURCE: m.energy.source if m.energy else "none",
+            S.TAG_EXECUTION: execution_tag(result),
+            S.TAG_METHOD: result.method,
+        }
+        if feasible is not None:
+            tags[TAG_FEASIBLE] = "true" if feasible else "false"
+        art = Path(result.artifact_path)
+        if art.is_file():
+            on_disk = sum(p.stat().st_size for p in art.parent.glob(art.stem + "*") if p.is_file())
+            big = on_disk > 1_500_000_000  # protobuf cannot hold > 2 GB: keep tensors as external data
+            info = mlflow.onnx.log_model(
+                onnx.load(str(art)), name=S.ARTIFACT_MODEL, run_id=run_id, save_as_external_data=big,
+                pip_requirements=_runtime_requirements(),
+                metadata={"precision_search.plan": result.plan_summary[:2000]},
+            )
+            tags[TAG_MODEL_URI] = info.model_uri
+        else:  # re-logged on resume after the trial folder was removed
+            tags["precision_search.model_missing"] = f"artifact {art} no longer exists"
+        if result.engine_path and Path(result.engine_path).exists():
+            self.client.log_artifact(run_id, result.engine_path, S.ARTIFACT_ENGINE)
+        tags[S.TAG_STATE] = "COMPLETE"  # last: a COMPLETE tag means every artifact above is there
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def fail_trial(self, run_id: str, reason: str, seconds: float | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        self.client.log_text(run_id, reason, "fail_reason.txt")
+        if seconds is not None:
+            self.client.log_batch(run_id, metrics=[Metric("trial_seconds", float(seconds), int(time.time() * 1000), 0)])
+        self.client.log_batch(run_id, tags=[RunTag(S.TAG_STATE, "FAIL"), RunTag(S.TAG_FAIL_REASON, reason[:MAX_TAG])])
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def run_status(self, run_id: str) -> tuple[str, str] | None:
+        """(MLflow status, state tag) of a child run, or None if it does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return run.info.status, run.data.tags.get(S.TAG_STATE, "")
+
+    def trial_runs(self) -> dict[int, list[str]]:
+        """trial number -> child run ids of this study (normally one)."""
+        out: dict[int, list[str]] = {}
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{S.TAG_STUDY}` = '{_quote(self.study)}' and tags.`{S.TAG_ROLE}` = '{S.ROLE_TRIAL}'",
+            max_results=50000,
+        )
+        for r in runs:
+            out.setdefault(int(r.data.tags[S.TAG_TRIAL_NUMBER]), []).append(r.info.run_id)
+        return out
+
+    # -- the front ----------------------------------------------------------------------
+    def update_front(self, records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"],
+                     summary: dict[str, float], step: int, plots: bool = True) -> None:
+        """Refresh pareto tags on children, the front table and (if ``plots``) the plots."""
+        from mlflow.entities import Metric, RunTag
+
+        for r in records:
+            if r.state != "COMPLETE" or not r.run_id:
+                continue
+            if self._pareto_state.get(r.run_id) != r.on_front:
+                self.client.set_tag(r.run_id, S.TAG_PARETO, "true" if r.on_front else "false")
+                self._pareto_state[r.run_id] = r.on_front
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id,
+                              metrics=[Metric(k, float(v), now, step) for k, v in summary.items()])
+        self.client.log_text(self.parent_run_id, front_csv(records, objectives), S.ARTIFACT_FRONT_TABLE)
+        if plots:
+            with tempfile.TemporaryDirectory() as tmp:
+                png = Path(tmp) / Path(S.ARTIFACT_FRONT_PLOT_PNG).name
+                html = Path(tmp) / Path(S.ARTIFACT_FRONT_PLOT_HTML).name
+                plot_front_png(records, objectives, png, title=f"study {self.study}")
+                plot_front_html(records, objectives, html, title=f"study {self.study}")
+                folder = str(Path(S.ARTIFACT_FRONT_PLOT_PNG).parent)
+                self.client.log_artifact(self.parent_run_id, str(png), folder)
+                self.client.log_artifact(self.parent_run_id, str(html), folder)
+            self._last_plot = time.monotonic()
+
+    def seconds_since_plot(self) -> float:
+        return time.monotonic() - self._last_plot
+
+    def ui_hint(self) -> str:
+        if self.uri.startswith("sqlite:///"):
+            where = f"make ui   (or: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)"
+        else:
+            where = f"tracking server {self.uri}"
+        return (f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}), "
+                f"parent run {self.parent_run_id} ({self.study}); {where}")
+
+
+def _runtime_requirements() -> list[str]:
+    """Pinned runtime of the logged ONNX model: what it was measured with."""
+    reqs = []
+    for mod, dist in (("onnx", "onnx"), ("onnxruntime", "onnxruntime")):
+        try:
+            reqs.append(f"{dist}=={__import__(mod).__version__}")
+        except ImportError:
+            pass
+    return reqs
+
+
+# -- table and plots (pure: records in, files out) ------------------------------------------
+FRONT_COLUMNS = ["trial", "baseline", "knee", "feasible", "plan"]
+
+
+def front_rows(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"]) -> list[dict[str, Any]]:
+    """One dict per front trial, ordered by the first objective (best first)."""
+    rows = []
+    on = [r for r in records if r.on_front]
+    first = objectives[0]
+    on.sort(key=lambda r: r.values[first.name], reverse=first.direction == "maximize")
+    for r in on:
+        row: dict[str, Any] = {"trial": r.number, "baseline": r.baseline or "", "knee": r.knee,
+                               "feasible": r.feasible}
+        for o in objectives:
+            row[o.column] = r.values[o.name]
+        row.update({k: r.metrics.get(k) for k in ("accuracy_drop", "latency_ms_p50", "effective_bits_per_weight",
+                                                   "joules_per_inference")})
+        row.update(plan=r.plan_summary, run_id=r.run_id or "")
+        rows.append(row)
+    return rows
+
+
+def front_csv(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"]) -> str:
+    rows = front_rows(records, objectives)
+    buf = io.StringIO()
+    cols = FRONT_COLUMNS[:4] + [o.column for o in objectives] + ["accuracy_drop", "latency_ms_p50",
+                                                                 "effective_bits_per_weight", "joules_per_inference",
+                                                                 "plan", "run_id"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _plot_axes(objectives: Sequence["ObjectiveInfo"]):
+    """(x objective, y objective, colour objective or None): cost on x, accuracy on y."""
+    y = next(o for o in objectives if o.name == "accuracy")
+    costs = [o for o in objectives if o.name != "accuracy"]
+    x = next((o for o in costs if o.name in ("energy", "latency")), costs[0] if costs else None)
+    colour = next((o for o in costs if o is not x), None)
+    return x, y, colour
+
+
+def plot_front_png(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], path: str | Path,
+                   title: str = "") -> None:
+    """Accuracy vs energy (or latency): all trials, front highlighted, baselines labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    x, y, colour = _plot_axes(objectives)
+    done = [r for r in records if r.state == "COMPLETE"]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    if x is None or not done:
+        ax.text(0.5, 0.5, "no completed trials yet", ha="center", va="center", transform=ax.transAxes)
+    else:
+        feas = [r for r in done if r.feasible is not False and not r.on_front]
+        infeas = [r for r in done if r.feasible is False]
+        front = sorted([r for r in done if r.on_front], key=lambda r: r.values[x.name])
+        cvals = [r.values[colour.name] for r in done] if colour else None
+        norm = None
+        if colour and cvals:
+            norm = matplotlib.colors.Normalize(min(cvals), max(cvals) if max(cvals) > min(cvals) else min(cvals) + 1)
+        def scatter(rs, **kw):
+            if not rs:
+                return None
+            c = [r.values[colour.name] for r in rs] if colour else None
+            return ax.scatter([r.values[x.name] for r in rs], [r.values[y.name] for r in rs], c=c,
+                              cmap="viridis" if colour else None, norm=norm, **kw)
+        scatter(feas, s=30, alpha=0.55, label="trials", edgecolors="none")
+        scatter(infeas, s=30, marker="x", alpha=0.6, label="infeasible (accuracy drop)")
+        sc = scatter(front, s=90, edgecolors="red", linewidths=1.8, label="Pareto front (all objectives)")
+        if front and len(objectives) == 2:  # a staircase only means something when the front is 2-D
+            ax.plot([r.values[x.name] for r in front], [r.values[y.name] for r in front], color="red", alpha=0.35,
+                    lw=1, zorder=0)
+        if sc is not None and colour:
+            fig.colorbar(sc, ax=ax, label=colour.label)
+        for r in done:
+            if r.baseline:
+                ax.annotate(r.baseline.replace("uniform-", "all "), (r.values[x.name], r.values[y.name]),
+                            textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if r.knee:
+                ax.annotate("knee", (r.values[x.name], r.values[y.name]), textcoords="offset points",
+                            xytext=(6, -12), fontsize=8, color="red")
+        ax.set_xlabel(x.label)
+        ax.set_ylabel(y.label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_front_html(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], path: str | Path,
+                    title: str = "") -> None:
+    """Interactive version of the PNG (hover shows the per-layer plan); self-contained HTML."""
+    import plotly.graph_objects as go
+
+    x, y, colour = _plot_axes(objectives)
+    done = [r for r in records if r.state == "COMPLETE"]
+    fig = go.Figure()
+    if x is not None and done:
+        groups = [
+            ("trials", [r for r in done if not r.on_front and r.feasible is not False], dict(size=8, opacity=0.6)),
+            ("infeasible", [r for r in done if r.feasible is False], dict(size=8, symbol="x", opacity=0.6)),
+            ("Pareto front", sorted([r for r in done if r.on_front], key=lambda r: r.values[x.name]),
+             dict(size=13, line=dict(color="red", width=2))),
+        ]
+        for name, rs, marker in groups:
+            if not rs:
+                continue
+            if colour:
+                marker = {**marker, "color": [r.values[colour.name] for r in rs], "colorscale": "Viridis",
+                          "showscale": name == "Pareto front", "colorbar": dict(title=colour.label)}
+            fig.add_trace(go.Scatter(
+                x=[r.values[x.name] for r in rs], y=[r.values[y.name] for r in rs],
+                mode="markers+text" if name != "infeasible" else "markers", name=name, marker=marker,
+                text=[(r.baseline or "").replace("uniform-", "all ") + (" (knee)" if r.knee else "") for r in rs],
+                textposition="top right",
+                hovertext=[f"trial {r.number} {r.baseline or ''}<br>{r.plan_summary}<br>"
+                           + "<br>".join(f"{o.label}: {r.values[o.name]:.6g}" for o in objectives) for r in rs],
+                hoverinfo="text",
+            ))
+        fig.update_layout(xaxis_title=x.label, yaxis_title=y.label)
+    fig.update_layout(title=title, template="plotly_white")
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True)

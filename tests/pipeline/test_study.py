@@ -1,0 +1,318 @@
+"""End-to-end searches with real Optuna (SQLite), Ray (local, 2 CPUs) and MLflow (SQLite).
+
+Each search quantizes and measures real candidates of the digits MLP; measurement
+settings are cut down by the shared conftest (few timing runs, short energy window).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import mlflow
+import optuna
+import pytest
+
+from pipeline import tracking_schema as S
+from pipeline.config import ConfigError
+from pipeline.results import EnergyReport, Measurement, TrialResult
+from pipeline.study import (
+    SearchOptions,
+    TrialRecord,
+    build_records,
+    config_hash,
+    decide_energy_mode,
+    front_summary,
+    hypervolume_box,
+    make_sampler,
+    objective_infos,
+    objective_values,
+    open_study,
+    run_search,
+    study_objectives,
+)
+from tests.conftest import ROOT
+
+
+
+@pytest.fixture(scope="module")
+def flaky_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("flaky")
+
+
+@pytest.fixture(scope="module")
+def ray_local(flaky_dir):
+    """One local Ray for the module; workers can import tests.* and find the flaky metric's folder."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "FLAKY_METRIC_DIR": str(flaky_dir)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One MLflow SQLite store for the module's searches (its migrations take seconds to create)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PRECISION_SEARCH_STORAGE", raising=False)
+
+
+def _dominates(a, b, dirs):
+    better_or_equal = all((x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, dirs))
+    strictly = any((x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, dirs))
+    return better_or_equal and strictly
+
+
+@pytest.mark.slow
+def test_twelve_trial_search_front_and_mlflow_record(ray_local, mlflow_uri, make_config, capsys):
+    cfg = make_config("digits_mlp.yaml", **{"search.trials": 12})
+    summary = run_search(cfg, SearchOptions(trials=12, parallel=2, progress="off", tracking_uri=mlflow_uri))
+
+    # -- Optuna: 12 finished trials, the five uniform baselines first -------------------------
+    study = optuna.load_study(study_name=cfg.name, storage=summary.storage)
+    assert summary.storage == f"sqlite:///{cfg.work_path.resolve()}/optuna.db"
+    assert summary.tracking_uri == mlflow_uri
+    trials = study.get_trials()
+    assert len(trials) == 12
+    assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)
+    labels = {t.user_attrs.get("baseline") for t in trials} - {None}
+    assert labels == {"uniform-fp32", "uniform-bf16", "uniform-fp8", "uniform-int8", "uniform-int4"}
+    assert summary.trials_complete + summary.trials_failed == 12
+    for t in trials:
+        if t.state.name == "FAIL":
+            assert t.user_attrs["fail_reason"]  # every failure says why
+    fp32 = next(t for t in trials if t.user_attrs.get("baseline") == "uniform-fp32")
+    assert fp32.state.name == "COMPLETE"
+    # the constraint is an Optuna constraint (drop - limit), not folded into the objectives
+    drop = fp32.user_attrs["result"]["measurement"]["accuracy_drop"]
+    assert fp32.constraints == {"accuracy_drop": pytest.approx(drop - cfg.search.max_accuracy_drop)}
+    assert fp32.values[0] == pytest.approx(fp32.user_attrs["result"]["measurement"]["accuracy"])
+    assert study.user_attrs["energy_objective"] in ("energy", "latency")
+
+    # -- the front: non-empty, feasible, non-dominated, and it covers every feasible trial ----
+    infos = summary.objectives
+    dirs = [o.direction for o in infos]
+    front = summary.front
+    assert front
+    assert {r.number for r in front} == {t.number for t in study.best_trials}
+    vec = {t.number: t.values for t in trials if t.state.name == "COMPLETE"}
+    feasible = [n for n in vec if all(v <= 0 for v in study.trials[n].constraints.values())]
+    for a, b in itertools.permutations([r.number for r in front], 2):
+        assert not _dominates(vec[a], vec[b], dirs)
+    for n in set(feasible) - {r.number for r in front}:
+        assert any(_dominates(vec[r.number], vec[n], dirs) for r in front)
+    assert sum(r.knee for r in front) == 1
+    assert summary.hypervolume is not None and summary.hypervolume >= 0
+
+    # -- MLflow: 1 parent + 12 children with the schema's tags --------------------------------
+    client = mlflow.MlflowClient(summary.tracking_uri)
+    runs = client.search_runs([summary.experiment_id], filter_string=f"tags.`{S.TAG_STUDY}` = '{cfg.name}'")
+    parents = [r for r in runs if r.data.tags.get(S.TAG_ROLE) == S.ROLE_STUDY]
+    children = [r for r in runs if r.data.tags.get(S.TAG_ROLE) == S.ROLE_TRIAL]
+    assert len(parents) == 1 and len(children) == 12
+    parent = parents[0]
+    assert parent.info.run_id == summary.parent_run_id and parent.info.status == "FINISHED"
+    assert parent.data.metrics["front_size"] == len(front)
+    assert parent.data.metrics["trials_complete"] == summary.trials_complete
+    assert parent.data.tags["precision_search.energy_objective"] == study.user_attrs["energy_objective"]
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["objectives"] == "accuracy,energy,size"
+    pareto = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
+    assert {S.ARTIFACT_FRONT_TABLE, S.ARTIFACT_FRONT_PLOT_PNG, S.ARTIFACT_FRONT_PLOT_HTML} <= pareto
+    front_numbers = {r.number for r in front}
+    by_number = {int(r.data.tags[S.TAG_TRIAL_NUMBER]): r for r in children}
+    assert set(by_number) == {t.number for t in trials}
+    for t in trials:
+        run = by_number[t.number]
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags[S.TAG_STATE] == t.state.name
+        assert tags[S.TAG_METHOD] == "ptq"
+        assert tags.get(S.TAG_BASELINE) == t.user_attrs.get("baseline")
+        assert any(k.startswith("layer.") for k in run.data.params)
+        if t.state.name == "COMPLETE":
+            assert run.info.status == "FINISHED"
+            assert tags[S.TAG_PARETO] == ("true" if t.number in front_numbers else "false")
+            for key in (S.TAG_BACKEND, S.TAG_DEVICE, S.TAG_ENERGY_SOURCE, S.TAG_EXECUTION):
+                assert tags[key]
+            assert run.data.metrics["accuracy"] == pytest.approx(t.values[0])
+            assert tags["precision_search.model_uri"].startswith("models:/")
+            assert {S.ARTIFACT_PLAN, S.ARTIFACT_RESULT} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        else:
+            assert run.info.status == "FAILED" and tags[S.TAG_FAIL_REASON]
+
+    # -- `front` reads the same front back from the study ---------------------------------------
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    rc = main(["front", "--config", str(ROOT / "search_spaces" / "digits_mlp.yaml"), "--storage", summary.storage,
+               "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {r["number"] for r in out["rows"]} == front_numbers
+    assert all(r["run_id"] for r in out["rows"])
+
+    # -- running it again with the same target does nothing new (resume is idempotent) ---------
+    again = run_search(cfg, SearchOptions(trials=12, parallel=2, progress="off", tracking_uri=mlflow_uri))
+    assert len(optuna.load_study(study_name=cfg.name, storage=summary.storage).trials) == 12
+    assert again.parent_run_id == summary.parent_run_id
+
+
+@pytest.mark.slow
+def test_failing_trials_are_recorded_and_the_study_completes(ray_local, mlflow_uri, make_config, flaky_dir):
+    # metric calls: 1 = trial 0 accuracy, 2 = reference accuracy (then cached on disk),
+    # 3 = trial 1 (raises), 4 = trial 2 (NaN), 5 = trial 3 (worker process dies), 6 = trial 4.
+    (flaky_dir / "fail_at").write_text(json.dumps({"3": "raise", "4": "nan", "5": "exit"}))
+    cfg = make_config("digits_mlp.yaml", **{
+        "metric": {"name": "tests.pipeline.flaky_metric:accuracy", "higher_is_better": True},
+        "search.formats": ["fp32", "int8"], "search.trials": 5,
+    })
+    summary = run_search(cfg, SearchOptions(study="flaky", parallel=1, progress="off", tracking_uri=mlflow_uri))
+    assert summary.trials_complete == 2 and summary.trials_failed == 3
+    study = open_study(cfg, "flaky")
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "FAIL", 3: "FAIL", 4: "COMPLETE"}
+    reasons = {t.number: t.user_attrs["fail_reason"] for t in study.trials if t.state.name == "FAIL"}
+    assert "injected failure on metric call 3" in reasons[1]
+    assert "not finite" in reasons[2]
+    assert "Ray task failed" in reasons[3]
+    client = mlflow.MlflowClient(summary.tracking_uri)
+    for number, reason in reasons.items():
+        run = client.get_run(study.trials[number].user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED"
+        assert run.data.tags[S.TAG_STATE] == "FAIL"
+        assert run.data.tags[S.TAG_FAIL_REASON] == reason[:5000]
+    records = build_records(study, study_objectives(study))
+    assert {r.number for r in records if r.on_front} <= {0, 4}
+    assert any(r.on_front for r in records)
+
+
+# -- pure parts: objectives, hypervolume box, config identity ------------------------------------
+def _result(energy_source: str | None, accuracy=0.95, latency=2.0, size=1000) -> TrialResult:
+    energy = None if energy_source is None else EnergyReport(
+        source=energy_source, meter=f"{energy_source} meter", joules_per_inference=0.5,
+        joules_per_1k_inferences=500.0, average_power_w=10.0, gco2e_per_1m_inferences=1.0,
+        grid_intensity_g_per_kwh=473.0)
+    m = Measurement(backend="ort-cpu", device="cpu", metric="accuracy", accuracy=accuracy, reference_accuracy=0.97,
+                    accuracy_drop=0.97 - accuracy, batch_size=8, latency_ms_p50=latency, latency_ms_p95=latency,
+                    throughput_per_s=1.0, size_bytes=size, effective_bits_per_weight=8.0, energy=energy)
+    return TrialResult(plan_yaml="", plan_summary="", method="ptq", layers=[], measurement=m, artifact_path="x.onnx")
+
+
+def test_energy_slot_is_metered_energy_or_latency_and_says_which():
+    names = ["accuracy", "energy", "size"]
+    mode, note = decide_energy_mode(_result("rapl"), names)
+    assert mode == "energy" and "rapl" in note
+    mode, note = decide_energy_mode(_result("estimated"), names)
+    assert mode == "latency" and "estimated" in note
+    assert decide_energy_mode(_result(None), names)[0] == "latency"
+    # latency already an objective: keep the estimate in the energy slot rather than duplicate latency
+    assert decide_energy_mode(_result("estimated"), ["accuracy", "energy", "latency"])[0] == "energy"
+
+    infos = objective_infos(names, "accuracy", True, "latency")
+    assert [o.source for o in infos] == ["accuracy", "latency", "size"]
+    assert [o.direction for o in infos] == ["maximize", "minimize", "minimize"]
+    assert objective_values(_result("estimated"), infos) == [0.95, 2.0, 1000.0]
+    infos = objective_infos(names, "accuracy", True, "energy")
+    assert objective_values(_result("nvml"), infos) == [0.95, 0.5, 1000.0]
+    with pytest.raises(ValueError, match="did not measure"):
+        objective_values(_result(None), infos)
+    # a lower-is-better metric (mse) is minimised
+    assert objective_infos(["accuracy"], "mse", False, None)[0].direction == "minimize"
+
+
+def _rec(n, acc, cost, size, baseline=None, state="COMPLETE", feasible=True):
+    return TrialRecord(number=n, state=state, baseline=baseline, feasible=feasible,
+                       values={} if state != "COMPLETE" else {"accuracy": acc, "energy": cost, "size": size})
+
+
+def test_hypervolume_box_waits_for_the_baselines_then_spans_them():
+    infos = objective_infos(["accuracy", "energy", "size"], "accuracy", True, "latency")
+    records = [_rec(0, 0.97, 1.0, 400.0, "uniform-fp32"), _rec(1, 0.96, 3.0, 100.0, "uniform-int8"),
+               _rec(2, 0.0, 0.0, 0.0, "uniform-int4", state="RUNNING")]
+    assert hypervolume_box(records, infos, 0.97, 0.05) is None
+    records[2] = _rec(2, 0.5, 0.5, 50.0, "uniform-int4", state="FAIL")
+    box = hypervolume_box(records, infos, 0.97, 0.05)
+    assert box["ideal"] == [0.97, 0.0, 0.0]
+    assert box["reference"] == [pytest.approx(0.92), 3.0, 400.0]  # drop limit; worst baseline costs
+    # hypervolume: the int8 point (0.96, 3.0, 100) sits on the box's cost edge, fp32 on its size edge: 0.
+    # A point at (0.97, 1.5, 200) dominates 1.0 * 0.5 * 0.5 of the normalised box.
+    records.append(_rec(3, 0.97, 1.5, 200.0))
+    summary = front_summary(records, infos, box)
+    assert summary["hypervolume"] == pytest.approx(0.25)
+    assert summary["trials_complete"] == 3 and summary["trials_failed"] == 1
+    # infeasible trials do not count
+    records[3].feasible = False
+    assert front_summary(records, infos, box)["hypervolume"] == 0.0
+    assert "hypervolume" not in front_summary(records, infos, None)
+
+
+def test_config_identity_ignores_trial_count_tracking_and_workdir(make_config):
+    a = make_config("digits_mlp.yaml")
+    b = make_config("digits_mlp.yaml", **{"search.trials": 99, "tracking.experiment": "x"})
+    b.workdir = "/somewhere/else"
+    c = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"]})
+    d = make_config("digits_mlp.yaml", **{"measure.batch_size": 8})
+    assert config_hash(a) == config_hash(b)
+    assert len({config_hash(a), config_hash(c), config_hash(d)}) == 3
+
+
+def test_resumed_samplers_do_not_replay_the_first_session(make_config):
+    cfg = make_config("digits_mlp.yaml", **{"search.sampler": "random"})
+    draws = []
+    for offset in (0, 0, 7):
+        study = optuna.create_study(sampler=make_sampler(cfg, offset))
+        draws.append(study.ask().suggest_float("x", 0, 1))
+    assert draws[0] == draws[1] != draws[2]
+    for name in ("tpe", "nsga2"):
+        assert make_sampler(make_config("digits_mlp.yaml", **{"search.sampler": name}))
+
+
+def test_open_study_names_the_missing_study(make_config):
+    cfg = make_config("digits_mlp.yaml")
+    with pytest.raises(ConfigError, match="no study 'nope'"):
+        open_study(cfg, "nope")
+    with pytest.raises(ConfigError, match="not a valid study name"):
+        open_study(cfg, "bad name!")
+
+
+def test_a_changed_config_does_not_resume_an_old_study(mlp_config):
+    from pipeline.study import default_storage
+
+    old = optuna.create_study(study_name="changed-config", storage=default_storage(mlp_config),
+                              directions=["maximize"] * 3)
+    old.set_user_attr("config_hash", "0123456789abcdef")
+    with pytest.raises(ConfigError, match="created from a different config"):
+        run_search(mlp_config, SearchOptions(study="changed-config", progress="off"))
+
+
+def _node(cpus, gpus=0, alive=True):
+    res = {"CPU": float(cpus)}
+    if gpus:
+        res["GPU"] = float(gpus)
+    return {"Alive": alive, "Resources": res}
+
+
+def test_resources_per_trial_follow_backend_threads_and_parallel(make_config):
+    from pipeline.study import plan_resources
+
+    cpu = make_config("digits_mlp.yaml")  # backend auto, threads 0
+    one_node = [_node(2)]
+    r = plan_resources(cpu, None, {"CPU": 2.0}, one_node)
+    assert (r.cpus, r.gpus, r.capacity) == (2.0, 0.0, 1)  # all cores, timed alone
+    r = plan_resources(cpu, 2, {"CPU": 2.0}, one_node)
+    assert (r.cpus, r.capacity) == (1.0, 2)  # --parallel 2 splits the cores
+    r = plan_resources(make_config("digits_mlp.yaml", **{"measure.threads": 1}), None, {"CPU": 6.0},
+                       [_node(2), _node(4), _node(8, alive=False)])
+    assert (r.cpus, r.capacity) == (1.0, 6)
+    # a GPU cluster: one GPU per trial, as many in flight as there are GPUs
+    r = plan_resources(cpu, None, {"CPU": 32.0, "GPU": 4.0}, [_node(16, 2), _node(16, 2)])
+    assert (r.gpus, r.cpus, r.capacity) == (1.0, 1.0, 4)
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        plan_resources(make_config("digits_mlp.yaml", **{"measure.backend": "ort-cuda"}), None, {"CPU": 2.0},
+                       one_node)
