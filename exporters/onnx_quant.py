@@ -216,10 +216,14 @@ def _quantize(
         if p.kind == "fp32":
             continue
         make_weight_private(model, p.node, p.weight_index, names)
-        if p.op == "Gemm" and p.kind in ("int4-nbits", "int8-dynamic"):
+        # ORT's quantize_dynamic rewrites *every* Gemm in the graph into MatMul + Add under new
+        # names (``<name>_MatMul``), so when a dynamic pass will run, every planned Gemm layer is
+        # rewritten here first, keeping its node name for the passes that follow.
+        if p.op == "Gemm" and (p.kind in ("int4-nbits", "int8-dynamic") or "int8-dynamic" in by_kind):
             gemm_to_matmul(model, p.node, names)
             rewritten.add(p.layer.name)
             p.weight_index = 1
+    op_of = {p.node: node(model, p.node).op_type for p in planned}  # after the Gemm rewrites
     for kind in static_kinds:
         groups: dict[tuple[str, int], list[str]] = {}
         for p in by_kind[kind]:
@@ -237,7 +241,7 @@ def _quantize(
     if "int8-static" in by_kind:
         group = by_kind["int8-static"]
         nxt = work / "int8_static.onnx"
-        ort_passes.int8_static_pass(current, nxt, [p.node for p in group], [p.op for p in group], INT8_METHODS[calibration], feeds)
+        ort_passes.int8_static_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group], INT8_METHODS[calibration], feeds)
         current = nxt
         calib_parts.append(
             calibration.value
@@ -246,13 +250,13 @@ def _quantize(
     if "fp8" in by_kind:
         group = by_kind["fp8"]
         nxt = work / "fp8.onnx"
-        ort_passes.fp8_static_pass(current, nxt, [p.node for p in group], [p.op for p in group], feeds)
+        ort_passes.fp8_static_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group], feeds)
         current = nxt
         calib_parts.append("distribution (fp8 present)")
     if "int8-dynamic" in by_kind:
         group = by_kind["int8-dynamic"]
         nxt = work / "int8_dynamic.onnx"
-        ort_passes.int8_dynamic_pass(current, nxt, [p.node for p in group], ["MatMul" if p.op == "Gemm" else p.op for p in group])
+        ort_passes.int8_dynamic_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group])
         current = nxt
     model = onnx.load(str(current))
     int4_ort = by_kind.get("int4-nbits", []) + by_kind.get("gather-int4", [])
