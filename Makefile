@@ -14,8 +14,8 @@ MLFLOW_PORT ?= 5000
 PROMOTE_ARGS ?=
 export RAY_ADDRESS MLFLOW_PORT
 
-STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
 .PHONY: venv search front promote ui mlflow-server test bench bench-qat gpu-check clean
 

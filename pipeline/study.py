@@ -883,6 +883,7 @@ class StudyRunner:
                         self.progress.update(self._state(summary, res))
                     summary = self._refresh_front(force_plots=True)
                     self.progress.update(self._state(summary, res))
+                    self._track(self._write_review)
                 status = "FINISHED"
             except KeyboardInterrupt:
                 status = "KILLED"
@@ -894,6 +895,15 @@ class StudyRunner:
                 if started:
                     ray.shutdown()
         return self._summary(summary, res, time.monotonic() - t_start)
+
+    def _write_review(self) -> None:
+        """Review artifacts on the parent run (precision map, importance, precision-energy table)."""
+        from pipeline.report import write_review
+
+        cfg = self.config
+        write_review(self.tracker.client, self.tracker.parent_run_id, study=self.study,
+                     metric_name=cfg.metric.name, higher_is_better=cfg.metric.higher_is_better,
+                     objectives=list(cfg.search.objectives), max_accuracy_drop=cfg.search.max_accuracy_drop)
 
     def _abandon(self, reason: str) -> None:
         import ray
