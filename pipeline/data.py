@@ -17,6 +17,12 @@ from pipeline.config import ConfigError, DataSpec, SearchConfig
 
 SINGLE_INPUT_NAME = "input"
 
+# The calibration set every consumer (the ONNX quantizer through the Evaluator, TFLite, QAT)
+# runs: at most this many rows, in batches of this size. ORT's calibrators keep every batch's
+# activations in memory, and a few hundred rows already fix per-tensor ranges.
+MAX_CALIBRATION_ROWS = 512
+CALIBRATION_BATCH = 32
+
 
 @dataclass
 class Dataset:
@@ -85,3 +91,24 @@ def load_dataset(spec: DataSpec, config: SearchConfig, field: str) -> Dataset:
     if spec.limit:
         ds = ds.head(spec.limit)
     return ds
+
+
+def calibration_batches(
+    dataset: Dataset,
+    input_names: list[str] | None = None,
+    batch_size: int = CALIBRATION_BATCH,
+    max_rows: int = MAX_CALIBRATION_ROWS,
+) -> list[dict[str, np.ndarray]]:
+    """The calibration feeds: the first ``max_rows`` rows in equal batches of ``batch_size``.
+
+    A short last batch is dropped, because ORT's histogram calibrators stack batches (so they
+    must be equal); a set smaller than one batch is one batch of all its rows. Only the
+    ``input_names`` columns are kept (all when None). One function, so the quantizer and QAT
+    calibrate on exactly the same rows: a single extra row moves an fp8 (std) scale.
+    """
+    ds = dataset.head(max_rows)
+    if len(ds) == 0:
+        raise ConfigError("data.calibration: the calibration set has no rows; give at least one batch")
+    names = None if input_names is None else set(input_names)
+    size = min(batch_size, len(ds))
+    return [{k: v for k, v in b.items() if names is None or k in names} for b in ds.batches(size, drop_last=True)]

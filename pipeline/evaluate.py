@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.backends import resolve_backend
 from pipeline.config import SearchConfig
-from pipeline.data import Dataset, load_dataset
+from pipeline.data import CALIBRATION_BATCH, Dataset, calibration_batches, load_dataset
 from pipeline.formats import Format
 from pipeline.measure import (
     TrialFailure,
@@ -35,9 +35,6 @@ from pipeline.results import LayerReport, Measurement, TrialResult
 
 log = logging.getLogger(__name__)
 
-# Calibration runs at most this many rows: ORT calibrators keep every batch's
-# activations in memory, and a few hundred rows already fix per-tensor ranges.
-MAX_CALIBRATION_ROWS = 512
 
 
 class Evaluator:
@@ -96,12 +93,9 @@ class Evaluator:
         cache.write_text(json.dumps({"value": value}))
         return value
 
-    def calibration_feeds(self, batch_size: int = 32) -> list[dict[str, np.ndarray]]:
-        """Equal-sized batches (ORT's histogram calibrators stack them, so a short last batch is dropped)."""
-        ds = self.calibration.head(MAX_CALIBRATION_ROWS)
-        names = set(self.reference.input_names)
-        batch_size = min(batch_size, len(ds))
-        return [{k: v for k, v in b.items() if k in names} for b in ds.batches(batch_size, drop_last=True)]
+    def calibration_feeds(self, batch_size: int = CALIBRATION_BATCH) -> list[dict[str, np.ndarray]]:
+        """Equal-sized batches, capped (shared with QAT so both calibrate on the same rows)."""
+        return calibration_batches(self.calibration, self.reference.input_names, batch_size)
 
     # -- one candidate -----------------------------------------------------
     def quantize(self, plan: QuantPlan, out_dir: Path, progress=None) -> tuple[str, list[LayerReport], dict, list[float] | None]:

@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import ConfigError, SearchConfig
+from pipeline.data import CALIBRATION_BATCH, MAX_CALIBRATION_ROWS  # noqa: F401 - re-exported (keras_qat)
 from pipeline.formats import Calibration
 from pipeline.models.base import ModelAdapter, ReferenceModel
 from pipeline.plan import QATSettings, QuantPlan
@@ -41,9 +42,6 @@ log = logging.getLogger(__name__)
 
 # Static activation ranges are re-observed this often (steps) during training.
 RECALIBRATE_EVERY = 50
-# Same cap and batching as Evaluator.calibration_feeds, so QAT sees the quantizer's data.
-MAX_CALIBRATION_ROWS = 512
-CALIBRATION_BATCH = 32
 
 
 class QATOutcome(BaseModel):
@@ -72,11 +70,13 @@ def _train_dataset(config: SearchConfig):
 
 
 def _calibration_batches(config: SearchConfig, input_names: list[str]) -> list[dict]:
-    from pipeline.data import load_dataset
+    """Exactly the feeds the quantizer calibrates on (``Evaluator.calibration_feeds``: the same
+    :func:`pipeline.data.calibration_batches`, short last batch dropped), as tensors."""
+    from pipeline.data import calibration_batches, load_dataset
     from pipeline.qat.train import to_tensors
 
-    ds = load_dataset(config.data.calibration, config, "data.calibration").head(MAX_CALIBRATION_ROWS)
-    return [to_tensors({k: v for k, v in b.items() if k in input_names}) for b in ds.batches(CALIBRATION_BATCH)]
+    ds = load_dataset(config.data.calibration, config, "data.calibration")
+    return [to_tensors(b) for b in calibration_batches(ds, input_names)]
 
 
 def run_qat(

@@ -26,6 +26,13 @@ or after the bias is added) and static int8 (int32 bias): ``onnx_ops`` from the
 layer table says whether a layer became ``Gemm``/``Conv`` (bias inside) or
 ``MatMul`` (+ a float ``Add``).
 
+A module called several times in ``forward()`` (a shared layer) is exported as one ONNX node
+per call, named ``name``, ``name#2``, ... in call order by the TorchAdapter, each with its own
+copy of the weight, its own format in the plan and its own calibrated activation scale. So
+each call gets its own quantizers (:class:`LayerCall`): the one latent weight is fake-quantized
+per call with that call's format, and each call's activations are calibrated separately. Calls
+are counted per forward pass of the whole model (a pre-hook on the root module resets the count).
+
 Modes (one per model, :meth:`QATModel.set_mode`):
 ``fp32``     every quantizer is the identity (the model as ORT's calibrator sees it);
 ``observe``  fp32, and static activation quantizers record calibration statistics;
@@ -47,33 +54,102 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class WrappedLayer:
-    """One planned layer with its quantizers attached."""
+class LayerCall:
+    """One call of a planned module = one ONNX node = one layer-table row (``name``, ``name#2``, ...)."""
 
-    name: str  # layer-table name
-    module_path: str
-    kind: str  # linear | conv | embedding | matmul
-    onnx_op: str  # Gemm | MatMul | Conv | Gather (how the deployed node holds the bias)
-    attr: str  # the parametrized attribute: "weight" or "in_proj_weight"
+    name: str  # layer-table name of this call's node
     choice: LayerChoice
-    weight_q: Any  # fq.WeightFakeQuant
+    onnx_op: str  # Gemm | MatMul | Conv | Gather (how the deployed node holds the bias)
+    weight_q: Any | None  # fq.WeightFakeQuant, None for an fp32 call
     input_q: Any | None  # fq.ActivationFakeQuant of the layer input, or None
     output_q: Any | None  # of the layer output, where the deployed graph quantizes it
     bias_q: Any | None = None  # fq.BiasFakeQuant / bf16 parametrization of the bias
+
+    def quantizers(self) -> list:
+        return [q for q in (self.input_q, self.output_q) if q is not None]
+
+    @property
+    def int8_static(self) -> bool:
+        return any(q.kind == "int8_static" for q in self.quantizers())
+
+
+@dataclass
+class WrappedLayer:
+    """One planned module with its quantizers attached, one :class:`LayerCall` per call."""
+
+    name: str  # layer-table name of the first call (the module's layer name)
+    module_path: str
+    kind: str  # linear | conv | embedding | matmul
+    attr: str  # the parametrized attribute: "weight" or "in_proj_weight"
+    calls: list[LayerCall]
     handles: list = field(default_factory=list)
     functional: bool = False  # reached through the MHA F.linear route, not module hooks
+    current: LayerCall | None = None  # the call being run
+    _next: int = 0  # index of the next call within this forward pass
+
+    # the first call's quantizers (the only ones for a module called once)
+    @property
+    def choice(self) -> LayerChoice:
+        return self.calls[0].choice
+
+    @property
+    def input_q(self):
+        return self.calls[0].input_q
+
+    @property
+    def output_q(self):
+        return self.calls[0].output_q
+
+    @property
+    def weight_q(self):
+        return self.calls[0].weight_q
+
+    def reset(self) -> None:
+        self._next, self.current = 0, None
+
+    def begin_call(self) -> LayerCall:
+        if self._next >= len(self.calls):
+            raise RuntimeError(
+                f"QAT: {self.module_path or self.name!r} was called more than {len(self.calls)} time(s) in one "
+                f"forward pass, but the layer table has {len(self.calls)} node(s) for it "
+                f"({', '.join(c.name for c in self.calls)}): forward() must call it as often as the export did"
+            )
+        self.current = self.calls[self._next]
+        self._next += 1
+        return self.current
+
+    def active(self) -> LayerCall:
+        """The call in progress (the first when the weight is read outside a forward call)."""
+        return self.current if self.current is not None else self.calls[0]
 
     def pre(self, x):
-        return self.input_q(x) if self.input_q is not None else x
+        q = self.active().input_q
+        return q(x) if q is not None else x
 
     def post(self, y, bias=None):
         """The deployed output: quantize/round the node's output; a MatMul node's bias is
         added after it (float ``Add``), a Gemm/Conv bias is inside."""
-        if self.output_q is None:
+        call = self.active()
+        if call.output_q is None:
             return y
-        if bias is not None and self.onnx_op == "MatMul" and self.output_q.mode == "qat":
-            return self.output_q(y - bias) + bias
-        return self.output_q(y)
+        if bias is not None and call.onnx_op == "MatMul" and call.output_q.mode == "qat":
+            return call.output_q(y - bias) + bias
+        return call.output_q(y)
+
+
+class _PerCall(fq.nn.Module if fq.nn is not None else object):
+    """The parametrization of a planned module's weight (or bias): the active call's quantizer,
+    identity for a call without one. The quantizers are plain attributes (they are not the
+    module's parameters and must not show up in its state dict)."""
+
+    def __init__(self, layer: WrappedLayer, attr: str):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        self._attr = attr
+
+    def forward(self, t):
+        q = getattr(self._layer.active(), self._attr)
+        return q(t) if q is not None else t
 
 
 class _Bf16Param(fq.nn.Module if fq.nn is not None else object):
@@ -105,17 +181,32 @@ class _TrackOutput:
         return self._ref is not None and self._ref() is w
 
 
+def split_call(name: str) -> tuple[str, int]:
+    """``"fc#2"`` -> ``("fc", 2)``, ``"fc"`` -> ``("fc", 1)``: the TorchAdapter's names for the
+    calls of a shared module (:func:`pipeline.models.torch_adapter.build_layer_table`)."""
+    base, sep, n = name.rpartition("#")
+    if sep and n.isdigit() and int(n) >= 2:
+        return base, int(n)
+    return name, 1
+
+
+def call_name(base: str, index: int) -> str:
+    return base if index == 1 else f"{base}#{index}"
+
+
 class QATModel:
-    """The fake-quantization state of one model for one plan."""
+    """The fake-quantization state of one model for one plan.
+
+    ``choices`` maps layer-table names to formats; ``onnx_ops`` (layer-table name -> ONNX op,
+    every row of the table) says how each node holds its bias and, through the ``name#k``
+    rows, how often each module is called. A call missing from ``choices`` stays fp32.
+    """
 
     def __init__(self, model, choices: dict[str, LayerChoice], calibration: Calibration = Calibration.MINMAX,
                  onnx_ops: dict[str, str] | None = None):
-        import torch.nn as nn
-        from torch.nn.utils import parametrize
+        import torch
 
         from pipeline.models.torch_adapter import enumerate_layers
-
-        import torch
 
         self.model = model
         self.calibration = Calibration(calibration)
@@ -125,72 +216,96 @@ class QATModel:
         self._mha: dict[str, dict] = {}
         onnx_ops = onnx_ops or {}
         torch_layers = {t.name: t for t in enumerate_layers(model)}
-        unknown = [n for n in choices if n.split("#")[0] not in torch_layers]
+        unknown = [n for n in choices if split_call(n)[0] not in torch_layers]
         if unknown:
             raise ValueError(f"QAT: plan layer(s) {unknown} are not layers of this torch model; "
                              f"its layers are {list(torch_layers)[:20]}")
-        # A tied weight is one Parameter behind several layer-table rows (name, name#2, ...):
-        # it can carry one fake quantizer only; use the first row's choice and say so.
-        by_base: dict[str, LayerChoice] = {}
-        for name, choice in choices.items():
-            base = name.split("#")[0]
-            if base in by_base:
-                if by_base[base] != choice:
-                    log.warning("QAT: %s shares its weight with %s but has another format; "
-                                "training with %s's format (%s)", name, base, base, by_base[base].format)
-                continue
-            by_base[base] = choice
+        # calls per module: the highest name#k among the layer table's rows and the plan's
+        n_calls: dict[str, int] = {}
+        for n in list(onnx_ops) + list(choices):
+            base, k = split_call(n)
+            if base in torch_layers:
+                n_calls[base] = max(n_calls.get(base, 1), k)
 
+        # PyTorch's fused attention / encoder-layer fast paths (eval mode, no grad) run whole
+        # blocks in one kernel and skip module hooks and F.linear; off while QAT is attached.
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        # Registered first: it runs before any layer's own pre-hook, also when the root is a layer.
+        self._reset_handle = model.register_forward_pre_hook(self._reset_calls)
+        try:
+            self._attach(model, choices, onnx_ops, torch_layers, n_calls)
+        except BaseException:
+            self.detach()
+            raise
+        self.set_mode("fp32")
+
+    def _attach(self, model, choices, onnx_ops, torch_layers, n_calls) -> None:
+        import torch.nn as nn
+        from torch.nn.utils import parametrize
+
+        fp32 = LayerChoice(format=Format.FP32)
         mha_paths = {p for p, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-        for name, choice in by_base.items():
-            if choice.format is Format.FP32:
+        for base, count in n_calls.items():
+            names = [call_name(base, k) for k in range(1, count + 1)]
+            layer_choices = [choices.get(n, fp32) for n in names]
+            if all(c.format is Format.FP32 for c in layer_choices):
                 continue
-            tl = torch_layers[name]
+            tl = torch_layers[base]
             module = model.get_submodule(tl.module_path) if tl.module_path else model
             is_mha = isinstance(module, nn.MultiheadAttention)
             parent = tl.module_path.rpartition(".")[0] if "." in tl.module_path else ""
             via_mha = is_mha or (tl.module_path.endswith("out_proj") and parent in mha_paths)
             attr = "in_proj_weight" if is_mha else "weight"
-            op = onnx_ops.get(name) or {"conv": "Conv", "embedding": "Gather", "matmul": "MatMul"}.get(tl.kind, "Gemm")
-            weight_q = fq.WeightFakeQuant(choice, tl.kind, name=name)
-            parametrize.register_parametrization(module, attr, weight_q)
-            input_q = fq.input_quantizer(choice, tl.kind, self.calibration, name=name)
-            output_q = fq.output_quantizer(choice, tl.kind, self.calibration, name=name)
-            wl = WrappedLayer(name, tl.module_path, tl.kind, op, attr, choice, weight_q, input_q, output_q,
-                              functional=via_mha)
             bias_name = "in_proj_bias" if is_mha else "bias"
-            bias = getattr(module, bias_name, None)
-            if bias is not None and op in ("Gemm", "Conv"):
-                if choice.format is Format.BF16:
-                    wl.bias_q = _Bf16Param()
-                elif choice.format is Format.INT8 and input_q is not None and input_q.kind == "int8_static":
-                    wl.bias_q = fq.BiasFakeQuant(weight_q, input_q)
-                if wl.bias_q is not None:
-                    parametrize.register_parametrization(module, bias_name, wl.bias_q)
+            has_bias = getattr(module, bias_name, None) is not None
+            default_op = {"conv": "Conv", "embedding": "Gather", "matmul": "MatMul"}.get(tl.kind, "Gemm")
+            calls = [self._make_call(n, c, tl.kind, onnx_ops.get(n) or default_op, has_bias)
+                     for n, c in zip(names, layer_choices)]
+            wl = WrappedLayer(base, tl.module_path, tl.kind, attr, calls, functional=via_mha)
+            weight_p = _PerCall(wl, "weight_q")
+            parametrize.register_parametrization(module, attr, weight_p)
+            if any(c.bias_q is not None for c in calls):
+                parametrize.register_parametrization(module, bias_name, _PerCall(wl, "bias_q"))
             if via_mha:
                 mha_path = tl.module_path if is_mha else parent
                 entry = self._mha.setdefault(mha_path, {"layers": []})
-                entry["layers"].append((wl, _TrackOutput(weight_q)))
+                entry["layers"].append((wl, _TrackOutput(weight_p)))
             else:
-                if input_q is not None:
-                    wl.handles.append(module.register_forward_pre_hook(self._pre_hook(wl), with_kwargs=True))
-                if output_q is not None:
+                # always: the pre-hook also says which call is running (weight format, bias scale)
+                wl.handles.append(module.register_forward_pre_hook(self._pre_hook(wl), with_kwargs=True))
+                if any(c.output_q is not None for c in calls):
                     wl.handles.append(module.register_forward_hook(self._post_hook(wl, module)))
             self.layers.append(wl)
         for path, entry in self._mha.items():
             mha = model.get_submodule(path) if path else model
             entry["forward"] = mha.__dict__.get("forward")
             mha.forward = self._mha_forward(mha, entry["layers"])
-        # PyTorch's fused attention / encoder-layer fast paths (eval mode, no grad) run whole
-        # blocks in one kernel and skip module hooks and F.linear; off while QAT is attached.
-        self._fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        self.set_mode("fp32")
+
+    def _make_call(self, name: str, choice: LayerChoice, kind: str, op: str, has_bias: bool) -> LayerCall:
+        if choice.format is Format.FP32:
+            return LayerCall(name, choice, op, None, None, None)
+        weight_q = fq.WeightFakeQuant(choice, kind, name=name)
+        input_q = fq.input_quantizer(choice, kind, self.calibration, name=name)
+        output_q = fq.output_quantizer(choice, kind, self.calibration, name=name)
+        call = LayerCall(name, choice, op, weight_q, input_q, output_q)
+        if has_bias and op in ("Gemm", "Conv"):
+            if choice.format is Format.BF16:
+                call.bias_q = _Bf16Param()
+            elif choice.format is Format.INT8 and input_q is not None and input_q.kind == "int8_static":
+                call.bias_q = fq.BiasFakeQuant(weight_q, input_q)
+        return call
 
     # -- hooks -------------------------------------------------------------
+    def _reset_calls(self, module, args) -> None:
+        for wl in self.layers:
+            wl.reset()
+
     @staticmethod
     def _pre_hook(wl: WrappedLayer):
         def hook(module, args, kwargs):
+            if wl.begin_call().input_q is None:
+                return None
             if args:
                 return (wl.pre(args[0]),) + tuple(args[1:]), kwargs
             key = next(iter(kwargs))
@@ -223,6 +338,8 @@ class QATModel:
             return linear
 
         def forward(*args, **kwargs):
+            for wl, _ in layers:  # one call of the MHA = one call of each of its projections
+                wl.begin_call()
             original = F.linear
             F.linear = routed_linear(original)
             try:
@@ -237,24 +354,27 @@ class QATModel:
     def mode(self) -> str:
         return self._mode
 
+    def calls(self) -> list[LayerCall]:
+        return [c for wl in self.layers for c in wl.calls]
+
     def set_mode(self, mode: str) -> None:
         if mode not in ("fp32", "observe", "qat"):
             raise ValueError(f"mode must be fp32, observe or qat, not {mode!r}")
         self._mode = mode
-        for wl in self.layers:
-            self._set_layer_mode(wl, mode)
+        for call in self.calls():
+            self._set_call_mode(call, mode)
 
     @staticmethod
-    def _set_layer_mode(wl: WrappedLayer, mode: str) -> None:
-        wl.weight_q.enabled = mode == "qat"
-        if wl.bias_q is not None:
-            wl.bias_q.enabled = mode == "qat"
-        for q in (wl.input_q, wl.output_q):
-            if q is not None:
-                q.set_mode(mode)
+    def _set_call_mode(call: LayerCall, mode: str) -> None:
+        if call.weight_q is not None:
+            call.weight_q.enabled = mode == "qat"
+        if call.bias_q is not None:
+            call.bias_q.enabled = mode == "qat"
+        for q in call.quantizers():
+            q.set_mode(mode)
 
     def activation_quantizers(self) -> list:
-        return [q for wl in self.layers for q in (wl.input_q, wl.output_q) if q is not None]
+        return [q for c in self.calls() for q in c.quantizers()]
 
     def calibrate(self, batches: Iterable[dict[str, Any]], call) -> int:
         """Static activation ranges, observed the way ``exporters.onnx_quant`` calibrates.
@@ -262,15 +382,14 @@ class QATModel:
         Its int8-static pass calibrates the FP32 graph; its fp8 pass runs next and
         calibrates the graph *with the int8-static layers already quantized*. So: phase 1
         observes int8-static quantizers with every layer in fp32; phase 2 (only when fp8
-        layers exist) observes fp8 quantizers with the int8-static layers fake-quantized
+        layers exist) observes fp8 quantizers with the int8-static layer calls fake-quantized
         and the rest in fp32. Returns the number of quantizers calibrated.
         """
         import torch
 
         batches = list(batches)
-        int8_layers = [wl for wl in self.layers if any(q is not None and q.kind == "int8_static"
-                                                        for q in (wl.input_q, wl.output_q))]
-        phases = [("int8_static", set()), ("fp8", {id(wl) for wl in int8_layers})]
+        int8_calls = {id(c) for c in self.calls() if c.int8_static}
+        phases = [("int8_static", set()), ("fp8", int8_calls)]
         previous, was_training = self._mode, self.model.training
         done = 0
         self.model.eval()
@@ -279,8 +398,8 @@ class QATModel:
                 todo = [q for q in self.activation_quantizers() if q.kind == kind]
                 if not todo:
                     continue
-                for wl in self.layers:
-                    self._set_layer_mode(wl, "qat" if id(wl) in quantized else "fp32")
+                for c in self.calls():
+                    self._set_call_mode(c, "qat" if id(c) in quantized else "fp32")
                 for q in todo:
                     q.reset()
                     q.set_mode("observe")
@@ -299,8 +418,12 @@ class QATModel:
         """Remove every hook, route and parametrization. The trained latent (unquantized)
         weights stay in the modules: that is what the ONNX quantizer must see, since it
         recomputes the same scales from them and so deploys the grid that was trained."""
+        import torch
         from torch.nn.utils import parametrize
 
+        if self._reset_handle is not None:
+            self._reset_handle.remove()
+            self._reset_handle = None
         for wl in self.layers:
             for h in wl.handles:
                 h.remove()
@@ -317,9 +440,9 @@ class QATModel:
                 mha.forward = entry["forward"]
         self._mha = {}
         self.layers = []
-        import torch
-
-        torch.backends.mha.set_fastpath_enabled(self._fastpath)
+        if self._fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath)
+            self._fastpath = None
 
     def __enter__(self) -> "QATModel":
         return self
@@ -328,4 +451,5 @@ class QATModel:
         self.detach()
 
     def describe(self) -> dict[str, str]:
-        return {wl.name: wl.weight_q.describe() for wl in self.layers}
+        """Layer-table name -> its fake quantization, for every planned (non-fp32) call."""
+        return {c.name: c.weight_q.describe() for c in self.calls() if c.weight_q is not None}

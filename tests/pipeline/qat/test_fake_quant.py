@@ -115,6 +115,35 @@ def test_straight_through_gradients():
     np.testing.assert_array_equal(x.grad.numpy(), [0, 1, 1, 0])
 
 
+def test_forward_is_exactly_the_deployed_value_when_the_input_is_far_larger():
+    """The straight-through forward must be the fake-quantized value itself. ``x + (y - x).detach()``
+    is not: with |x| >> |y| (an activation far past the fp8 range saturates to 448*s) ``y - x``
+    rounds to x's precision and the sum comes back off the deployed grid (3e7 -> 4.0, not 4.48)."""
+    s = np.float32(0.01)
+    x = np.array([3e7, -3e7, 1e9, -2.5e8, 4.4, -4.48, 0.013, 1e5], np.float32)
+    want = numerics.fp8_fake_quant(x, s)
+    assert np.abs(want).max() == np.float32(448) * s  # the large ones saturate
+    xt = _t(x).requires_grad_()
+    got = fq.fake_fp8(xt, torch.tensor(s), weight=False)
+    np.testing.assert_array_equal(got.detach().numpy(), want)
+    got.sum().backward()  # clipped straight-through: no gradient past the range
+    np.testing.assert_array_equal(xt.grad.numpy(), (np.abs(x) <= 448 * s).astype(np.float32))
+
+    # a weight outlier past 448 std (possible once a tensor has > 448**2 elements) saturates too
+    w = RNG.standard_normal((512, 512)).astype(np.float32) * np.float32(0.01)
+    w[0, 0], w[1, 1] = 1e4, -3e3
+    sw = numerics.fp8_weight_scale(w)
+    assert abs(w[0, 0]) > 448 * sw
+    got_w = fq.fake_fp8(_t(w).requires_grad_(), torch.tensor(float(sw)), weight=True)
+    np.testing.assert_array_equal(got_w.detach().numpy(), numerics.fp8_fake_quant(w, sw))
+    w4 = _t(np.array([[2e7, -1.0, 3e-3, 0.5] * 8], np.float32)).requires_grad_()  # int4 block: 2e7 dominates
+    q, sc = numerics.int4_block_quantize(w4.detach().numpy(), 32, "half_up")
+    np.testing.assert_array_equal(fq.fake_int4_blocks(w4, 32)[0].detach().numpy(),
+                                  numerics.int4_block_dequantize(q, sc, 32))
+    bf = _t(np.array([1e30, 3.0e-30, -7.1e12], np.float32)).requires_grad_()
+    np.testing.assert_array_equal(fq.fake_bf16(bf).detach().numpy(), numerics.bf16_round(bf.detach().numpy()))
+
+
 # ============================================================================ level 2: layers vs ORT
 class Lin2D(nn.Module):  # -> Gemm (bias inside the node)
     def __init__(self):
@@ -176,10 +205,54 @@ class Mixed(nn.Module):  # one model, four formats: the fp8 layer calibrates beh
         return self.d(x)
 
 
-MIXED = {"a": "int8-static", "b": "fp8", "c": "bf16", "d": "int4"}
+class Shared(nn.Module):  # one Linear called three times: three ONNX nodes (fc, fc#2, fc#3)
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        x = torch.relu(self.fc(x))
+        x = torch.relu(self.fc(x))
+        return self.fc(x)
+
+
+class SharedNoBias(Shared):  # the same, without a bias: one weight under a different format per call
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32, bias=False)
+
+
+class SharedConv(nn.Module):  # one Conv called twice: per call an input and an output scale, an int32 bias
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+class SharedAttn(nn.Module):  # one MultiheadAttention called twice (F.linear route, per call)
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.attn(x, x, x, need_weights=False)[0]
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+# Per-layer plans ("fmt" of a case): every call of a shared module is its own layer-table row.
+PLANS = {
+    "mixed": {"a": "int8-static", "b": "fp8", "c": "bf16", "d": "int4"},  # fp8 calibrated behind int8
+    # one weight, three deployed grids (bias-free: exporters.onnx_quant shares one bias initializer
+    # between the calls' nodes, so a per-call int8 bias would leak into the others - see the report)
+    "per-call": {"fc": "int8-static", "fc#2": "fp8", "fc#3": "bf16"},  # fp8 behind an int8 call of itself
+    "per-call-2": {"fc": "fp8", "fc#2": "int8-static", "fc#3": "int4"},
+}
 
 MODELS = {"mixed": (Mixed, (16, 40)), "lin2d": (Lin2D, (16, 40)), "lin3d": (Lin3D, (4, 5, 40)), "conv": (Conv, (4, 4, 6, 6)),
-          "emb": (Emb, None), "attn": (Attn, (4, 6, 32))}
+          "emb": (Emb, None), "attn": (Attn, (4, 6, 32)), "shared": (Shared, (16, 32)),
+          "shared_nb": (SharedNoBias, (16, 32)), "shared_conv": (SharedConv, (4, 4, 6, 6)), "shared_attn": (SharedAttn, (4, 6, 32))}
 
 
 def make(name: str):
@@ -222,7 +295,18 @@ CASES = [
     ("emb", "int8"), ("emb", "int4"), ("emb", "fp8"), ("emb", "bf16"),
     ("attn", "int8-static"), ("attn", "int8-dynamic"), ("attn", "int4"), ("attn", "fp8"), ("attn", "bf16"),
     ("lin2d", "int8-static/percentile"), ("lin2d", "int8-static/entropy"), ("mixed", "mixed"),
+    ("shared", "int8-static"), ("shared", "int8-dynamic"), ("shared", "int4"), ("shared", "fp8"), ("shared", "bf16"),
+    ("shared_nb", "per-call"), ("shared_nb", "per-call-2"), ("shared_conv", "int8-static"), ("shared_conv", "fp8"),
+    ("shared_attn", "int8-static"), ("shared_attn", "fp8"),
 ]
+# ONNX Runtime's WeightBiasQuantization graph transformer (ORT_ENABLE_BASIC and up) rewrites the
+# fp32 bias of a Conv/Gemm whose input is dequantized and whose output leads (through Relu/Clip)
+# straight to a QuantizeLinear into int32 with scale s_x*s_w. The quantizer leaves fp8 biases in
+# fp32, so in these cases (an fp8 Conv/Gemm feeding another quantized layer) the session deploys
+# a bias the QDQ graph does not say; fake quantization follows the graph as written, and these
+# cases run without that one transformer (test_ort_rewrites_fp8_biases_feeding_a_quantizer
+# keeps the gap visible).
+ORT_BIAS_REWRITE = {("shared_conv", "fp8"), ("shared_attn", "fp8")}
 
 
 def _choice(fmt: str) -> LayerChoice:
@@ -251,6 +335,23 @@ def _feeds(ref, x):
     return {ref.input_names[0]: x}
 
 
+def _ort(path, disabled: list[str] | None = None):
+    """A CPU session with all graph optimizations, except the ``disabled`` transformers."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled or [])
+
+
+def _plan_choices(fmt: str, ref) -> dict[str, LayerChoice]:
+    if fmt in PLANS:
+        assert set(PLANS[fmt]) == set(ref.layer_table.names), ref.layer_table.names
+        return {n: _choice(PLANS[fmt][n]) for n in ref.layer_table.names}
+    return {n: _choice(fmt) for n in ref.layer_table.names}
+
+
 @pytest.mark.parametrize("name,fmt", CASES, ids=[f"{n}-{f}" for n, f in CASES])
 def test_fake_quantized_layer_equals_onnx_runtime(name, fmt, references, tmp_path):
     from exporters.onnx_quant import quantize_model
@@ -261,14 +362,14 @@ def test_fake_quantized_layer_equals_onnx_runtime(name, fmt, references, tmp_pat
     cfg, adapter, ref = references[name]
     fmt, _, method = fmt.partition("/")
     calibration = Calibration(method or "minmax")
-    if fmt == "mixed":
-        choices = {n: _choice(MIXED[n]) for n in ref.layer_table.names}
-    else:
-        choices = {n: _choice(fmt) for n in ref.layer_table.names}
+    choices = _plan_choices(fmt, ref)
     calib = [_feeds(ref, b) for b in np.split(data(name)[0], 3)]  # 3 equal batches of 32
     built = quantize_model(ref.onnx_path, ref.layer_table, choices, calib, calibration, tmp_path / "c.onnx")
     x = _inputs(name, 32, seed=99)  # fresh inputs, partly outside the calibrated range
-    got_ort = OrtSession(built.path, ["CPUExecutionProvider"]).run(_feeds(ref, x))[0]
+    if (name, fmt) in ORT_BIAS_REWRITE:
+        got_ort = _ort(built.path, disabled=["WeightBiasQuantization"]).run(None, _feeds(ref, x))[0]
+    else:
+        got_ort = OrtSession(built.path, ["CPUExecutionProvider"]).run(_feeds(ref, x))[0]
 
     model = adapter.load_model()
     qm = QATModel(model, choices, calibration, {l.name: l.onnx_op for l in ref.layer_table})
@@ -287,3 +388,111 @@ def test_fake_quantized_layer_equals_onnx_runtime(name, fmt, references, tmp_pat
           f"frac>1e-5 {(err > 1e-5 * scale).mean():.4f}")
     assert quant_err > 10 * err.max(), "the comparison must be able to see quantization at all"
     np.testing.assert_allclose(got_torch, got_ort, rtol=1e-5, atol=1e-5 * scale)
+
+
+SCALE_RTOL = 4 * float(np.finfo(np.float32).eps)  # a few ulps
+
+
+def _calibrated(name: str, fmt: str, references, tmp_path):
+    """(reference, deployed artifact, QATModel calibrated on the same batches) for one case."""
+    from exporters.onnx_quant import quantize_model
+    from pipeline.qat.train import call_model, to_tensors
+    from pipeline.qat.wrap import QATModel
+
+    _, adapter, ref = references[name]
+    choices = _plan_choices(fmt, ref)
+    calib = [_feeds(ref, b) for b in np.split(data(name)[0], 3)]
+    built = quantize_model(ref.onnx_path, ref.layer_table, choices, calib, Calibration.MINMAX, tmp_path / "c.onnx")
+    qm = QATModel(adapter.load_model(), choices, Calibration.MINMAX, {l.name: l.onnx_op for l in ref.layer_table})
+    qm.calibrate([to_tensors(b) for b in calib], call_model)
+    return ref, built.path, qm, [to_tensors(b) for b in calib]
+
+
+def test_fp8_is_calibrated_behind_the_int8_layers(references, tmp_path):
+    """exporters.onnx_quant runs its fp8 pass on the graph with the int8-static QDQ already in
+    place: QAT's fp8 scales must be those (bit for bit), and observing on FP32 would miss them."""
+    from tests.pipeline.qat.deployed import input_scale
+
+    ref, artifact, qm, batches = _calibrated("mixed", "mixed", references, tmp_path)
+    nodes = {l.name: l.onnx_node for l in ref.layer_table}
+    by_name = {c.name: c for c in qm.calls()}
+    assert by_name["a"].input_q.kind == "int8_static" and by_name["b"].input_q.kind == "fp8"
+    for layer in ("a", "b"):
+        np.testing.assert_allclose(by_name[layer].input_q.scale, input_scale(artifact, nodes[layer]),
+                                   rtol=SCALE_RTOL, err_msg=layer)
+
+    from pipeline.qat.train import call_model
+
+    fp8 = by_name["b"].input_q  # the same statistics, observed on the FP32 model instead
+    fp8.reset()
+    qm.set_mode("observe")
+    with torch.no_grad():
+        for b in batches:
+            call_model(qm.model, b)
+    fp8.finalize()
+    moved = abs(fp8.scale / input_scale(artifact, nodes["b"]) - 1)
+    print(f"fp8 scale observed on FP32 vs behind int8: relative difference {moved:.2e}")
+    assert moved > 10 * SCALE_RTOL  # ~170 ulps here
+    qm.detach()
+
+
+@pytest.mark.parametrize("name,fmt", [("shared_conv", "int8-static"), ("shared_nb", "per-call"),
+                                      ("shared_attn", "fp8")])
+def test_each_call_of_a_shared_layer_has_its_own_scale(name, fmt, references, tmp_path):
+    """A module called k times is k ONNX nodes (``name``, ``name#2``, ...), each with its own
+    calibrated input scale: QAT holds one quantizer per call, equal to its node's scale."""
+    from tests.pipeline.qat.deployed import input_scale
+
+    ref, artifact, qm, _ = _calibrated(name, fmt, references, tmp_path)
+    table = {l.name: l for l in ref.layer_table}
+    calls = {c.name: c for c in qm.calls()}
+    assert set(calls) == set(table)  # every row of the layer table, shared or not, is one call
+    scales = {}
+    for n, call in calls.items():
+        if call.input_q is None or not call.input_q.needs_calibration:
+            continue
+        scales[n] = np.float32(call.input_q.scale)
+        # equal up to fp32 round-off upstream (torch and ORT sum the earlier layers differently)
+        np.testing.assert_allclose(scales[n], input_scale(artifact, table[n].onnx_node, weight=table[n].weight),
+                                   rtol=SCALE_RTOL, err_msg=n)
+    values = sorted(scales.values())
+    assert len(values) >= 2 and all(b > a * (1 + 10 * SCALE_RTOL) for a, b in zip(values, values[1:]))  # distinct
+    qm.detach()
+
+
+def test_a_module_called_more_often_than_exported_is_an_error(references):
+    from pipeline.qat.train import call_model, to_tensors
+    from pipeline.qat.wrap import QATModel
+
+    _, adapter, ref = references["shared"]
+    model = adapter.load_model()
+    choices = {"fc": _choice("int8-dynamic"), "fc#2": _choice("int8-dynamic")}  # the table has fc#3 too
+    with QATModel(model, choices) as qm:  # no layer table given: two calls known
+        qm.set_mode("qat")
+        with pytest.raises(RuntimeError, match=r"'fc' was called more than 2 time\(s\)"):
+            call_model(model, to_tensors(_feeds(ref, _inputs("shared", 4, seed=3))))
+    with QATModel(model, choices, onnx_ops={l.name: l.onnx_op for l in ref.layer_table}) as qm:
+        qm.set_mode("qat")  # with the table: fc#3 is a third (fp32) call
+        assert call_model(model, to_tensors(_feeds(ref, _inputs("shared", 4, seed=3)))).shape == (4, 32)
+        assert [c.name for c in qm.calls()] == ["fc", "fc#2", "fc#3"]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (exporters): ORT's WeightBiasQuantization rounds an fp8 "
+                   "Conv's fp32 bias to int32 at s_x*s_w when its output feeds a quantized input")
+def test_ort_rewrites_fp8_biases_feeding_a_quantizer(references, tmp_path):
+    """Fake quantization follows the QDQ graph as written; the optimized CPU session differs from
+    it in exactly one transformer (see ORT_BIAS_REWRITE). Passes once the quantizer deploys such
+    biases the way it writes them (or QAT mirrors the rewrite): then drop the xfail and the set."""
+    from pipeline.qat.train import call_model, to_tensors
+
+    ref, artifact, qm, _ = _calibrated("shared_conv", "fp8", references, tmp_path)
+    x = _inputs("shared_conv", 32, seed=99)
+    qm.set_mode("qat")
+    with torch.no_grad():
+        got = call_model(qm.model, to_tensors(_feeds(ref, x))).numpy()
+    qm.detach()
+    written = _ort(artifact, disabled=["WeightBiasQuantization"]).run(None, _feeds(ref, x))[0]
+    deployed = _ort(artifact).run(None, _feeds(ref, x))[0]
+    scale = np.abs(deployed).max()
+    np.testing.assert_allclose(got, written, rtol=1e-5, atol=1e-5 * scale)  # holds: not the xfail
+    np.testing.assert_allclose(got, deployed, rtol=1e-5, atol=1e-5 * scale)

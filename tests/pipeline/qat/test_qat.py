@@ -48,6 +48,54 @@ def test_qat_recovers_at_least_half_of_what_ptq_lost(make_config, tmp_path):
     assert qat.artifact_path != ptq.artifact_path
 
 
+# ----------------------------------------------------------------------------- calibration data
+def test_qat_calibrates_on_exactly_the_quantizers_feeds(mlp_config, tmp_path):
+    """QAT trains against the deployed activation scales, so it must calibrate on the rows the
+    quantizer calibrates on. The digits calibration set has 359 rows = 11 batches of 32 + 7;
+    the Evaluator drops the short batch (ORT's histogram calibrators stack equal batches)."""
+    from exporters.onnx_quant import quantize_model
+    from pipeline.evaluate import Evaluator
+    from pipeline.qat import _calibration_batches
+    from pipeline.qat.train import call_model
+    from pipeline.qat.wrap import QATModel
+    from tests.pipeline.qat.deployed import input_scale
+
+    ev = Evaluator(mlp_config)
+    feeds = ev.calibration_feeds()
+    assert len(ev.calibration) % 32 != 0, "the set must have a short last batch for this test to see it"
+    batches = _calibration_batches(mlp_config, ev.reference.input_names)
+    assert len(batches) == len(feeds)
+    for got, want in zip(batches, feeds):
+        assert list(got) == list(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k].numpy(), want[k])
+
+    # and so the deployed scale: an fp8 (std) scale moves with every row
+    table = ev.reference.layer_table
+    choices = {n: LayerChoice(format=Format.FP8 if n == "fc1" else Format.FP32) for n in table.names}
+    built = quantize_model(ev.reference.onnx_path, table, choices, feeds, Calibration.MINMAX, tmp_path / "c.onnx")
+    with QATModel(ev.adapter.load_model(), choices, onnx_ops={l.name: l.onnx_op for l in table}) as qm:
+        qm.calibrate(batches, call_model)
+        assert np.float32(qm.calls()[0].input_q.scale) == input_scale(built.path, table["fc1"].onnx_node)
+
+
+def test_calibration_batches_are_equal_sized_and_capped():
+    from pipeline.data import MAX_CALIBRATION_ROWS, calibration_batches
+
+    def ds(n):
+        return Dataset({"input": np.arange(n * 2, dtype=np.float32).reshape(n, 2),
+                        "extra": np.zeros((n, 1), np.float32)}, None)
+
+    assert [len(b["input"]) for b in calibration_batches(ds(100), ["input"])] == [32, 32, 32]
+    assert [len(b["input"]) for b in calibration_batches(ds(20), ["input"])] == [20]  # smaller than a batch
+    capped = calibration_batches(ds(MAX_CALIBRATION_ROWS + 50), ["input"])
+    assert sum(len(b["input"]) for b in capped) == MAX_CALIBRATION_ROWS
+    assert all(list(b) == ["input"] for b in capped)  # only the model's inputs
+    np.testing.assert_array_equal(capped[1]["input"], ds(64).inputs["input"][32:64])
+    with pytest.raises(ConfigError, match="data.calibration"):
+        calibration_batches(ds(0), ["input"])
+
+
 # ----------------------------------------------------------------------------- outcome
 def test_run_qat_outcome_trains_and_exports_a_plain_fp32_model(mlp_config, tmp_path):
     import onnx
