@@ -7,6 +7,7 @@ backend) so a Ray worker or the CLI builds them once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -84,7 +85,14 @@ class Evaluator:
     @cached_property
     def reference_accuracy(self) -> float:
         """The FP32 reference's metric on this backend, cached on disk per (reference, backend)."""
-        cache = Path(self.reference.onnx_path).with_name(f"accuracy-{self.backend.name}-{self.config.metric.name.replace(':', '_')}.json")
+        # Keyed by the metric spec and the eval rows themselves: a different eval set, limit
+        # or metric output must not reuse another set's reference value.
+        h = hashlib.sha256(self.config.metric.model_dump_json().encode())
+        for k in sorted(self.eval_set.inputs):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.eval_set.inputs[k]).tobytes())
+        h.update(np.ascontiguousarray(self.eval_set.targets).tobytes())
+        cache = Path(self.reference.onnx_path).with_name(f"accuracy-{self.backend.name}-{h.hexdigest()[:16]}.json")
         if cache.exists():
             return float(json.loads(cache.read_text())["value"])
         session = self.backend.open(self.reference_artifact, self.config.measure.threads)

@@ -90,9 +90,46 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
     return []
 
 
+def _all_node_inputs(graph: onnx.GraphProto) -> set[str]:
+    names = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _all_node_inputs(g)
+    return names
+
+
+def _fold_weight_transposes(graph: onnx.GraphProto) -> int:
+    """Replace ``Transpose(initializer)`` nodes by a transposed initializer.
+
+    The exporter's constant folding keeps a weight's Transpose when the weight feeds several
+    MatMuls (a module called twice, e.g. a siamese encoder), so those MatMuls see a computed
+    tensor instead of an initializer and the layer could not be mapped. Exact (a copy, reordered)."""
+    inits = {i.name: i for i in graph.initializer}
+    kept, sources = [], set()
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            w = numpy_helper.to_array(inits[node.input[0]])
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(w, perm)), node.output[0]))
+            sources.add(node.input[0])
+        else:
+            kept.append(node)
+    if sources:
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = _all_node_inputs(graph) | {o.name for o in graph.output}
+        live = [i for i in graph.initializer if i.name in used or i.name not in sources]
+        del graph.initializer[:]
+        graph.initializer.extend(live)
+    return len(sources)
+
+
 def build_layer_table(onnx_model: onnx.ModelProto, torch_layers: list[_TorchLayer]) -> LayerTable:
     """Map each torch layer to exactly one ONNX node + initializer; un-tie shared initializers in place."""
     graph = onnx_model.graph
+    _fold_weight_transposes(graph)
     inits = {i.name: i for i in graph.initializer}
 
     by_print: dict[str, list[int]] = {}
@@ -266,8 +303,14 @@ class TorchAdapter(ModelAdapter):
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sample.items()}
         with torch.no_grad():
             out = model(tensors[SINGLE_INPUT_NAME]) if names == [SINGLE_INPUT_NAME] else model(**tensors)
-        n_out = len(out) if isinstance(out, (tuple, list)) else 1
-        output_names = self.config.model.output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        from torch.utils._pytree import tree_leaves
+
+        n_out = sum(isinstance(t, torch.Tensor) for t in tree_leaves(out))  # HF ModelOutput is a dict
+        if isinstance(out, dict) and len(out) == n_out:
+            default = [str(k) for k in out]
+        else:
+            default = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        output_names = self.config.model.output_names or default
         if len(output_names) != n_out:
             raise ConfigError(f"model.output_names: {len(output_names)} names for {n_out} model outputs")
 
@@ -280,6 +323,7 @@ class TorchAdapter(ModelAdapter):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            logging.getLogger("onnxscript").setLevel(logging.ERROR)  # harmless constant-folding warnings
             try:
                 program = torch.onnx.export(
                     model, args, kwargs=kwargs, dynamo=True, opset_version=self.config.model.opset,

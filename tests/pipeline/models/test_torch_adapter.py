@@ -115,3 +115,37 @@ def test_layer_whose_weight_is_folded_away_is_skipped_not_silently_lost():
     table = build_layer_table(prog.model_proto, enumerate_layers(m))
     assert table.names == ["fc"]
     assert sorted(table.skipped) == ["pos", "unused"]
+
+
+def test_module_called_twice_maps_each_call_and_dict_outputs_are_named():
+    import torch.nn as nn
+
+    from pipeline.models.torch_adapter import build_layer_table
+
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(384, 384)  # big enough that the exporter keeps its Transpose
+
+        def forward(self, a, b):
+            return {"left": self.enc(a.unsqueeze(1)).squeeze(1), "right": self.enc(b.unsqueeze(1)).squeeze(1)}
+
+    m = Siamese().eval()
+    x = (torch.randn(2, 384), torch.randn(2, 384))
+    prog = torch.onnx.export(m, x, dynamo=True, opset_version=21, optimize=True)
+    table = build_layer_table(prog.model_proto, enumerate_layers(m))
+    assert sorted(table.names) == ["enc", "enc#2"]  # the kept weight Transpose is folded, then each call maps
+    assert len({l.onnx_node for l in table}) == 2
+
+
+def test_reference_accuracy_follows_the_eval_rows(make_config):
+    from pipeline.evaluate import Evaluator
+
+    full = Evaluator(make_config("digits_mlp.yaml"))
+    few = Evaluator(make_config("digits_mlp.yaml", **{"data.eval.limit": 7}))
+    assert full.reference.onnx_path == few.reference.onnx_path  # same cached export
+    assert len(few.eval_set) == 7
+    # 7 rows cannot give the 360-row accuracy except by coincidence of k/7 == full
+    values = {full.reference_accuracy, few.reference_accuracy}
+    assert few.reference_accuracy * 7 == round(few.reference_accuracy * 7)
+    assert len(values) == 2 or full.reference_accuracy * 7 == round(full.reference_accuracy * 7)
