@@ -66,6 +66,10 @@ GATHER_FP8: str = getattr(native, "GATHER_FP8", "gather-fp8")
 """fp8 embedding tables (GatherBlockQuantized on a float8e4m3fn table). Not yet a constant in
 pipeline/backends/native.py; until it is, this spelling is used and counts as emulated."""
 
+FP8_CALIBRATION = "minmax amax/448 (fp8 activations)"
+"""What fp8 activation scales come from (``calibration_used``): ORT's MinMax calibrator, scale
+``amax/448`` (``numerics.fp8_activation_scale``), whatever the int8 calibration is."""
+
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 
 
@@ -79,7 +83,7 @@ class LayerQuantization(BaseModel):
 class QuantizedModel(BaseModel):
     path: str
     layers: list[LayerQuantization]
-    calibration_used: str  # e.g. "minmax" or "distribution (fp8 present)"
+    calibration_used: str  # e.g. "minmax" or "minmax amax/448 (fp8 activations)"
 
 
 @dataclass
@@ -127,7 +131,8 @@ def quantize_model(
     ``choices`` must hold exactly the layer table's names (``QuantPlan.resolve`` output).
     ``calibration_feeds`` are input batches (dicts of graph input -> array); they are only
     run when some layer is int8-static or fp8. ``calibration`` picks the int8 range
-    calibrator; fp8 layers always use Distribution (recorded in ``calibration_used``).
+    calibrator; fp8 activation scales are always ``amax/448`` from ORT's MinMax calibrator
+    (recorded in ``calibration_used``).
     Intermediate models (one per pass) go to ``workdir/onnx_quant_work`` (a temporary folder
     when ``workdir`` is None) and are deleted once the artifact is written; after a failure
     they are kept there for inspection (given a ``workdir``). The result is loaded once in ONNX Runtime on the CPU
@@ -252,7 +257,7 @@ def _quantize(
         nxt = work / "fp8.onnx"
         ort_passes.fp8_static_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group], feeds)
         current = nxt
-        calib_parts.append("distribution (fp8 present)")
+        calib_parts.append(FP8_CALIBRATION)
     if "int8-dynamic" in by_kind:
         group = by_kind["int8-dynamic"]
         nxt = work / "int8_dynamic.onnx"
@@ -282,7 +287,7 @@ def _quantize(
 
     calibration_used = ", ".join(calib_parts) if calib_parts else "none (no static activations)"
     if len(calib_parts) == 2:
-        calibration_used = f"{calib_parts[0]} for int8, distribution (fp8 present)"
+        calibration_used = f"{calib_parts[0]} for int8, {FP8_CALIBRATION}"
     layers = [_describe(p, calibration, p.layer.name in rewritten) for p in planned]
     return QuantizedModel(path=str(out_path), layers=layers, calibration_used=calibration_used)
 
@@ -336,7 +341,7 @@ def _describe(p: _Planned, calibration: Calibration, rewritten: bool) -> LayerQu
     table = {
         "fp32": (native.FP32, "fp32, unchanged"),
         "bf16": (native.CAST_BF16, "bf16 emulated: bf16 weights/bias, input and output rounded to bf16 by Cast pairs, fp32 compute"),
-        "fp8": (native.QDQ_FP8, "fp8 E4M3FN QDQ, per-tensor weight and activation scales std/std(E4M3), distribution calibration, fp32 bias"),
+        "fp8": (native.QDQ_FP8, "fp8 E4M3FN QDQ, per-tensor weight scale std/std(E4M3), per-tensor activation scale amax/448 (minmax calibration), fp32 bias"),
         "int8-static": (
             native.QDQ_INT8,
             f"int8 W8A8 static per-channel symmetric weights, per-tensor symmetric activations, {calibration.value}, int32 bias"

@@ -104,7 +104,7 @@ def calibration_batches(
     A short last batch is dropped, because ORT's histogram calibrators stack batches (so they
     must be equal); a set smaller than one batch is one batch of all its rows. Only the
     ``input_names`` columns are kept (all when None). One function, so the quantizer and QAT
-    calibrate on exactly the same rows: a single extra row moves an fp8 (std) scale.
+    calibrate on exactly the same rows: a single extra row moves a calibrated scale.
     """
     ds = dataset.head(max_rows)
     if len(ds) == 0:

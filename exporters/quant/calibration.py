@@ -1,9 +1,10 @@
 """Calibration feeds -> ONNX Runtime calibrators.
 
 The product's :class:`pipeline.formats.Calibration` names ORT's calibrators for int8 ranges;
-fp8 always uses ORT's Distribution calibrator, because ORT sets an fp8 scale from the
-tensor's standard deviation, which only that calibrator records (quantize_static refuses
-anything else for fp8).
+fp8 runs quantize_static with ORT's Distribution calibrator only because quantize_static
+refuses any other calibrator for fp8; its std-based activation scales (std/100.06, which
+clip everything past ~4.5 sigma) are then rewritten to amax/448 from ORT's MinMax
+calibrator (exporters/quant/ort_passes.py). Weight scales keep ORT's std rule.
 """
 
 from __future__ import annotations

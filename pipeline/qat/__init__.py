@@ -8,7 +8,7 @@
    ``exporters.onnx_quant`` deploys (:mod:`pipeline.qat.fake_quant` mirrors
    ``exporters.numerics``);
 3. calibrate static activation ranges on the calibration set the way the quantizer does
-   (ORT's collectors and settings, FP32 model; fp8 behind the int8-static layers), and
+   (ORT's collectors and settings, FP32 model; fp8 MinMax ``amax/448`` behind the int8-static layers), and
    again every :data:`RECALIBRATE_EVERY` steps since the weights - and so the ranges -
    move (Entropy: once, its KL search is slow);
 4. fine-tune (:mod:`pipeline.qat.train`) with the config's loss on ``data.train``
@@ -130,7 +130,7 @@ def run_qat(
         qm.set_mode("qat")
 
         # Entropy's KL threshold search costs ~1 s per tensor (2048 bins): it runs once, before
-        # training; MinMax / Percentile / fp8's Distribution refresh cheaply as weights move.
+        # training; MinMax / Percentile and fp8's MinMax (amax/448) refresh cheaply as weights move.
         periodic = plan.calibration is not Calibration.ENTROPY
 
         def on_step(step: int) -> None:

@@ -12,8 +12,8 @@ int8 static    symmetric per output channel, ``s = absmax/127``, rne(w/s)      s
                                                                                Conv output quantized too
 int8 dynamic   symmetric per output channel (Conv: per tensor)                 uint8 per call (per batch):
                                                                                DynamicQuantizeLinear
-fp8 (E4M3FN)   per tensor, ``s = std(w)/std(E4M3)``, sat +-448, rne            per tensor, ``s = std_x/std(E4M3)``,
-                                                                               std from the Distribution histogram
+fp8 (E4M3FN)   per tensor, ``s = std(w)/std(E4M3)``, sat +-448, rne            per tensor, ``s = amax/448``,
+                                                                               amax from MinMax (global min/max)
 int4           blocks of B along K (Conv: along I*kh*kw), ``s = v/-8`` (v the  unchanged (weight only)
                signed extreme), MLAS ``roundf(w/s + 8) - 8``; embeddings rne(w/s)
 bf16           bf16 (rne), bias too                                            input and output rounded to bf16
@@ -30,9 +30,11 @@ Written by hand, because no kernel provides them:
   to even, and torchao's int4 QAT (``IntxFakeQuantizeConfig``; read in torchao 0.18's
   ``choose_qparams_affine``) uses ``absmax/7.5`` scales - a different grid from the one
   MatMulNBits deploys. (torchao is also not a dependency of this project.)
-* fp8: ORT scales by the tensor's standard deviation (``std/100.06``), not by ``amax/448``
-  as fp8 fake-quant libraries (torchao's float8 among them) do; the cast itself is torch's
-  ``float8_e4m3fn``.
+* fp8: weights use ORT's std rule (``std/100.06``), which no fp8 fake-quant library
+  (torchao's float8 among them: ``amax/448``) implements; activations use ``amax/448`` over
+  the calibration set (what the quantizer deploys, replacing ORT's std rule, which clipped
+  transformer outliers), a static scale rather than torchao's per-call/delayed amax; the cast
+  itself is torch's ``float8_e4m3fn``.
 * bf16: a cast round trip (``x.to(bfloat16).float()``, round to nearest even, as ORT's Cast).
 * dynamic int8: the scale/zero point of DynamicQuantizeLinear is computed here (3 lines);
   the rounding is again ``torch.fake_quantize_per_tensor_affine``.
@@ -70,12 +72,11 @@ E4M3_MAX = float(numerics.E4M3_MAX)
 E4M3_STD = float(numerics.E4M3_STD)
 F32_TINY = float(np.finfo(np.float32).tiny)
 
-# The calibrator settings exporters.quant runs ORT's calibrators with: Percentile and
-# Distribution at onnxruntime's create_calibrator defaults, Entropy with the quantizer's own
-# bins (exporters.quant.calibration).
+# The calibrator settings exporters.quant runs ORT's calibrators with: Percentile at
+# onnxruntime's create_calibrator defaults, Entropy with the quantizer's own bins
+# (exporters.quant.calibration). MinMax (int8 minmax and every fp8 activation) needs none.
 PERCENTILE_SETTINGS = dict(num_bins=2048, percentile=99.999, symmetric=True)
 ENTROPY_SETTINGS = dict(num_bins=_ENTROPY_NUM_BINS, num_quantized_bins=_ENTROPY_NUM_QUANTIZED_BINS, symmetric=False)
-DISTRIBUTION_SETTINGS = dict(num_bins=2048, scenario="same")
 # Calibration statistics are kept as arrays up to this many elements per tensor (ORT keeps
 # them all); past it they are folded into the histogram batch by batch.
 MAX_KEPT_ELEMENTS = 1 << 25
@@ -290,9 +291,9 @@ class BiasFakeQuant(nn.Module if nn is not None else object):
 class ActivationFakeQuant:
     """Fake quantizer of one activation tensor (a layer's input, or a Conv's output).
 
-    ``kind``: ``int8_static`` and ``fp8`` need calibration (ranges / std observed on the
-    FP32 model with ORT's own collectors and settings), ``int8_dynamic`` computes its scale
-    per call like DynamicQuantizeLinear, ``bf16`` rounds.
+    ``kind``: ``int8_static`` and ``fp8`` need calibration (ranges observed on the model
+    with ORT's own collectors and settings; fp8 always MinMax, scale ``amax/448``),
+    ``int8_dynamic`` computes its scale per call like DynamicQuantizeLinear, ``bf16`` rounds.
     """
 
     def __init__(self, kind: str, calibration: Calibration = Calibration.MINMAX, name: str = ""):
@@ -323,7 +324,7 @@ class ActivationFakeQuant:
 
     def _histogram_method(self) -> str | None:
         if self.kind == "fp8":
-            return "distribution"
+            return None  # MinMax, whatever the int8 calibration (exporters.quant.ort_passes)
         if self.calibration is Calibration.PERCENTILE:
             return "percentile"
         if self.calibration is Calibration.ENTROPY:
@@ -334,9 +335,6 @@ class ActivationFakeQuant:
         from onnxruntime.quantization.calibrate import HistogramCollector
 
         method = self._histogram_method()
-        if method == "distribution":
-            s = DISTRIBUTION_SETTINGS
-            return HistogramCollector(method, False, s["num_bins"], 128, 99.999, s["scenario"])
         if method == "percentile":
             s = PERCENTILE_SETTINGS
             return HistogramCollector(method, s["symmetric"], s["num_bins"], 128, s["percentile"], "same")
@@ -371,19 +369,19 @@ class ActivationFakeQuant:
                                "(the layer is not reached by forward() on the calibration data)")
         method = self._histogram_method()
         if method is None:  # MinMax: global min / max over all batches
+            if self.kind == "fp8":
+                self.scale = float(numerics.fp8_activation_scale(self._min, self._max))
+                self.range = (-E4M3_MAX * self.scale, E4M3_MAX * self.scale)
+                return
             self.range = (self._min, self._max)
             self.scale = int8_activation_scale(*self.range)
             return
         self._flush()
         with contextlib.redirect_stdout(io.StringIO()):
             result = self._collector.compute_collection_result()["x"]
-        if method == "distribution":
-            self.scale = float(numerics.fp8_scale_from_std(float(result.std)))
-            self.range = (-E4M3_MAX * self.scale, E4M3_MAX * self.scale)
-        else:
-            rmin, rmax = float(result[0]), float(result[1])
-            self.range = (rmin, rmax)
-            self.scale = int8_activation_scale(rmin, rmax)
+        rmin, rmax = float(result[0]), float(result[1])
+        self.range = (rmin, rmax)
+        self.scale = int8_activation_scale(rmin, rmax)
         self._collector = None
 
     # -- forward --------------------------------------------------------------

@@ -13,7 +13,7 @@ format         weight (ONNX layout)                                        activ
 int8 static    symmetric per output channel, ``absmax/127``, rne           input per tensor (calibrated, sat.);
                                                                            Conv: int32 bias ``s_x*s_w``, output q'd
 int8 dynamic   per output channel (Conv: per tensor)                       input uint8 per call (DynamicQuantizeLinear)
-fp8 E4M3FN     per tensor, ``std(w)/std(E4M3)``, sat. +-448, rne           input per tensor, ``std_x/std(E4M3)``
+fp8 E4M3FN     per tensor, ``std(w)/std(E4M3)``, sat. +-448, rne           input per tensor, ``amax/448`` (MinMax)
 int4           blocks of B along K (Conv: along I*kh*kw), ``v/-8``,        unchanged (weight only)
                MLAS rounding ``roundf(w/s + 8) - 8`` (ties up)
 bf16           bf16 (rne); Conv bias too                                   input and node output rounded to bf16
@@ -544,7 +544,8 @@ def _deployed_scale(q: _ActQ) -> float:
     """The scale the quantizer stores for this activation.
 
     int8: ORT's ``compute_scale_zp``: ``2*absmax/254`` computed in float64 from the
-    calibrated range, rounded to float32 once. fp8: ``std/std(E4M3)``.
+    calibrated range, rounded to float32 once. fp8: ``amax/448`` of the MinMax range
+    (``numerics.fp8_activation_scale``, computed by the shared ActivationFakeQuant).
     """
     if q.kind != "int8_static":
         return float(q.stats.scale)

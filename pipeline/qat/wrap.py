@@ -383,7 +383,9 @@ class QATModel:
         calibrates the graph *with the int8-static layers already quantized*. So: phase 1
         observes int8-static quantizers with every layer in fp32; phase 2 (only when fp8
         layers exist) observes fp8 quantizers with the int8-static layer calls fake-quantized
-        and the rest in fp32. Returns the number of quantizers calibrated.
+        and the rest in fp32 - their global min/max, since the quantizer sets every fp8
+        activation scale to ``amax/448`` from ORT's MinMax calibrator on that graph.
+        Returns the number of quantizers calibrated.
         """
         import torch
 

@@ -127,6 +127,18 @@ def test_fp8_quantize_matches_quantizelinear_saturating_rne():
     assert rel.max() <= 2.0**-4
 
 
+def test_fp8_activation_scale_is_amax_over_448():
+    """The deployed fp8 activation rule: float32 ``amax/448`` of the MinMax range; 0 -> 1."""
+    x = RNG.standard_normal(4096).astype(np.float32) * np.float32(0.3)
+    x[17] = np.float32(-9.5)  # the extreme is negative: amax is |min|
+    s = numerics.fp8_activation_scale(x.min(), x.max())
+    assert s.dtype == np.float32 and s == np.float32(np.float32(9.5) / np.float32(448.0))
+    assert numerics.fp8_quantize(x, s).astype(np.float32).min() == -numerics.E4M3_MAX  # amax maps to -448 exactly
+    assert np.abs(numerics.fp8_fake_quant(x, s) - x).max() <= 2.0**-4 * 9.5  # nothing saturates
+    assert numerics.fp8_activation_scale(0.0, 0.0) == np.float32(1.0)
+    assert numerics.fp8_activation_scale(-0.0, 2.0) == numerics.fp8_activation_scale(-2.0, 1.0)
+
+
 def test_distribution_std_matches_ort_histogram_collector():
     x = RNG.standard_normal((8, 64)).astype(np.float32) * 0.7 + 0.2
     col = HistogramCollector(method="distribution", symmetric=False, num_bins=2048, num_quantized_bins=128,

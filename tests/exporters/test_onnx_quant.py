@@ -345,6 +345,11 @@ def emulate_int8_dynamic(ex: Exported, g: Graph, w: np.ndarray, b: np.ndarray | 
                      dx=lambda x: np.full_like(x, numerics.dynamic_quantize_linear(x)[1] / 2.0, dtype=F64), db=0.0)
 
 
+def _dq_scales_of(g: Graph, q: onnx.NodeProto) -> list[np.float32]:
+    """The scales of the DequantizeLinear nodes reading a QuantizeLinear's output."""
+    return [np.float32(g.array(n.input[1])) for n in g.consumers(q.output[0]) if n.op_type == "DequantizeLinear"]
+
+
 def _fp8_bound(v: np.ndarray, s: float) -> np.ndarray:
     a = np.abs(np.asarray(v, F64))
     sat = a > numerics.E4M3_MAX * s
@@ -362,8 +367,9 @@ def emulate_fp8(ex: Exported, g: Graph, w: np.ndarray, b: np.ndarray | None) -> 
     q_x = _act_q(g, node, 0)
     assert _q_type(g, q_x) == TensorProto.FLOAT8E4M3FN
     s_x = float(g.array(q_x.input[1]))
-    if len(ex.feeds) == 1:  # one batch: ORT's histogram std is exactly distribution_std
-        assert np.float32(s_x) == numerics.fp8_scale_from_std(numerics.distribution_std(ex.feeds[0]["x"]))
+    xs = [f["x"] for f in ex.feeds]  # amax/448 over every calibration batch (ORT's MinMax range)
+    assert np.float32(s_x) == numerics.fp8_activation_scale(min(x.min() for x in xs), max(x.max() for x in xs))
+    assert _dq_scales_of(g, q_x) == [np.float32(s_x)]  # its DequantizeLinear carries the same scale
     if b is not None and node.op_type in ("Gemm", "Conv"):  # fp8 bias stays float (Cast, not DQ)
         assert g.producer(node.input[2]).op_type == "Cast"
     w_deq = _to_torch_layout(ex, numerics.fp8_dequantize(g.array(dq_w.input[0]), s_w)).astype(F64)
@@ -440,8 +446,6 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_layer_numerics_and_error_bound(models, tmp_path, model_name, variant):
     ex = models[model_name]
-    if variant == "fp8":  # one calibration batch so the fp8 activation scale can be checked exactly
-        ex = Exported(ex.path, ex.table, ex.module, ex.feeds[:1])
     choice, realisation = VARIANTS[variant]
     q = _quantize(ex, choice, tmp_path)
     if realisation is None:  # int4: MatMulNBits for Linear (Gemm rewritten), blocked DQ for Conv
@@ -555,7 +559,7 @@ def test_mixed_plan_graph_holds_exactly_the_planned_forms(models, tmp_path):
     choices = MIXED_PLAN.resolve(ex.table.names)
     q = quantize_model(ex.path, ex.table, choices, ex.feeds, Calibration.MINMAX, tmp_path / "mixed.onnx")
     assert not (tmp_path / "work").exists()  # default workdir is temporary
-    assert "distribution" in q.calibration_used and "minmax" in q.calibration_used
+    assert "amax/448" in q.calibration_used and q.calibration_used.startswith("minmax for int8")
     real = {l.name: l.realisation for l in q.layers}
     assert real == {"emb": native.GATHER_INT8, "l1": native.MATMULNBITS_INT4, "lq": native.QDQ_FP8, "lk": native.QDQ_INT8,
                     "lv": native.FP32, "l4": native.DYNAMIC_INT8, "l5": native.CAST_BF16, "l6": native.FP32}
@@ -709,3 +713,87 @@ def test_bad_input_is_refused_with_the_field_named(models, tmp_path):
         quantize_model(ex.path, broken, {name: int8}, ex.feeds, Calibration.MINMAX, tmp_path / "a.onnx")
     with pytest.raises(FileNotFoundError, match="reference_onnx"):
         quantize_model(tmp_path / "missing.onnx", ex.table, {name: int8}, ex.feeds, Calibration.MINMAX, tmp_path / "a.onnx")
+
+
+class Lin3DBig(torch.nn.Module):  # Linear on [B, T, C] with C = 256: MatMul + Add
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(256, 32)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_fp8_activation_scale_is_amax_not_std(tmp_path):
+    """ORT's own fp8 activation scale, std/std(E4M3), puts 448 at ~4.5 sigma, so a 50-sigma
+    outlier (transformer activations reach 35-98 sigma) saturates; the quantizer deploys
+    amax/448 of the calibration input instead. Both rules are computed through
+    exporters.numerics on the same weights, and the artifact must hold the new one."""
+    rng = np.random.default_rng(11)
+    torch.manual_seed(11)
+    x = rng.standard_normal((4, 8, 256)).astype(np.float32)
+    sigma = float(np.std(x))
+    x[0, 0, 3] = np.float32(50 * sigma)  # one outlier feature, as in transformer residual streams
+    x[2, 5, 3] = np.float32(-45 * sigma)
+    ex = _export(Lin3DBig(), [{"x": x}], tmp_path / "big.onnx")
+    q = _quantize(ex, LayerChoice(format=Format.FP8), tmp_path)
+    g = Graph(q.path)
+    node = next(n for n in g.model.graph.node if n.name == ex.layer.onnx_node)
+    q_x = _act_q(g, node, 0)
+    s_x = np.float32(g.array(q_x.input[1]))
+    s_amax = numerics.fp8_activation_scale(x.min(), x.max())
+    s_std = numerics.fp8_scale_from_std(numerics.distribution_std(x))  # what ORT alone would deploy
+    assert s_x == s_amax and _dq_scales_of(g, q_x) == [s_amax]
+    assert s_x == np.float32(np.float32(np.abs(x).max()) / np.float32(448.0))
+    assert numerics.E4M3_MAX * s_std < 10 * sigma < 50 * sigma <= numerics.E4M3_MAX * s_amax * (1 + 1e-6)
+
+    # the layer's output error (vs float64 FP32) under each rule, same fp8 weights
+    w, b = _ref_weights(ex)
+    dq_w = _weight_dq(g, node, 1)
+    w_deq = _to_torch_layout(ex, numerics.fp8_dequantize(g.array(dq_w.input[0]), g.array(dq_w.input[1]))).astype(F64)
+    y_ref = x.astype(F64) @ w.astype(F64).T + b
+    err = {}
+    for rule, s in (("std/100.06", s_std), ("amax/448", s_amax)):
+        y = numerics.fp8_fake_quant(x, s).astype(F64) @ w_deq.T + b
+        err[rule] = float(np.abs(y - y_ref).max())
+    rel = {k: v / float(np.abs(y_ref).max()) for k, v in err.items()}
+    print(f"fp8 layer, 50-sigma outlier: max |y - y_fp32| std rule {err['std/100.06']:.4g} "
+          f"({rel['std/100.06']:.2%} of max|y|), amax rule {err['amax/448']:.4g} ({rel['amax/448']:.2%})")
+    assert err["amax/448"] * 10 < err["std/100.06"]
+
+    # and ORT runs the artifact with the amax rule: its output is the amax emulation, not the std one
+    y_ort = _run(q.path, {"x": x}).astype(F64)
+    y_amax = numerics.fp8_fake_quant(x, s_amax).astype(F64) @ w_deq.T + b
+    assert np.abs(y_ort - y_amax).max() <= 1e-4 * np.abs(y_ref).max()
+    assert np.abs(y_ort - y_ref).max() * 10 < err["std/100.06"]
+
+
+def test_fp8_scale_rewrite_unshares_a_shared_scale():
+    """Two fp8 activation Qs that ORT gave one scale initializer each get their own amax/448,
+    and nothing else in the graph (an int8 Q reading the same scale name) changes."""
+    from exporters.quant.ort_passes import fp8_activation_scales_from_minmax
+
+    F8 = TensorProto.FLOAT8E4M3FN
+    nodes = [
+        helper.make_node("QuantizeLinear", ["a", "s"], ["qa"], name="qa", output_dtype=F8),
+        helper.make_node("DequantizeLinear", ["qa", "s"], ["da"], name="da"),
+        helper.make_node("QuantizeLinear", ["b", "s"], ["qb"], name="qb", output_dtype=F8),
+        helper.make_node("DequantizeLinear", ["qb", "s"], ["db"], name="db"),
+        helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["qc"], name="qc"),  # int8: untouched
+        helper.make_node("DequantizeLinear", ["qc", "s", "zp"], ["dc"], name="dc"),
+    ]
+    inits = [numpy_helper.from_array(np.float32(0.5), "s"), numpy_helper.from_array(np.int8(0), "zp")]
+    vi = lambda n, t=TensorProto.FLOAT: helper.make_tensor_value_info(n, t, [4])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi("a"), vi("b"), vi("c")], [vi("da"), vi("db"), vi("dc")], inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    ranges = {"a": (-3.0, 1.0), "b": (0.0, 7.5), "c": (-1.0, 1.0)}
+    assert fp8_activation_scales_from_minmax(model, ranges) == 2
+    onnx.checker.check_model(model)
+    g = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    by = {n.name: n for n in model.graph.node}
+    assert g[by["qa"].input[1]] == numerics.fp8_activation_scale(-3.0, 1.0) == np.float32(3.0 / 448)
+    assert g[by["qb"].input[1]] == numerics.fp8_activation_scale(0.0, 7.5)
+    assert by["qa"].input[1] == by["da"].input[1] != by["qb"].input[1] == by["db"].input[1]
+    assert by["qc"].input[1] == by["dc"].input[1] == "s" and g["s"] == np.float32(0.5)
+    with pytest.raises(RuntimeError, match="no MinMax range"):
+        fp8_activation_scales_from_minmax(model, {"a": (0.0, 1.0)})

@@ -96,15 +96,39 @@ def test_gradients_are_straight_through(values):
 
 
 # ------------------------------------------------------------------ model vs deployed
-def _qat_forward(adapter, ref, plan, feeds, x):
+# fp8 activation scales are amax/448: the calibrated max is one activation value, computed by
+# TensorFlow here and by ONNX Runtime in the quantizer, so the two scales agree only up to
+# float32 round-off of that value (seen: up to ~4 eps). At the fp8 grid (3 mantissa bits) any
+# ulp-level difference - in that scale, or in an activation upstream (TF vs ORT summation
+# order, int8 layers' int32 vs float accumulation) - flips the odd rounding by a whole fp8
+# step, about one activation in 1e5 here: it moves that one sample's outputs only.
+SCALE_RTOL = 8 * float(np.finfo(np.float32).eps)
+FP8_FLIPPED_ROWS = 5  # of 96 (seen: 2); a deployed scale only 0.1% off (checked) moves all 96 rows
+
+
+def _qat_forward(adapter, ref, plan, feeds, x, artifact: str | None = None):
+    """QAT forward after calibration; with ``artifact``, its fp8 input scales are checked to be
+    ``amax/448`` of what it observed and within SCALE_RTOL of the deployed ones."""
+    from tests.pipeline.qat.deployed import input_scale
+
     model = adapter.load_model()
+    nodes = {l.name: l.onnx_node for l in ref.layer_table}
     with kq.KerasQAT(model, plan.resolve(ref.layer_table.names), ref, plan.calibration) as qm:
         qm.calibrate(feeds, lambda m, f: m(structure_inputs(m, f), training=False))
+        if artifact is not None:
+            for ql in qm.layers:
+                fp8 = [q for q in ql.input_qs if q is not None and q.kind == "fp8"]
+                assert len(fp8) <= 1, "one call per layer in this model"
+                for q in fp8:
+                    deployed = float(input_scale(artifact, nodes[ql.name]))
+                    own = float(q.scale.numpy())
+                    assert own == float(numerics.fp8_activation_scale(q.stats._min, q.stats._max))
+                    assert abs(own / deployed - 1) <= SCALE_RTOL, (ql.name, own, deployed)
         qm.set_mode("qat")
         return np.asarray(model(x, training=False))
 
 
-def _deployed(ref, plan, feeds, x, work):
+def _deployed(ref, plan, feeds, x, work, path_out: list | None = None):
     import onnxruntime as ort
 
     from exporters.onnx_quant import quantize_model
@@ -112,6 +136,8 @@ def _deployed(ref, plan, feeds, x, work):
     out = Path(tempfile.mkdtemp(dir=work))
     q = quantize_model(ref.onnx_path, ref.layer_table, plan.resolve(ref.layer_table.names), feeds, plan.calibration,
                        out / "candidate.onnx", workdir=out)
+    if path_out is not None:
+        path_out.append(q.path)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(q.path, opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -133,13 +159,20 @@ PLANS = {
 def test_qat_forward_is_the_deployed_model(setup, label):
     _, adapter, ref, feeds, x, work = setup
     plan = PLANS[label]
-    got = _qat_forward(adapter, ref, plan, feeds, x)
-    want = _deployed(ref, plan, feeds, x, work)
+    path: list = []
+    want = _deployed(ref, plan, feeds, x, work, path)
+    got = _qat_forward(adapter, ref, plan, feeds, x, artifact=path[0])
     fp32 = np.asarray(adapter.load_model()(x, training=False))
     scale = float(np.abs(want).max())
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-5 * scale, f"{label}: QAT forward differs from the artifact by {err:.3g}"
-    assert np.abs(fp32 - want).max() > 50 * err  # and the quantization itself is far larger than that
+    diff = np.abs(got - want).reshape(len(x), -1)
+    flipped = int((diff.max(axis=1) > 1e-5 * scale).sum())
+    err = float(np.median(diff.max(axis=1)))
+    print(f"{label}: max|qat - artifact| {diff.max():.3g}, rows over 1e-5*max|y|: {flipped}/{len(x)} (max|y| {scale:.3g})")
+    if any(c.format.value == "fp8" for c in plan.resolve(ref.layer_table.names).values()):
+        assert flipped <= FP8_FLIPPED_ROWS, f"{label}: {flipped} samples differ from the artifact"
+    else:
+        assert flipped == 0, f"{label}: QAT forward differs from the artifact by {diff.max():.3g}"
+    assert np.abs(fp32 - want).max() > 50 * max(err, 1e-5 * scale)  # and the quantization itself is far larger
 
 
 @pytest.mark.parametrize("layer", ["conv2", "fc1"])
