@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
+# The test suite covers Keras/TFLite and the MiniLM example too, so it installs their extras.
+TEST_EXTRAS ?= dev,keras,examples
 CONFIG ?= search_spaces/digits_mlp.yaml
 TRIALS ?=
 STUDY ?=
@@ -46,7 +48,8 @@ ui: $(STAMP)
 mlflow-server: $(STAMP)
 	bash mlflow/server.sh
 
-test: $(STAMP)
+test:
+	@$(MAKE) --no-print-directory venv EXTRAS=$(TEST_EXTRAS)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
