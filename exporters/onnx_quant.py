@@ -221,6 +221,11 @@ def _quantize(
         if p.kind == "fp32":
             continue
         make_weight_private(model, p.node, p.weight_index, names)
+        # Biases too: a module called twice shares its bias between nodes that may get
+        # different formats (int32 bias of one call must not leak into the other).
+        n = node(model, p.node)
+        if p.op in ("Gemm", "Conv") and len(n.input) > 2 and n.input[2] in initializers(model):
+            make_weight_private(model, p.node, 2, names)
         # ORT's quantize_dynamic rewrites *every* Gemm in the graph into MatMul + Add under new
         # names (``<name>_MatMul``), so when a dynamic pass will run, every planned Gemm layer is
         # rewritten here first, keeping its node name for the passes that follow.

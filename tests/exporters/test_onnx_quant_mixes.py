@@ -42,3 +42,40 @@ def test_random_mixed_plans_build_run_and_report_their_formats(fixture, request,
         assert {l.name: l.format for l in q.layers} == {n: c.format for n, c in choices.items()}
         out = ort.InferenceSession(q.path, providers=["CPUExecutionProvider"]).run(None, ev)[0]
         assert np.all(np.isfinite(out)), f"plan {i}: non-finite output"
+
+
+def test_a_layer_called_twice_gets_a_private_bias_per_call(tmp_path):
+    """Regression: the shared bias of a module called twice crashed int8-static + bf16 calls."""
+    import torch
+    import torch.nn as nn
+
+    from pipeline.models.torch_adapter import build_layer_table, enumerate_layers
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    m = Twice().eval()
+    prog = torch.onnx.export(m, (torch.randn(4, 16),), dynamo=True, opset_version=21, optimize=True)
+    model = prog.model_proto
+    table = build_layer_table(model, enumerate_layers(m))
+    assert sorted(table.names) == ["fc", "fc#2"]
+    import onnx
+
+    src = tmp_path / "ref.onnx"
+    onnx.save(model, str(src))
+    x = np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32)  # the export has a static batch of 4
+    feeds = [{model.graph.input[0].name: x}]
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    for first, second in [("int8", "bf16"), ("bf16", "int8"), ("fp8", "int8"), ("int4", "fp32")]:
+        choices = {"fc": LayerChoice(format=first), "fc#2": LayerChoice(format=second)}
+        q = quantize_model(src, table, choices, feeds, Calibration.MINMAX, tmp_path / f"{first}-{second}.onnx")
+        got = ort.InferenceSession(q.path, providers=["CPUExecutionProvider"]).run(None, {model.graph.input[0].name: x})[0]
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel < 0.15, f"{first}/{second}: relative error {rel:.3f}"
