@@ -101,7 +101,8 @@ def _train(model, image: bool, epochs: int, seed: int = 0):
 def _cached(name: str, build, image: bool, epochs: int, checkpoint: str | None):
     import torch
 
-    path = Path(checkpoint) if checkpoint else CACHE_DIR / f"{name}.pt"
+    path = Path(checkpoint) if checkpoint else CACHE_DIR / f"{name}_v2.pt"  # v2: seeded initial weights
+    torch.manual_seed(0)  # the initial weights too: every machine trains the same example model
     model = build()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))

@@ -22,27 +22,28 @@ logging.getLogger("onnxscript").setLevel(logging.WARNING)
 
 # ----------------------------------------------------------------------------- recovery
 def test_qat_recovers_at_least_half_of_what_ptq_lost(make_config, tmp_path):
-    """Every layer int4 (block 32) on the 32-wide digits MLP: PTQ loses a few points on the
-    artifact; QAT at the same plan must win back at least half (benchmarks/qat_recovery.py
-    measures ~100% over three seeds; this asserts loosely)."""
+    """Every layer int4 (block 32) on the 16-wide digits MLP: PTQ loses ~5 points on the
+    artifact; QAT at the same plan must win back at least half (measured: ~117% with 300
+    steps at lr 1e-3; the example model's training is seeded, so this is the same model on
+    every machine)."""
     from pipeline.evaluate import Evaluator
 
-    cfg = make_config("digits_mlp.yaml", **{"model.kwargs": {"hidden": 32}})
+    cfg = make_config("digits_mlp.yaml", **{"model.kwargs": {"hidden": 16}})
     ev = Evaluator(cfg)
     fp32 = ev.reference_accuracy
     ptq = ev.evaluate(QuantPlan(layers={"*": "int4"}), tmp_path / "ptq", energy=False)
     lost = fp32 - ptq.measurement.accuracy
     assert lost >= 0.01, f"int4 PTQ lost only {lost:.4f}: this model no longer shows anything to recover"
 
-    plan = QuantPlan(method="qat", layers={"*": "int4"}, qat=QATSettings(steps=200, seed=0))
+    plan = QuantPlan(method="qat", layers={"*": "int4"}, qat=QATSettings(steps=300, learning_rate=1e-3, seed=0))
     qat = ev.evaluate(plan, tmp_path / "qat", energy=False, progress=False)
     recovered = qat.measurement.accuracy - ptq.measurement.accuracy
     assert recovered >= 0.5 * lost, (fp32, ptq.measurement.accuracy, qat.measurement.accuracy)
 
     # what the trial reports: method, the curve per step, the budget, the same quantizer's layers
     assert qat.method == "qat"
-    assert len(qat.qat_curve) == 200 and all(math.isfinite(v) for v in qat.qat_curve)
-    assert qat.extra["qat_steps"] == 200 and qat.extra["qat_seconds"] > 0
+    assert len(qat.qat_curve) == 300 and all(math.isfinite(v) for v in qat.qat_curve)
+    assert qat.extra["qat_steps"] == 300 and qat.extra["qat_seconds"] > 0
     assert [(l.name, l.format) for l in qat.layers] == [(l.name, l.format) for l in ptq.layers]
     assert {l.detail for l in qat.layers} == {l.detail for l in ptq.layers}
     assert qat.artifact_path != ptq.artifact_path
