@@ -90,9 +90,11 @@ def cnn(checkpoint: str | None = None, width: int = 16, epochs: int = 15, seed: 
     from pipeline.models.keras_adapter import import_tf
 
     _, keras = import_tf()
-    path = Path(checkpoint) if checkpoint else CACHE_DIR / f"digits_keras_cnn_w{width}_e{epochs}_s{seed}.keras"
+    # v2: the initial weights are seeded too, so every machine trains the same model.
+    path = Path(checkpoint) if checkpoint else CACHE_DIR / f"digits_keras_cnn_w{width}_e{epochs}_s{seed}_v2.keras"
     if path.exists():
         return keras.saving.load_model(str(path))
+    keras.utils.set_random_seed(seed)
     model = _train(build_cnn(width), epochs, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")

