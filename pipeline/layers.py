@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -62,3 +62,17 @@ class LayerTable(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "LayerTable":
         return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+def choose_candidate(candidates: list[int], in_scope: Callable[[int], bool], taken: dict[int, int]) -> int:
+    """Pick which framework layer an ONNX node's weight belongs to (both adapters use this).
+
+    ``candidates`` are the layers whose weight equals the node's initializer (deep-copied
+    layers can be equal); prefer those whose name scope contains the node, then those not
+    yet mapped. Counts the choice in ``taken`` (a layer used twice maps twice).
+    """
+    pool = [c for c in candidates if in_scope(c)] or candidates
+    free = [c for c in pool if c not in taken]
+    chosen = free[0] if free else pool[0]
+    taken[chosen] = taken.get(chosen, 0) + 1
+    return chosen

@@ -40,7 +40,7 @@ from onnx import numpy_helper
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.data import load_dataset
-from pipeline.layers import Layer, LayerTable
+from pipeline.layers import Layer, LayerTable, choose_candidate
 from pipeline.models.base import ModelAdapter, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -276,11 +276,7 @@ def build_layer_table(onnx_model: onnx.ModelProto, keras_layers: list[_KerasLaye
             cands = by_print.get(init_prints[w], [])
             if not cands:
                 continue
-            scoped = [c for c in cands if _in_scope(node.name, keras_layers[c].layer_name)]
-            pool = scoped or cands
-            free = [c for c in pool if c not in taken]
-            chosen = free[0] if free else pool[0]
-            taken[chosen] = taken.get(chosen, 0) + 1
+            chosen = choose_candidate(cands, lambda c: _in_scope(node.name, keras_layers[c].layer_name), taken)
             assignments.append((chosen, node, pos))
             break
 

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.data import SINGLE_INPUT_NAME, load_dataset
-from pipeline.layers import Layer, LayerTable
+from pipeline.layers import Layer, LayerTable, choose_candidate
 from pipeline.models.base import ModelAdapter, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -156,11 +156,7 @@ def build_layer_table(onnx_model: onnx.ModelProto, torch_layers: list[_TorchLaye
             if not cands:
                 continue
             scopes = set(_scopes(node))
-            scoped = [c for c in cands if torch_layers[c].module_path in scopes]
-            pool = scoped or cands
-            free = [c for c in pool if c not in taken]
-            chosen = free[0] if free else pool[0]
-            taken[chosen] = taken.get(chosen, 0) + 1
+            chosen = choose_candidate(cands, lambda c: torch_layers[c].module_path in scopes, taken)
             assignments.append((chosen, node, pos))
             break
 
