@@ -19,7 +19,6 @@ import numpy as np
 from pipeline.backends import resolve_backend
 from pipeline.config import SearchConfig
 from pipeline.data import CALIBRATION_BATCH, Dataset, calibration_batches, load_dataset
-from pipeline.formats import Format
 from pipeline.measure import (
     TrialFailure,
     effective_bits_per_weight,
@@ -233,8 +232,3 @@ class Evaluator:
             extra=extra,
         )
 
-
-def uniform_plans(formats: list[Format] | None = None) -> dict[str, QuantPlan]:
-    """The FP32 reference and one plan per uniform format: every study's baselines."""
-    formats = formats or list(Format)
-    return {f"uniform-{f.value}": QuantPlan.uniform(f) for f in formats}

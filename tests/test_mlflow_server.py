@@ -47,6 +47,18 @@ def _assert_loopback_only(port: int) -> None:
     assert all(line.split()[3].startswith("127.0.0.1:") for line in out.splitlines()), out
 
 
+def _stop(proc: subprocess.Popen, log) -> None:
+    """End the process group this test started (mlflow and its workers), then close its log."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    log.close()
+
+
 def _server_env(tmp: Path, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -84,14 +96,7 @@ def server(tmp_path):
             time.sleep(0.5)
         yield base, tmp_path
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this test started: mlflow and its workers
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+        _stop(proc, log)
 
 
 def test_server_script_binds_loopback_and_reads_its_settings(tmp_path):
@@ -216,11 +221,4 @@ def test_ui_script_serves_the_local_store_on_loopback(tmp_path):
             assert b"<html" in r.read(200).lower()
         _assert_loopback_only(port)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+        _stop(proc, log)
