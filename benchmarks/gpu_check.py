@@ -40,6 +40,7 @@ FORMATS = ("fp32", "bf16", "fp8", "int8", "int4")
 class Check:
     started: float = field(default_factory=time.perf_counter)
     budget_s: float = 270.0
+    reserve_s: float = 0.0  # kept back for a later part (the GEMM part while the digits part runs)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     rows_a: list[dict] = field(default_factory=list)
     rows_b: list[dict] = field(default_factory=list)
@@ -49,8 +50,9 @@ class Check:
         return time.perf_counter() - self.started
 
     def out_of_time(self, what: str, need_s: float) -> bool:
-        if self.elapsed() + need_s > self.budget_s:
-            self.skip(what, f"time budget: {self.elapsed():.0f}s of {self.budget_s:.0f}s used")
+        if self.elapsed() + need_s > self.budget_s - self.reserve_s:
+            kept = f", {self.reserve_s:.0f}s kept for the GEMM part" if self.reserve_s else ""
+            self.skip(what, f"time budget: {self.elapsed():.0f}s of {self.budget_s:.0f}s used{kept}")
             return True
         return False
 
@@ -198,6 +200,35 @@ def part_a(check: Check, nvml_ok: bool, nvml_why: str, args) -> None:
 
 
 # --------------------------------------------------------------------------------------
+def tf32_switch(torch):
+    """(set_tf32(enabled), restore()) for cuBLAS fp32 matmuls.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" | "tf32" | "none");
+    the legacy ``allow_tf32`` flag still works, but torch refuses to *read* it once the new API
+    has set "tf32" ("you have used mix of the legacy and new APIs to set the TF32 status for cublas
+    matmul. We suggest only using the new API", torch 2.13). So the new API is used whenever it
+    exists, and the state found is put back afterwards.
+    """
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+
+        def set_tf32(enabled: bool) -> None:
+            m.fp32_precision = "tf32" if enabled else "ieee"
+
+        def restore() -> None:
+            m.fp32_precision = old
+    else:  # torch < 2.9
+        old = m.allow_tf32
+
+        def set_tf32(enabled: bool) -> None:
+            m.allow_tf32 = bool(enabled)
+
+        def restore() -> None:
+            m.allow_tf32 = old
+    return set_tf32, restore
+
+
 def part_b(check: Check, nvml_ok: bool, nvml_why: str, args) -> None:
     print(f"\n(b) GEMM energy microbenchmark (PyTorch, {args.gemm_n}^3, one GEMM = one 'inference')")
     try:
@@ -217,7 +248,7 @@ def part_b(check: Check, nvml_ok: bool, nvml_why: str, args) -> None:
     flop = 2.0 * n * n * n
     meter = NvmlMeter(0) if nvml_ok else None
     spec = EnergySpec(meter="nvml", min_seconds=args.min_seconds, repeats=args.repeats)
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    set_tf32, restore_tf32 = tf32_switch(torch)
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def rand(dtype=torch.float32):
@@ -231,15 +262,23 @@ def part_b(check: Check, nvml_ok: bool, nvml_why: str, args) -> None:
             a, b = rand(torch.bfloat16), rand(torch.bfloat16)
             return lambda: a @ b
         if fmt == "fp8":
+            # torch 2.13: aten::_scaled_mm(Tensor self, Tensor mat2, Tensor scale_a, Tensor scale_b,
+            # Tensor? bias=None, Tensor? scale_result=None, ScalarType? out_dtype=None,
+            # bool use_fast_accum=False) -> Tensor. cuBLASLt wants `self` row-major and `mat2`
+            # column-major, both dims multiples of 16; per-tensor scaling takes float32 scalar
+            # scales on the device. FP8 tensor cores need sm >= 8.9 (checked by the caller).
             a = (rand() / 4).to(torch.float8_e4m3fn)
-            b = (rand() / 4).to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as cuBLASLt wants
-            one = torch.tensor(1.0, device=dev)
+            b = (rand() / 4).to(torch.float8_e4m3fn).t().contiguous().t()  # column-major
+            one = torch.ones((), device=dev, dtype=torch.float32)
+
             def fp8_mm():
                 out = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-                return out[0] if isinstance(out, tuple) else out  # older torch returned (out, amax)
+                return out[0] if isinstance(out, tuple) else out  # torch < 2.5 returned (out, amax)
 
             return fp8_mm
         if fmt == "int8":
+            # aten::_int_mm(Tensor self, Tensor mat2) -> Tensor (int32). CUDA checks (Blas.cpp):
+            # self.size(0) > 16, self.size(1) and mat2.size(1) multiples of 8, int8 inputs.
             a = torch.randint(-64, 64, (n, n), device=dev, generator=gen, dtype=torch.int8)
             b = torch.randint(-64, 64, (n, n), device=dev, generator=gen, dtype=torch.int8).t().contiguous().t()
             return lambda: torch._int_mm(a, b)
@@ -260,7 +299,7 @@ def part_b(check: Check, nvml_ok: bool, nvml_why: str, args) -> None:
                 continue
             if check.out_of_time(what, args.min_seconds * args.repeats + 3):
                 continue
-            torch.backends.cuda.matmul.allow_tf32 = fmt == "tf32"
+            set_tf32(fmt == "tf32")  # fp32 means IEEE fp32: TF32 only in the tf32 row
             try:
                 op = make(fmt)
                 out = op()
@@ -297,7 +336,7 @@ def part_b(check: Check, nvml_ok: bool, nvml_why: str, args) -> None:
             del op
             torch.cuda.empty_cache()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        restore_tf32()
         if meter is not None:
             meter.close()
     print()
@@ -323,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.gemm_n <= 16 or args.gemm_n % 16:
+        p.error(f"--gemm-n must be a multiple of 16 above 16 (fp8 _scaled_mm needs multiples of 16, "
+                f"_int_mm needs M > 16 and multiples of 8); got {args.gemm_n}")
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not args.verbose:  # per-trial INFO lines (meter chosen, backend) would drown the table
@@ -332,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(budget_s=args.budget)
     nvml_ok, nvml_why = environment(check)
     if not args.skip_a:
+        # The GEMM part needs about (window x repeats + idle + warm-up) per format; keep that back
+        # so that a slow engine build in (a) cannot starve (b) out of the 5-minute budget.
+        check.reserve_s = 0.0 if args.skip_b else 5 * (args.min_seconds * args.repeats + 4)
         part_a(check, nvml_ok, nvml_why, args)
+        check.reserve_s = 0.0
     if not args.skip_b:
         part_b(check, nvml_ok, nvml_why, args)
 

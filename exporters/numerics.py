@@ -31,6 +31,7 @@ fp8 (E4M3FN)   weight, per tensor         ``s = std(w) / std(E4M3)`` (std of the
                                           finite E4M3FN values = 100.0577)                 round to nearest even
 fp8 (E4M3FN)   activation, per tensor     ``s = amax / 448`` (float32; amax = max(|rmin|,  same; saturates at +-448
                                           |rmax|) from ORT's MinMax calibrator; 0 -> 1)
+fp8 (E4M3FN)   bias (Gemm/Conv)           ``s_b = s_x * s_w`` (per tensor)                 ``q = rne(b / s_b)`` int32
 int4           weight, blocks of B along  ``v`` = the block element of largest |v|          ``clip(round(x / s), -8, 7)``:
                the reduction axis K       (ties: the negative one); ``s = v / -8``          ``v`` maps to exactly -8;
                (MatMulNBits, Conv DQ,     (s can be negative); last block zero-padded;     MatMulNBits/Conv: ties up,

@@ -22,6 +22,13 @@ int4    MatMul, Gemm: MatMulNBits            int4 table, GatherBlockQuantized
         blocked DQ(int4) (``qdq-int4``)
 ======  ===================================  =============================================
 
+That table is the ``ort`` target (:class:`pipeline.formats.QuantTarget`). For
+``target=tensorrt`` the same numbers are written in standard-ONNX QDQ forms TensorRT's
+parser builds (:mod:`exporters.quant.tensorrt_forms`): int4 MatMul/Gemm as a blocked
+DequantizeLinear(int4) feeding the MatMul (``qdq-int4``), quantized embeddings as a
+DequantizeLinear of the table before the Gather (``dq-gather-int8/int4/fp8``), and int8 with
+dynamic activations refused (:class:`UnsupportedPlan`).
+
 A Gemm planned int4 or int8-dynamic is first rewritten as MatMul + Add (both forms exist
 for MatMul only). The passes run in this order, each on the previous one's output:
 prepare (opset 21, private weights/inputs, Gemm rewrites, ORT pre-processing) -> int8
@@ -43,7 +50,8 @@ import numpy as np
 import onnx
 from pydantic import BaseModel
 
-from exporters.quant import handwritten, ort_passes
+from exporters.errors import UnsupportedPlan
+from exporters.quant import handwritten, ort_passes, tensorrt_forms
 from exporters.quant.calibration import ENTROPY_NUM_BINS, ENTROPY_NUM_QUANTIZED_BINS, INT8_METHODS, check_feeds
 from exporters.quant.graph import (
     NameScope,
@@ -56,21 +64,19 @@ from exporters.quant.graph import (
     remove_unused_initializers,
 )
 from pipeline.backends import native
-from pipeline.formats import Calibration, Format, Int8Activations
+from pipeline.formats import TARGET_INT8_ACTIVATIONS, Calibration, Format, Int8Activations, QuantTarget
 from pipeline.layers import Layer, LayerTable
 from pipeline.plan import LayerChoice
 
 log = logging.getLogger(__name__)
-
-GATHER_FP8: str = getattr(native, "GATHER_FP8", "gather-fp8")
-"""fp8 embedding tables (GatherBlockQuantized on a float8e4m3fn table). Not yet a constant in
-pipeline/backends/native.py; until it is, this spelling is used and counts as emulated."""
 
 FP8_CALIBRATION = "minmax amax/448 (fp8 activations)"
 """What fp8 activation scales come from (``calibration_used``): ORT's MinMax calibrator, scale
 ``amax/448`` (``numerics.fp8_activation_scale``), whatever the int8 calibration is."""
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+
+
 
 
 class LayerQuantization(BaseModel):
@@ -91,6 +97,7 @@ class _Planned:
     layer: Layer
     choice: LayerChoice
     weight_index: int
+    target: QuantTarget = QuantTarget.ORT
 
     @property
     def node(self) -> str:
@@ -106,15 +113,18 @@ class _Planned:
         f, op = self.choice.format, self.op
         if f is Format.FP32:
             return "fp32"
+        trt = self.target is QuantTarget.TENSORRT
         if op == "Gather":
-            return f"gather-{f.value}"
+            return f"dq-gather-{f.value}" if trt and f is not Format.BF16 else f"gather-{f.value}"
         if f is Format.BF16:
             return "bf16"
         if f is Format.FP8:
             return "fp8"
         if f is Format.INT8:
             return "int8-dynamic" if self.choice.int8_activations is Int8Activations.DYNAMIC else "int8-static"
-        return "int4-conv" if op == "Conv" else "int4-nbits"
+        if op == "Conv":
+            return "int4-conv"
+        return "int4-qdq" if trt else "int4-nbits"
 
 
 def quantize_model(
@@ -125,6 +135,7 @@ def quantize_model(
     calibration: Calibration,
     out_path: str | Path,
     workdir: str | Path | None = None,
+    target: QuantTarget | str = QuantTarget.ORT,
 ) -> QuantizedModel:
     """Write ``out_path``: the reference model with every layer in its planned format.
 
@@ -137,17 +148,21 @@ def quantize_model(
     when ``workdir`` is None) and are deleted once the artifact is written; after a failure
     they are kept there for inspection (given a ``workdir``). The result is loaded once in ONNX Runtime on the CPU
     before returning, so an artifact that comes back always has every kernel it needs.
+    ``target`` picks the graph forms (``ort`` or ``tensorrt``, see the module docstring); a plan
+    the target cannot express raises :class:`UnsupportedPlan` before any work is done.
     """
     reference_onnx, out_path = Path(reference_onnx), Path(out_path)
     if not reference_onnx.is_file():
         raise FileNotFoundError(f"reference_onnx: no file at {reference_onnx}")
     calibration = Calibration(calibration)
+    target = QuantTarget(target)
     base = Path(tempfile.mkdtemp(prefix="onnx_quant_")) if workdir is None else Path(workdir)
     work = base / "onnx_quant_work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        result = _quantize(reference_onnx, layer_table, choices, calibration_feeds, calibration, out_path, work)
+        result = _quantize(reference_onnx, layer_table, choices, calibration_feeds, calibration, out_path, work,
+                           target)
     except Exception:
         if workdir is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -158,7 +173,8 @@ def quantize_model(
     return result
 
 
-def _plan(model: onnx.ModelProto, table: LayerTable, choices: dict[str, LayerChoice], source: Path) -> list[_Planned]:
+def _plan(model: onnx.ModelProto, table: LayerTable, choices: dict[str, LayerChoice], source: Path,
+          target: QuantTarget = QuantTarget.ORT) -> list[_Planned]:
     names = table.names
     missing = [n for n in names if n not in choices]
     unknown = [n for n in choices if n not in set(names)]
@@ -190,23 +206,29 @@ def _plan(model: onnx.ModelProto, table: LayerTable, choices: dict[str, LayerCho
         expected = 0 if n.op_type == "Gather" else (None if n.op_type == "MatMul" else 1)
         if expected is not None and widx != expected:
             raise ValueError(f"{where}: weight {layer.weight!r} is input {widx} of the {n.op_type}, expected input {expected}")
-        p = _Planned(layer, choices[layer.name], widx)
-        if p.kind in ("int4-nbits", "int8-dynamic") and n.op_type == "MatMul" and widx != 1:
+        p = _Planned(layer, choices[layer.name], widx, target)
+        if p.kind == "int8-dynamic" and Int8Activations.DYNAMIC not in TARGET_INT8_ACTIVATIONS[target]:
+            raise UnsupportedPlan(
+                f"{where}: int8 with dynamic activations has no {target} form (TensorRT's ONNX parser has no "
+                "DynamicQuantizeLinear/MatMulInteger); plan int8_activations: static for this backend"
+            )
+        if p.kind in ("int4-nbits", "int4-qdq", "int8-dynamic") and n.op_type == "MatMul" and widx != 1:
             raise NotImplementedError(f"{where}: {p.kind} needs the weight as the MatMul's second input (x @ W)")
-        if p.kind == "int4-nbits" and n.op_type == "MatMul":
+        if p.kind in ("int4-nbits", "int4-qdq") and n.op_type == "MatMul":
             shape = inits[layer.weight].dims
-            if len(shape) < 2 or any(d != 1 for d in shape[:-2]):
-                raise NotImplementedError(f"{where}: int4 MatMulNBits needs a 2-D weight, got shape {list(shape)}")
+            limit = 2 if p.kind == "int4-qdq" else None  # ORT's QDQ writer keeps 2-D weights only
+            if len(shape) < 2 or any(d != 1 for d in shape[:-2]) or (limit and len(shape) != limit):
+                raise NotImplementedError(f"{where}: int4 on a MatMul needs a 2-D weight, got shape {list(shape)}")
         planned.append(p)
     return planned
 
 
 def _quantize(
     reference: Path, table: LayerTable, choices: dict[str, LayerChoice], feeds: Sequence[dict[str, np.ndarray]],
-    calibration: Calibration, out_path: Path, work: Path,
+    calibration: Calibration, out_path: Path, work: Path, target: QuantTarget = QuantTarget.ORT,
 ) -> QuantizedModel:
     model = ensure_opset(onnx.load(str(reference)))
-    planned = _plan(model, table, choices, reference)
+    planned = _plan(model, table, choices, reference, target)
     by_kind: dict[str, list[_Planned]] = {}
     for p in planned:
         by_kind.setdefault(p.kind, []).append(p)
@@ -226,10 +248,11 @@ def _quantize(
         n = node(model, p.node)
         if p.op in ("Gemm", "Conv") and len(n.input) > 2 and n.input[2] in initializers(model):
             make_weight_private(model, p.node, 2, names)
-        # ORT's quantize_dynamic rewrites *every* Gemm in the graph into MatMul + Add under new
-        # names (``<name>_MatMul``), so when a dynamic pass will run, every planned Gemm layer is
-        # rewritten here first, keeping its node name for the passes that follow.
-        if p.op == "Gemm" and (p.kind in ("int4-nbits", "int8-dynamic") or "int8-dynamic" in by_kind):
+        # Only forms that exist for MatMul alone need the rewrite; ort_passes.int8_dynamic_pass hides
+        # the other Gemms from quantize_dynamic's Gemm -> MatMul + Add, so int8-static/fp8/bf16 Gemms
+        # keep their bias inside the node (as QAT mirrors; MatMulAddFusion + WeightBiasQuantization
+        # would otherwise re-round it).
+        if p.op == "Gemm" and p.kind in ("int4-nbits", "int4-qdq", "int8-dynamic"):
             gemm_to_matmul(model, p.node, names)
             rewritten.add(p.layer.name)
             p.weight_index = 1
@@ -251,7 +274,8 @@ def _quantize(
     if "int8-static" in by_kind:
         group = by_kind["int8-static"]
         nxt = work / "int8_static.onnx"
-        ort_passes.int8_static_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group], INT8_METHODS[calibration], feeds)
+        ort_passes.int8_static_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group],
+                                    INT8_METHODS[calibration], feeds, shield=target is QuantTarget.ORT)
         current = nxt
         calib_parts.append(
             calibration.value
@@ -260,7 +284,8 @@ def _quantize(
     if "fp8" in by_kind:
         group = by_kind["fp8"]
         nxt = work / "fp8.onnx"
-        ort_passes.fp8_static_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group], feeds)
+        ort_passes.fp8_static_pass(current, nxt, [p.node for p in group], [op_of[p.node] for p in group], feeds,
+                                   shield=target is QuantTarget.ORT)
         current = nxt
         calib_parts.append(FP8_CALIBRATION)
     if "int8-dynamic" in by_kind:
@@ -272,6 +297,10 @@ def _quantize(
     int4_ort = by_kind.get("int4-nbits", []) + by_kind.get("gather-int4", [])
     for block in sorted({p.choice.int4_block_size for p in int4_ort}):
         model = ort_passes.int4_nbits_pass(model, [p.node for p in int4_ort if p.choice.int4_block_size == block], block)
+    int4_qdq = by_kind.get("int4-qdq", [])
+    for block in sorted({p.choice.int4_block_size for p in int4_qdq}):
+        model = tensorrt_forms.int4_qdq_matmul_pass(
+            model, [p.node for p in int4_qdq if p.choice.int4_block_size == block], block)
 
     # --- hand-written forms
     names = NameScope(model)
@@ -286,6 +315,10 @@ def _quantize(
             handwritten.int8_gather(model, p.node, names)
         elif p.kind == "gather-fp8":
             handwritten.fp8_gather(model, p.node, names)
+        elif p.kind.startswith("dq-gather-"):
+            tensorrt_forms.dq_gather(model, p.node, p.choice.format, p.choice.int4_block_size, names)
+    if target is QuantTarget.TENSORRT:
+        tensorrt_forms.fold_int32_dequantize(model)  # TensorRT's DQ takes no int32: biases as fp32
     remove_unused_initializers(model)
     _save(model, out_path)
     _check_loads(out_path)
@@ -346,7 +379,7 @@ def _describe(p: _Planned, calibration: Calibration, rewritten: bool) -> LayerQu
     table = {
         "fp32": (native.FP32, "fp32, unchanged"),
         "bf16": (native.CAST_BF16, "bf16 emulated: bf16 weights/bias, input and output rounded to bf16 by Cast pairs, fp32 compute"),
-        "fp8": (native.QDQ_FP8, "fp8 E4M3FN QDQ, per-tensor weight scale std/std(E4M3), per-tensor activation scale amax/448 (minmax calibration), fp32 bias"),
+        "fp8": (native.QDQ_FP8, "fp8 E4M3FN QDQ, per-tensor weight scale std/std(E4M3), per-tensor activation scale amax/448 (minmax calibration), int32 bias (s_x*s_w)"),
         "int8-static": (
             native.QDQ_INT8,
             f"int8 W8A8 static per-channel symmetric weights, per-tensor symmetric activations, {calibration.value}, int32 bias"
@@ -360,11 +393,15 @@ def _describe(p: _Planned, calibration: Calibration, rewritten: bool) -> LayerQu
             + ("ConvInteger)" if op == "Conv" else "MatMulInteger)"),
         ),
         "int4-nbits": (native.MATMULNBITS_INT4, f"int4 weight-only, symmetric blocks of {b} along K, MatMulNBits, fp32 activations"),
+        "int4-qdq": (native.QDQ_INT4, f"int4 weight-only, symmetric blocks of {b} along K, blocked DequantizeLinear(int4) + MatMul, fp32 activations"),
         "int4-conv": (native.QDQ_INT4, f"int4 weight-only, symmetric blocks of {b} along I*kh*kw, blocked DequantizeLinear(int4) + Reshape, fp32 Conv"),
         "gather-bf16": (native.CAST_BF16, "bf16 table, Gather then Cast to fp32 (weight-only)"),
-        "gather-fp8": (GATHER_FP8, "fp8 E4M3FN table, per-tensor std scale, GatherBlockQuantized (weight-only)"),
+        "gather-fp8": (native.GATHER_FP8, "fp8 E4M3FN table, per-tensor std scale, GatherBlockQuantized (weight-only)"),
         "gather-int8": (native.GATHER_INT8, "int8 table, symmetric per row, GatherBlockQuantized uint8 (weight-only)"),
         "gather-int4": (native.GATHER_INT4, f"int4 table, symmetric blocks of {b} along the embedding dim, GatherBlockQuantized (weight-only)"),
+        "dq-gather-int8": (native.DQ_GATHER_INT8, "int8 table, symmetric per row, DequantizeLinear of the table then Gather (weight storage only)"),
+        "dq-gather-int4": (native.DQ_GATHER_INT4, f"int4 table, symmetric blocks of {b} along the embedding dim, DequantizeLinear of the table then Gather (weight storage only)"),
+        "dq-gather-fp8": (native.DQ_GATHER_FP8, "fp8 E4M3FN table, per-tensor std scale, DequantizeLinear of the table then Gather (weight storage only)"),
     }
     realisation, detail = table[k]
     return LayerQuantization(name=p.layer.name, format=p.choice.format, realisation=realisation, detail=detail + suffix)

@@ -10,7 +10,17 @@ precision is therefore carried by the graph itself:
   Hopper), FP8 kernels. TensorRT requires symmetric quantization (zero points
   0) and signed types (INT8, FP8, INT4).
 - INT4 layers: blocked DequantizeLinear(int4 weight) feeding the GEMM, which
-  TensorRT fuses into a weight-only kernel (int4 weights, fp compute).
+  TensorRT fuses into a weight-only kernel (int4 weights, fp compute). TensorRT
+  blocks 2-D tensors only, along the last or second-to-last axis
+  (IDequantizeLayer reference), so a Conv weight is quantized as a 2-D
+  [O, I*kh*kw] matrix and Reshaped after the DequantizeLinear; shape-only ops
+  between a DequantizeLinear and its GEMM/Conv do not change what
+  :func:`layer_precisions` reports. Whether TensorRT fuses that Conv form into an
+  int4 weight-only kernel rather than folding it to an fp32 constant is shown by
+  the engine inspector report written next to each engine.
+- Biases: TensorRT's Q/DQ take int8, fp8, int4 (and fp4), never int32, so
+  quantized (int32) biases are refused; the quantizer keeps them fp32 for the
+  ``tensorrt`` target.
 - BF16 layers: the quantizer writes them as Cast round-trips around an fp32
   GEMM (the only form ONNX Runtime CPU runs). In a strongly typed network that
   would stay fp32 compute, so :func:`promote_bf16_layers` rewrites each such
@@ -21,6 +31,9 @@ precision is therefore carried by the graph itself:
 What TensorRT cannot parse (DynamicQuantizeLinear + MatMulInteger, QLinear*
 ops, com.microsoft ops such as MatMulNBits, asymmetric or unsigned Q/DQ) is
 listed by :func:`tensorrt_problems` and refused before a build, with the fix.
+The quantizer's ``tensorrt`` target (``exporters.onnx_quant``, chosen by
+``measure.backend: tensorrt``) writes none of these: this check guards
+artifacts made for another target or by other tools.
 
 Only :func:`build_engine` and :class:`TrtSession` need TensorRT (and torch with
 CUDA for device buffers, streams and CUDA-event timing); the graph functions
@@ -68,6 +81,7 @@ _QTYPE_NAMES = {
     TensorProto.FLOAT8E5M2: "fp8e5m2",
     TensorProto.INT4: "int4",
     TensorProto.UINT4: "uint4",
+    TensorProto.INT32: "int32",
 }
 
 
@@ -149,10 +163,23 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output if out}
 
 
-def _operand_kind(name: str, producers: dict[str, onnx.NodeProto], types: dict[str, int]) -> str:
+# Ops that only move or relabel elements: a DequantizeLinear behind them still decides the
+# operand's precision (the quantizer's int4 Conv form is DQ(int4, 2-D) -> Reshape -> Conv).
+SHAPE_ONLY_OPS = ("Reshape", "Transpose", "Flatten", "Identity", "Squeeze", "Unsqueeze")
+
+
+def _dq_behind(name: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
     p = producers.get(name)
-    if p is not None and p.op_type == "DequantizeLinear":
-        return _QTYPE_NAMES.get(types.get(p.input[0], 0), "quantized")
+    while p is not None and p.op_type in SHAPE_ONLY_OPS and p.input:
+        p = producers.get(p.input[0])
+    return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+
+def _operand_kind(name: str, producers: dict[str, onnx.NodeProto], types: dict[str, int]) -> str:
+    dq = _dq_behind(name, producers)
+    if dq is not None:
+        return _QTYPE_NAMES.get(types.get(dq.input[0], 0), "quantized")
+    p = producers.get(name)
     et = types.get(name)
     if et == TensorProto.BFLOAT16:
         return "bf16"
@@ -210,6 +237,17 @@ def _zero_point_values(name: str, inits: dict[str, TensorProto], producers) -> n
     return None
 
 
+def _rank(name: str, graph: onnx.GraphProto) -> int | None:
+    """Rank of an initializer or a typed value, None when the graph does not say."""
+    for init in graph.initializer:
+        if init.name == name:
+            return len(init.dims)
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
 def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
     """Why TensorRT cannot build this graph as quantized, one line per node; empty when it can."""
     g = model.graph
@@ -221,7 +259,8 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         label = f"node {node.name or f'#{i}'} ({node.op_type})"
         if node.domain not in ("", "ai.onnx"):
             hint = (
-                "int4 layers for TensorRT must be written as blocked DequantizeLinear (QDQ int4), not MatMulNBits"
+                "int4 layers for TensorRT must be written as blocked DequantizeLinear (QDQ int4), not MatMulNBits "
+                "(exporters.onnx_quant does so for target tensorrt, i.e. measure.backend: tensorrt)"
                 if node.op_type == "MatMulNBits"
                 else "TensorRT's ONNX parser implements standard ONNX ops only"
             )
@@ -233,10 +272,28 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             qtensor = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
             qtype = types.get(qtensor)
-            if qtype is not None and qtype not in TRT_QUANT_TYPES:
+            if qtype == TensorProto.INT32:
+                # TensorRT's Q/DQ types are int8, fp8, int4 and fp4 (Quantize/Dequantize operator
+                # reference); ORT's QDQ quantizer writes Conv/Gemm biases as int32 + DequantizeLinear.
+                problems.append(
+                    f"{label}: int32 DequantizeLinear (a quantized bias); TensorRT's Q/DQ take int8, fp8 and "
+                    "int4 only: keep biases fp32 (exporters.onnx_quant does so for target tensorrt, or ORT "
+                    "extra_options QuantizeBias=False)"
+                )
+            elif qtype is not None and qtype not in TRT_QUANT_TYPES:
                 problems.append(
                     f"{label}: quantized type {_QTYPE_NAMES.get(qtype, qtype)} is not one TensorRT takes "
                     "(int8, fp8 e4m3, int4); quantize with signed types (QInt8/QInt4, not QUInt8)"
+                )
+            rank = _rank(qtensor, g)
+            if int(_attr(node, "block_size", 0) or 0) > 0 and rank is not None and rank != 2:
+                # IDequantizeLayer: "scale and zeroPt should have identical dimensions, and a rank
+                # that is lower or equal to 2 ... For block quantization, the shape of scale tensor
+                # must match the shape of the input, except for one dimension (the last or second
+                # to last dimension) in which blocking occurs."
+                problems.append(
+                    f"{label}: blocked quantization of a rank-{rank} tensor; TensorRT blocks 2-D tensors only "
+                    "(quantize the weight as a 2-D matrix and Reshape after the DequantizeLinear)"
                 )
             if len(node.input) > 2 and node.input[2]:
                 zp = _zero_point_values(node.input[2], inits, producers)
@@ -428,6 +485,20 @@ def engine_key(prepared_sha: str, shapes: Shapes, trt_version: str, gpu: str, al
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags for a strongly typed network on TensorRT 10 and 11.
+
+    TensorRT 10: ``STRONGLY_TYPED`` must be asked for ("pass a value of
+    1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED) to create_network()");
+    ``EXPLICIT_BATCH`` is "[DEPRECATED] Ignored" and left out. TensorRT 11: "Strongly
+    typed mode is always enabled. This flag is retained for API compatibility but is
+    ignored" (kSTRONGLY_TYPED is now bit 0, and kEXPLICIT_BATCH is gone), so setting it
+    by its own value is right on both; a build without the member gets 0.
+    """
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def build_engine(
     onnx_path: str | Path,
     shapes: Shapes,
@@ -468,11 +539,7 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly_typed is not None:  # required on 10.x, accepted (ignored) on 11.x
-        flags |= 1 << int(strongly_typed)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(prepared.path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -481,24 +548,39 @@ def build_engine(
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if not allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
+    # BuilderFlag.TF32: "Allow (but not require) computations on tensors of type DataType::kFLOAT
+    # to use TF32 ... Enabled by default." It is a compute mode, not a tensor type, so it is not
+    # among the precision flags TensorRT 11 removed (FP16, BF16, INT8, FP8, INT4, FP4,
+    # OBEY/PREFER_PRECISION_CONSTRAINTS; migration guide "Removed Python APIs"): clearing it is
+    # what keeps an fp32 layer fp32 in a strongly typed engine.
+    if hasattr(trt.BuilderFlag, "TF32"):
+        if allow_tf32:
+            config.set_flag(trt.BuilderFlag.TF32)
+        else:
+            config.clear_flag(trt.BuilderFlag.TF32)
+    elif not allow_tf32:
+        log.warning("this TensorRT has no BuilderFlag.TF32: fp32 layers may run in TF32")
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = int(builder_optimization_level)
     if hasattr(trt, "ProfilingVerbosity"):
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
+    profiled = False
     for i in range(network.num_inputs):
         inp = network.get_input(i)
         dims = tuple(inp.shape)
         if inp.name in shapes:
             mn, opt, mx = shapes[inp.name]
             profile.set_shape(inp.name, tuple(mn), tuple(opt), tuple(mx))
+            profiled = True
         elif any(d < 0 for d in dims):
             raise TensorRTBuildError(
                 f"input {inp.name!r} has dynamic shape {dims}: give its (min, opt, max) in `shapes`"
             )
-    config.add_optimization_profile(profile)
+    # A network with only static inputs needs no profile; add_optimization_profile returns -1
+    # for an invalid one (e.g. min > opt), which would otherwise surface as a bare build failure.
+    if profiled and config.add_optimization_profile(profile) < 0:
+        raise TensorRTBuildError(f"TensorRT rejected the optimisation profile {shapes} for {prepared.path}")
 
     t0 = time.perf_counter()
     blob = builder.build_serialized_network(network, config)

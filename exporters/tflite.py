@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from exporters.errors import UnsupportedPlan
 from pipeline.backends import native
 from pipeline.formats import Format, Int8Activations
 from pipeline.plan import LayerChoice
@@ -54,10 +55,6 @@ MODE_FLOAT = "float"
 MODE_FULL_INT8 = "int8-full-integer"
 MODE_SELECTIVE_INT8 = "int8-selective"
 MODE_DYNAMIC_INT8 = "int8-dynamic-range"
-
-
-class UnsupportedPlan(ValueError):
-    """The plan asks for something TFLite's converter cannot produce."""
 
 
 @dataclass
@@ -107,8 +104,46 @@ def plan_mode(choices: dict[str, LayerChoice]) -> tuple[str, list[str]]:
     return (MODE_SELECTIVE_INT8 if fp32 else MODE_FULL_INT8), fp32
 
 
-def _in_scope(name: str, layer: str) -> bool:
-    return re.search(r"(^|/)" + re.escape(layer) + r"(_\d+)?/", name) is not None
+def _scope_match(name: str, layer: str) -> int:
+    """2: ``name`` lies under the name scope ``layer``; 1: under ``layer_<n>``; 0: neither."""
+    best = 0
+    for part in name.split(";"):  # fused TFLite names join several TF op names
+        for scope in part.split("/")[:-1]:
+            if scope == layer:
+                return 2
+            if re.fullmatch(re.escape(layer) + r"_\d+", scope):
+                best = 1
+    return best
+
+
+def _layer_ops(weight_names: Sequence[str], keras_layers: Iterable[str]) -> dict[str, list[int]]:
+    """Which weight-carrying ops (indices into ``weight_names``) belong to which Keras layer.
+
+    A layer's ops lie under its TF name scope, which TF uniquifies with ``_<n>`` when the
+    name was used before in the traced graph (``conv1`` becomes ``conv1_1``). With Keras's
+    automatic names that is ambiguous: scope ``dense_1`` can be layer ``dense`` re-entered
+    or layer ``dense_1`` (then scoped ``dense_1_2``). So: each layer's candidates are the
+    ops under its name or a suffixed form; a layer with one candidate left owns it (no other
+    layer can), repeated until nothing changes; an op still claimed twice goes to the exact
+    name (first layer if none). Every op ends with at most one layer.
+    """
+    layers = list(dict.fromkeys(keras_layers))
+    cands = {l: {i for i, w in enumerate(weight_names) if _scope_match(w, l)} for l in layers}
+    owned: dict[int, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for l in layers:
+            free = cands[l] - owned.keys()
+            if len(free) == 1 and not any(o == l for o in owned.values()):
+                owned[free.pop()] = l
+                changed = True
+    for l in layers:
+        for i in sorted(cands[l] - owned.keys()):
+            rivals = [m for m in layers if i in cands[m] and i not in owned]
+            exact = [m for m in rivals if _scope_match(weight_names[i], m) == 2]
+            owned[i] = (exact or rivals)[0]
+    return {l: sorted(i for i, o in owned.items() if o == l) for l in layers}
 
 
 def _interpreter(model_content: bytes | None = None, model_path: str | None = None, threads: int | None = None):
@@ -154,9 +189,10 @@ def layer_realisations(model_content: bytes, layer_names: dict[str, str]) -> lis
     """
     interp = _interpreter(model_content=model_content)
     ops = _weight_ops(interp)
+    owner = _layer_ops([o[1] for o in ops], layer_names.values())
     out = []
     for table_name, keras_name in layer_names.items():
-        hits = [o for o in ops if _in_scope(o[1], keras_name)]
+        hits = [ops[i] for i in owner[keras_name]]
         if not hits:
             raise RuntimeError(f"tflite: no TFLite op holds the weight of layer {table_name!r}; "
                                "the converter may have folded it away")
@@ -171,19 +207,28 @@ def layer_realisations(model_content: bytes, layer_names: dict[str, str]) -> lis
     return out
 
 
-def _float_node_names(model_content: bytes, keras_layers: Sequence[str]) -> list[str]:
-    """Output tensor names of the ops holding these layers' weights (the debugger's denylist keys)."""
+def _float_node_names(model_content: bytes, keras_layers: Sequence[str], all_layers: Iterable[str]) -> list[str]:
+    """The quantizer's denylist keys for these layers: output tensor names of the ops holding their weights.
+
+    ``model_content`` must be the *calibrated* float model that ``QuantizationDebugger`` hands
+    to ``convert.mlir_quantize`` (``debugger.calibrated_model``). The MLIR quantizer skips an
+    op when its location is a ``NameLoc`` in ``denylisted_nodes``, and the flatbuffer importer
+    sets an op's location from the names of its output tensors (one output: that name). Names
+    read from an already quantized model are wrong for an op that produces a model output:
+    there the final DEQUANTIZE takes the output's name (``StatefulPartitionedCall:0``) and the
+    op's own output is renamed (``StatefulPartitionedCall:01``), a key that matches nothing.
+    ``all_layers``: every layer of the table, so ops are told apart as :func:`_layer_ops` does.
+    """
     interp = _interpreter(model_content=model_content)
     tensors = interp.get_tensor_details()
-    names = []
+    weight_ops = []
     for op in interp._get_ops_details():  # noqa: SLF001
         pos = WEIGHT_OPS.get(op["op_name"])
-        if pos is None or len(op["inputs"]) <= pos:
+        if pos is None or len(op["inputs"]) <= pos or op["inputs"][pos] < 0:
             continue
-        wname = tensors[op["inputs"][pos]]["name"]
-        if any(_in_scope(wname, l) for l in keras_layers):
-            names.extend(tensors[o]["name"] for o in op["outputs"])
-    return names
+        weight_ops.append((tensors[op["inputs"][pos]]["name"], [tensors[o]["name"] for o in op["outputs"]]))
+    owner = _layer_ops([w for w, _ in weight_ops], [*keras_layers, *all_layers])
+    return [name for l in dict.fromkeys(keras_layers) for i in owner[l] for name in weight_ops[i][1]]
 
 
 def save_endpoint(model, feeds: dict[str, np.ndarray], output_names: list[str], folder: Path,
@@ -266,11 +311,12 @@ def convert(
                     notes.append("integer model inputs kept as they are; float outputs")
                 content = c.convert()
             elif mode == MODE_SELECTIVE_INT8:
-                plain = converter().convert()  # to find the TFLite node names of the fp32 layers
-                deny = _float_node_names(plain, [layer_names[n] for n in fp32_layers])
-                opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=deny)
-                dbg = tf.lite.experimental.QuantizationDebugger(converter=converter(), debug_dataset=rep,
-                                                                debug_options=opts)
+                # The debugger calibrates once; the denylist keys are read from that calibrated
+                # model, the one mlir_quantize matches them against (see _float_node_names).
+                dbg = tf.lite.experimental.QuantizationDebugger(converter=converter(), debug_dataset=rep)
+                deny = _float_node_names(dbg.calibrated_model, [layer_names[n] for n in fp32_layers],
+                                         layer_names.values())
+                dbg.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=deny)
                 content = dbg.get_nondebug_quantized_model()
                 notes.append("selective int8 (fp32 layers denylisted); float model inputs/outputs")
             else:

@@ -237,6 +237,13 @@ class SearchConfig(_Strict):
             if Int8Activations.DYNAMIC in self.search.int8_activations:
                 raise ValueError("search.int8_activations: TFLite mixes int8 and fp32 layers with static "
                                  "activations only; set [static]")
+        if self.measure.backend == "tensorrt" and Int8Activations.DYNAMIC in self.search.int8_activations \
+                and "int8_activations" in self.search.model_fields_set:
+            # Left at its default the list is narrowed to [static] for TensorRT by the search space
+            # (search_spaces/space.py); written out by the user, it asks for something impossible.
+            raise ValueError("search.int8_activations: TensorRT builds int8 with static (calibrated) activations "
+                             "only - its ONNX parser has no DynamicQuantizeLinear; set [static] "
+                             "(or measure on ort-cpu, which runs both)")
         return self
 
     def resolve_path(self, p: str) -> Path:

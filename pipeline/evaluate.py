@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from pipeline.data import CALIBRATION_BATCH, Dataset, calibration_batches, load_
 from pipeline.measure import (
     TrialFailure,
     effective_bits_per_weight,
+    exclusive_measurement,
+    measure_lock_path,
     measure_energy,
     run_dataset,
     task_metric,
@@ -35,6 +38,13 @@ from pipeline.results import LayerReport, Measurement, TrialResult
 
 log = logging.getLogger(__name__)
 
+
+
+@dataclass(frozen=True)
+class _Measured:
+    measurement: Measurement
+    engine_path: str | None  # the TensorRT engine the session built (None for other backends)
+    lock_wait_s: float  # time spent waiting for the node's measurement lock
 
 
 class Evaluator:
@@ -130,7 +140,7 @@ class Evaluator:
         out_path = out_dir / "candidate.onnx"
         quantized = quantize_model(
             source.onnx_path, source.layer_table, choices, self.calibration_feeds(), plan.calibration, out_path,
-            workdir=out_dir,
+            workdir=out_dir, target=self.backend.quant_target,
         )
         extra["calibration_used"] = quantized.calibration_used
         reports = []
@@ -171,18 +181,35 @@ class Evaluator:
         return effective_bits_per_weight(artifact, self.reference.onnx_path, table.total_params(),
                                          self.reference_weight_bytes, sum(4 * l.params for l in table))
 
+    def _lock_path(self) -> Path:
+        """One measurement lock per machine for CPU backends; per physical GPU for GPU backends (a Ray
+        task sees its GPU as device 0 through CUDA_VISIBLE_DEVICES, so that variable names the GPU)."""
+        base = measure_lock_path()
+        if not getattr(self.backend, "needs_gpu", False):
+            return base
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(",", "_") or "all"
+        return base.with_name(f"{base.stem}-gpu{visible}-{getattr(self.backend, 'device_id', 0)}{base.suffix}")
+
     def measure(self, artifact: str | Path, energy: bool = True) -> Measurement:
+        """Accuracy, latency, size and energy of one artifact on this backend."""
+        return self._measure(artifact, energy).measurement
+
+    def _measure(self, artifact: str | Path, energy: bool = True) -> "_Measured":
+        """:meth:`measure`, plus what the trial records beside it."""
         cfg = self.config
         session = self.backend.open(artifact, cfg.measure.threads)
         outputs = run_dataset(session, self.eval_set, cfg.measure.batch_size)
         value = task_metric(cfg, outputs, self.eval_set.targets)
         ref = self.reference_accuracy
         feeds = self.eval_set.fixed_batch(cfg.measure.batch_size)
-        times = time_batches(session, feeds, cfg.measure.warmup, cfg.measure.runs)
+        # Timing and energy windows of trials sharing a node (or a GPU) never overlap; the
+        # accuracy run above may.
+        with exclusive_measurement(self._lock_path()) as waited_s:
+            times = time_batches(session, feeds, cfg.measure.warmup, cfg.measure.runs)
+            energy_report = measure_energy(cfg, self.backend, session, feeds) if energy else None
         p50 = float(np.percentile(times, 50))
-        energy_report = measure_energy(cfg, self.backend, session, feeds) if energy else None
-        self.last_engine_path = getattr(session, "engine_path", None)  # TensorRT builds lazily on first run
-        return Measurement(
+        engine_path = getattr(session, "engine_path", None)  # TensorRT builds lazily on the first run
+        measurement = Measurement(
             backend=self.backend.name,
             device=self.backend.device(),
             metric=cfg.metric.name,
@@ -199,6 +226,7 @@ class Evaluator:
             threads=cfg.measure.threads or os.cpu_count(),
             runtime_version=self.backend.runtime_version(),
         )
+        return _Measured(measurement, str(engine_path) if engine_path else None, waited_s)
 
     def evaluate(self, plan: QuantPlan, out_dir: str | Path, energy: bool = True, progress=None) -> TrialResult:
         out_dir = Path(out_dir)
@@ -209,16 +237,24 @@ class Evaluator:
         except TrialFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - any quantizer failure fails this trial only
-            if type(exc).__name__ == "UnsupportedPlan":
+            from exporters.errors import UnsupportedPlan
+
+            if isinstance(exc, UnsupportedPlan):
                 raise TrialFailure(f"{self.backend.name} cannot build this plan: {exc}") from exc
             raise TrialFailure(f"quantization failed: {type(exc).__name__}: {exc}") from exc
         try:
-            measurement = self.measure(artifact, energy=energy)
+            measured = self._measure(artifact, energy=energy)
+            measurement, engine_path = measured.measurement, measured.engine_path
         except TrialFailure:
             raise
         except Exception as exc:  # noqa: BLE001
             raise TrialFailure(f"measurement failed on {self.backend.name}: {type(exc).__name__}: {exc}") from exc
         extra["backend_note"] = self.backend_note
+        extra["measure_lock_wait_s"] = round(measured.lock_wait_s, 3)  # > 0: trials queued for the timer
+        if engine_path and Path(engine_path).is_file():
+            # What a TensorRT deployment ships is the engine; size_bytes stays the ONNX artifact's so
+            # sizes compare across backends.
+            extra["engine_size_bytes"] = Path(engine_path).stat().st_size
         (out_dir / "plan.yaml").write_text(plan.to_yaml())
         return TrialResult(
             plan_yaml=plan.to_yaml(),
@@ -227,7 +263,7 @@ class Evaluator:
             layers=layers,
             measurement=measurement,
             artifact_path=str(artifact),
-            engine_path=str(self.last_engine_path) if getattr(self, "last_engine_path", None) else None,
+            engine_path=engine_path,
             qat_curve=curve,
             extra=extra,
         )

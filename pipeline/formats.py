@@ -64,3 +64,33 @@ class Calibration(str, Enum):
 
 
 INT4_BLOCK_SIZES: tuple[int, ...] = (32, 64, 128)
+
+
+class QuantTarget(str, Enum):
+    """Which runtime the quantizer writes its graph forms for (``exporters.onnx_quant``).
+
+    The numbers stored per layer are the same for every target (one rule per format in
+    :mod:`exporters.numerics`); what differs is the ONNX form that carries them:
+
+    ort: the forms ONNX Runtime runs fastest - INT4 MatMul as com.microsoft MatMulNBits,
+        quantized embeddings as GatherBlockQuantized, INT8 with dynamic activations
+        (DynamicQuantizeLinear + MatMulInteger). Used by ort-cpu, ort-cuda and ort-trt (whose
+        TensorRT EP hands the com.microsoft nodes to the CUDA EP, which has real kernels).
+    tensorrt: standard-ONNX QDQ only, signed and symmetric, which TensorRT's ONNX parser builds:
+        INT4 MatMul/Gemm as blocked DequantizeLinear(int4) feeding the MatMul (TensorRT's
+        weight-only form), quantized embeddings as DequantizeLinear feeding the Gather. INT8
+        with dynamic activations has no TensorRT form and is refused.
+    """
+
+    ORT = "ort"
+    TENSORRT = "tensorrt"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TARGET_INT8_ACTIVATIONS: dict[QuantTarget, tuple[Int8Activations, ...]] = {
+    QuantTarget.ORT: (Int8Activations.STATIC, Int8Activations.DYNAMIC),
+    QuantTarget.TENSORRT: (Int8Activations.STATIC,),
+}
+"""INT8 activation modes each target can write (TensorRT's parser has no DynamicQuantizeLinear)."""

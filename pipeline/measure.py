@@ -7,7 +7,12 @@ fixed batch after warm-up; throughput is batch_size / median latency.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +68,52 @@ def time_batches(session: Session, feeds: dict[str, np.ndarray], warmup: int, ru
         session.synchronize()
         times[i] = (time.perf_counter() - t0) * 1e3
     return times
+
+
+MEASURE_LOCK_ENV = "PRECISION_SEARCH_MEASURE_LOCK"
+DEFAULT_MEASURE_LOCK = "precision-search-measure.lock"  # in the system temp folder: one per machine
+
+
+def measure_lock_path(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$PRECISION_SEARCH_MEASURE_LOCK``, else ``<system temp>/precision-search-measure.lock``."""
+    chosen = path or os.environ.get(MEASURE_LOCK_ENV) or Path(tempfile.gettempdir()) / DEFAULT_MEASURE_LOCK
+    return Path(chosen)
+
+
+@contextmanager
+def exclusive_measurement(path: str | os.PathLike | None = None) -> Iterator[float]:
+    """Hold this machine's measurement lock: one candidate timed (and metered) at a time per node.
+
+    With ``--parallel`` > 1 several trials share a node; quantizing and accuracy
+    runs may overlap, but two latency or energy windows must not, or each run
+    times the other's load (and RAPL/NVML, which meter the whole package/GPU,
+    charge one trial for both). ``fcntl.flock`` on one file per machine is held
+    by the process, released by the kernel if the process dies (no stale lock
+    after a killed worker), and works across the Ray worker processes of a node.
+    Every process on the machine must agree on the file: set
+    ``PRECISION_SEARCH_MEASURE_LOCK`` to a node-local path to choose another
+    (the temp folder must not be shared between machines, e.g. over NFS).
+
+    Yields the seconds spent waiting for the lock (worth recording: a long wait
+    means trials queue on timing).
+    """
+    lock = measure_lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            os.fchmod(fd, 0o666)  # other users' searches on this machine must be able to take it too
+        except OSError:
+            pass
+        t0 = time.perf_counter()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        waited = time.perf_counter() - t0
+        try:
+            yield waited
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def measure_energy(config: SearchConfig, backend: Backend, session: Session, feeds: dict[str, np.ndarray]) -> EnergyReport | None:

@@ -50,18 +50,18 @@ ENGINE_IN_MODEL = "tensorrt"  # folder inside the logged model that holds a Tens
 # Tags set on registered model versions (besides the run tags copied as-is).
 VTAG_STUDY = S.TAG_STUDY
 VTAG_TRIAL_NUMBER = S.TAG_TRIAL_NUMBER
-VTAG_RUN_ID = "precision_search.run_id"
-VTAG_PLAN = "precision_search.plan"
-VTAG_PLAN_SUMMARY = "precision_search.plan_summary"
-VTAG_POLICY = "precision_search.policy"
-VTAG_ENGINE = "precision_search.tensorrt_engine"
+VTAG_RUN_ID = S.VTAG_RUN_ID
+VTAG_PLAN = S.VTAG_PLAN
+VTAG_PLAN_SUMMARY = S.VTAG_PLAN_SUMMARY
+VTAG_POLICY = S.VTAG_POLICY
+VTAG_ENGINE = S.VTAG_ENGINE
 VTAG_METRIC_PREFIX = "metric."
 VTAG_SAVING_PREFIX = "saving_vs_fp32."
 COPIED_RUN_TAGS = (S.TAG_BACKEND, S.TAG_DEVICE, S.TAG_ENERGY_SOURCE, S.TAG_EXECUTION, S.TAG_METHOD, S.TAG_BASELINE,
                    S.TAG_CONFIG_HASH)
-MAX_TAG_VALUE = 90_000
-TAG_FEASIBLE = "precision_search.feasible"  # trial: "false" when the accuracy-drop constraint is broken (pipeline.tracking)
-TAG_ENERGY_OBJECTIVE = "precision_search.energy_objective"  # parent run: "energy" | "latency" (pipeline.tracking)  # MLflow caps registry tag values at 100,000 characters
+MAX_TAG_VALUE = 90_000  # MLflow caps registry tag values at 100,000 characters
+TAG_FEASIBLE = S.TAG_FEASIBLE  # trial: "false" when the accuracy-drop constraint is broken (pipeline.tracking)
+TAG_ENERGY_OBJECTIVE = S.TAG_ENERGY_OBJECTIVE  # parent run: "energy" | "latency" (pipeline.tracking)
 
 
 class PromotionError(ValueError):
@@ -261,6 +261,25 @@ def _energy_or_none(t: TrialRecord) -> float | None:
     return t.metric(OBJECTIVE_METRICS["energy"])
 
 
+def require_one_energy_source(trials: Iterable[TrialRecord], policy: str) -> str | None:
+    """The energy source shared by ``trials`` (None if none says); refuses a mix.
+
+    Joules from NVML, RAPL and the CPU-time estimate are different quantities
+    (metered numbers include idle power, the estimate does not, NVML covers the
+    GPU and RAPL the CPU package), so a policy must not rank one against another.
+    """
+    by_source: dict[str, list[str]] = {}
+    for t in trials:
+        by_source.setdefault(t.energy_source or "unknown", []).append(t.label)
+    if len(by_source) <= 1:
+        return next(iter(by_source), None)
+    listing = "; ".join(f"{src}: {', '.join(labels)}" for src, labels in sorted(by_source.items()))
+    raise PromotionError(
+        f"policy {policy} compares energy, but the candidate trials' energy sources differ ({listing}); joules "
+        f"from {' and '.join(sorted(by_source))} are not comparable. Promote a trial explicitly with --trial N, "
+        "use a policy that does not compare energy, or re-run the study with one measure.energy.meter")
+
+
 def check_promotable(study: StudyRecord, t: TrialRecord | None, number: int | None = None) -> TrialRecord:
     """Refuse trials that are missing, unfinished, failed or dominated, saying which and why."""
     if t is None:
@@ -299,6 +318,8 @@ def choose(study: StudyRecord, policy: str, budget: Budget = Budget(), *, object
         if budget.max_energy_j is None and budget.max_latency_ms is None:
             raise PromotionError("policy max-accuracy needs a budget: --max-energy-j J and/or --max-latency-ms MS "
                                  "(without one the most accurate candidate is just FP32)")
+        if budget.max_energy_j is not None:
+            require_one_energy_source(front, "max-accuracy with --max-energy-j")
         pool, notes = [], []
         for t in front:
             if budget.max_energy_j is not None:
@@ -343,11 +364,10 @@ def choose(study: StudyRecord, policy: str, budget: Budget = Budget(), *, object
             drops = [d for d in (accuracy_drop(study, t, higher_is_better) for t in with_energy) if d is not None]
             raise PromotionError(f"no trial on the front has an accuracy drop <= {limit:g} (smallest: "
                                  f"{_fmt(min(drops) if drops else None)}); raise --max-accuracy-drop")
+        require_one_energy_source(pool, "min-energy")
         best = min(pool, key=lambda t: (_energy_or_none(t), -_quality(t, higher_is_better)))
-        sources = sorted({t.energy_source or "unknown" for t in pool})
         reason = (f"lowest energy ({_fmt(_energy_or_none(best), ' J/inference')}, {best.energy_source or 'unknown'}) "
-                  f"of {len(pool)} front trial(s) with accuracy drop <= {limit:g}"
-                  + (f"; note: energy sources differ across them ({', '.join(sources)})" if len(sources) > 1 else ""))
+                  f"of {len(pool)} front trial(s) with accuracy drop <= {limit:g}")
         return Choice(best, policy, reason)
 
     if policy == "knee":
@@ -359,8 +379,10 @@ def choose(study: StudyRecord, policy: str, budget: Budget = Budget(), *, object
         if len(keys) < 2:
             raise PromotionError(f"policy knee needs at least two objectives measured on every front trial; have "
                                  f"{sorted(keys)} (missing on some: {missing}); use --policy max-accuracy or min-energy")
-        idx = _knee_index(front, keys, higher_is_better)
         latency_slot = study.parent_tags.get(TAG_ENERGY_OBJECTIVE) == "latency"
+        if "energy" in keys and not (latency_slot and keys["energy"].startswith(OBJECTIVE_PREFIX)):
+            require_one_energy_source(front, "knee (energy is one of its objectives)")
+        idx = _knee_index(front, keys, higher_is_better)
         what = ", ".join("energy slot (holding latency p50: energy was only estimated)"
                          if (o == "energy" and latency_slot and keys[o].startswith(OBJECTIVE_PREFIX)) else o
                          for o in keys)
@@ -371,7 +393,7 @@ def choose(study: StudyRecord, policy: str, budget: Budget = Budget(), *, object
     raise PromotionError(f"unknown policy {policy!r}: use one of {list(POLICIES)} or --trial N")
 
 
-OBJECTIVE_PREFIX = "objective."  # the search logs the exact values Optuna optimised as objective.<name>
+OBJECTIVE_PREFIX = S.METRIC_OBJECTIVE_PREFIX  # the search logs the exact values Optuna optimised as objective.<name>
 
 
 def _objective_keys(front: list[TrialRecord], objectives: list[str]) -> dict[str, str]:
@@ -422,8 +444,8 @@ class Promotion:
         return f"models:/{self.registered_name}@{self.alias}"
 
 
-TAG_MODEL_URI = "precision_search.model_uri"  # set by pipeline.tracking: models:/m-... of the candidate
-TAG_MODEL_MISSING = "precision_search.model_missing"  # set by pipeline.tracking when the file was gone
+TAG_MODEL_URI = S.TAG_MODEL_URI  # set by pipeline.tracking: models:/m-... of the candidate
+TAG_MODEL_MISSING = S.TAG_MODEL_MISSING  # set by pipeline.tracking when the file was gone
 
 
 def find_logged_model(client, study: StudyRecord, t: TrialRecord):
@@ -549,7 +571,7 @@ def _ensure_registered_model(client, name: str, study: StudyRecord) -> None:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            name, tags={"precision_search.experiment": study.experiment_name},
+            name, tags={S.TAG_EXPERIMENT: study.experiment_name},
             description=f"Precision-search candidates of experiment {study.experiment_name!r}. "
                         "Each version is one trial's ONNX model; see its model card.")
 
@@ -621,8 +643,8 @@ def promote(client, study: StudyRecord, choice: Choice, *, registry_name: str, a
         client.log_artifact(t.run_id, str(path))
         client.log_model_artifact(model.model_id, str(path))
     client.set_registered_model_alias(registry_name, alias, version)
-    client.set_tag(t.run_id, "precision_search.registered", f"{registry_name}/{version}")
-    client.set_tag(study.parent_run_id, f"precision_search.alias.{alias}", f"{registry_name}/{version} (trial {t.number})")
+    client.set_tag(t.run_id, S.TAG_REGISTERED, f"{registry_name}/{version}")
+    client.set_tag(study.parent_run_id, f"{S.TAG_ALIAS_PREFIX}{alias}", f"{registry_name}/{version} (trial {t.number})")
     return Promotion(registered_name=registry_name, version=version, alias=alias, trial_number=t.number,
                      run_id=t.run_id, model_id=model.model_id, source=source, created=created, policy=choice.policy,
                      reason=choice.reason, model_card=card, engine=engine)
@@ -749,8 +771,9 @@ class LoadedModel:
         """An ONNX Runtime session on the downloaded model (CPU unless providers say otherwise)."""
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        from pipeline.backends.ort_cpu import session_options
+
+        opts = session_options()  # the settings the search measured with
         return ort.InferenceSession(str(self.onnx_path), sess_options=opts,
                                     providers=providers or ["CPUExecutionProvider"])
 

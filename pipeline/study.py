@@ -17,6 +17,17 @@ joules per inference when a meter measured it (NVML, RAPL); when energy is only
 estimated the study optimises latency p50 in that slot instead (an estimate is
 a function of time anyway) and says so in the study and the parent run. The
 choice is made from the first finished trial and fixed for the study.
+
+One energy source per study: the first finished trial's source (or an explicit
+``measure.energy.meter``) is pinned, every later trial runs with that meter
+explicitly (a worker without it fails the trial with the meter's reason), and a
+trial that still arrives metered otherwise is FAILED, naming both sources.
+
+Duplicate proposals: a sampled plan equal to a COMPLETE trial's plan
+(:func:`plan_key`) is not measured again; Optuna is told the original's values
+(see :meth:`StudyRunner._tell_duplicate` for how it is recorded), it does not
+count toward ``--trials``, and after ``max_consecutive_duplicates`` such
+proposals in a row the search stops asking and says why.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from pipeline import tracking_schema as S
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.pareto import knee_point, normalized_hypervolume
 from pipeline.results import TrialResult
@@ -56,6 +68,9 @@ A_MAX_DROP = "max_accuracy_drop"
 A_HV_BOX = "hypervolume_box"  # {"reference": [...], "ideal": [...]}, fixed once the baselines are in
 A_PARENT_RUN = "mlflow_parent_run_id"
 A_TRACKING_URI = "mlflow_tracking_uri"
+A_ENERGY_SOURCE = "energy_source"  # nvml | rapl | estimated | none: the source every trial must share
+A_ENERGY_METER = "energy_meter"  # the first trial's meter description
+A_ENERGY_PIN = "energy_meter_pinned"  # {"meter": nvml|rapl|estimated, "by": why}, once pinned
 T_BASELINE = "baseline"
 T_RUN_ID = "mlflow_run_id"
 T_RESULT = "result"
@@ -64,6 +79,11 @@ T_ORPHANED = "orphaned"
 T_RETRY_OF = "retry_of"
 T_PLAN_SUMMARY = "plan_summary"
 T_SECONDS = "seconds"
+T_PLAN_KEY = "plan_key"  # hash of the canonical plan (see plan_key)
+T_DUPLICATE_OF = "duplicate_of"  # a proposal equal to this COMPLETE trial's plan: not measured again
+
+METERS = ("nvml", "rapl", "estimated")  # energy sources a study can pin measure.energy.meter to
+MAX_CONSECUTIVE_DUPLICATES = 25  # proposals in a row that were all measured already: the sampler has converged
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -137,6 +157,52 @@ def objective_values(result: TrialResult, infos: list[ObjectiveInfo]) -> list[fl
     return values
 
 
+def energy_source_mismatch(study_source: str | None, result: TrialResult) -> str | None:
+    """Why ``result`` cannot join a study whose energy source is ``study_source`` (None if it can).
+
+    Every source counts, the estimate included: an estimated study that took a
+    RAPL- or NVML-metered trial would rank joules of different kinds against
+    each other (metered numbers include idle power, the estimate does not).
+    """
+    if study_source in (None, "", "none"):
+        return None
+    e = result.measurement.energy
+    if e is None:
+        return None  # energy not measured in this run; an energy objective then fails on its own
+    if e.source == study_source:
+        return None
+    return (f"energy source {e.source} ({e.meter}) differs from the study's pinned energy source {study_source}: "
+            f"joules from {e.source} and {study_source} are not comparable, so this trial is not used "
+            f"(run it where {study_source} is available, or start a new study with --study NEW)")
+
+
+def plan_key(plan, layer_names: list[str]) -> str:
+    """Identity of what a plan measures: its resolved per-layer choices, method, calibration and QAT settings.
+
+    Knobs that do not change the artifact are left out (int8 activation mode on a
+    non-INT8 layer, INT4 block size on a non-INT4 layer, calibration when nothing is
+    calibrated), so two parameter sets building the same candidate get the same key.
+    """
+    from pipeline.formats import Format, Int8Activations
+
+    resolved = plan.resolve(layer_names)
+    layers: dict[str, dict[str, Any]] = {}
+    calibrated = False
+    for name, c in resolved.items():
+        entry: dict[str, Any] = {"format": c.format.value}
+        if c.format is Format.INT8:
+            entry["int8_activations"] = c.int8_activations.value
+            calibrated |= c.int8_activations is Int8Activations.STATIC
+        if c.format is Format.INT4:
+            entry["int4_block_size"] = int(c.int4_block_size)
+        calibrated |= c.format is Format.FP8
+        layers[name] = entry
+    data = {"method": plan.method, "layers": layers,
+            "calibration": plan.calibration.value if calibrated else None,
+            "qat": plan.qat.model_dump(mode="json") if plan.qat is not None else None}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
 # -- records: what the front, the plots and the CLI show -------------------------------------
 class TrialRecord(BaseModel):
     number: int
@@ -152,6 +218,8 @@ class TrialRecord(BaseModel):
     fail_reason: str = ""
     orphaned: bool = False
     retry_of: int | None = None
+    duplicate_of: int | None = None  # a proposal of an already measured plan: told that trial's values
+    energy_source: str | None = None  # nvml | rapl | estimated, from the trial's result
     params: dict[str, Any] = {}
 
 
@@ -161,7 +229,7 @@ def study_objectives(study, metric: str | None = None) -> list[ObjectiveInfo]:
     dirs = [d.name.lower() for d in study.directions]
     acc_dir = dirs[names.index("accuracy")] if "accuracy" in names else "maximize"
     infos = objective_infos(names, metric or attrs.get("metric", "accuracy"), acc_dir == "maximize",
-                            attrs.get(A_ENERGY_MODE), attrs.get("energy_source", ""))
+                            attrs.get(A_ENERGY_MODE), attrs.get(A_ENERGY_SOURCE, ""))
     return infos
 
 
@@ -176,21 +244,28 @@ def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
         ua = t.user_attrs
         result = ua.get(T_RESULT)
         metrics = {}
+        energy_source = None
         if result:
             try:
-                metrics = TrialResult.model_validate(result).flat_metrics()
+                parsed = TrialResult.model_validate(result)
+                metrics = parsed.flat_metrics()
+                energy_source = parsed.measurement.energy.source if parsed.measurement.energy else None
             except Exception:  # noqa: BLE001 - a record from another version still shows its values
                 metrics = {}
+        duplicate_of = ua.get(T_DUPLICATE_OF)
         feasible = None
         if t.state == TrialState.COMPLETE and t.constraints:
             feasible = all(v <= 0 for v in t.constraints.values())
         records.append(TrialRecord(
             number=t.number, state=t.state.name, baseline=ua.get(T_BASELINE),
             values=dict(zip([o.name for o in infos], t.values)) if t.values else {},
-            metrics=metrics, feasible=feasible, on_front=t.number in front_numbers,
+            metrics=metrics, feasible=feasible,
+            # a duplicate repeats its original's point: the front lists the measured trial once
+            on_front=t.number in front_numbers and duplicate_of is None,
             run_id=ua.get(T_RUN_ID), plan_summary=ua.get(T_PLAN_SUMMARY, ""),
             fail_reason=ua.get(T_FAIL_REASON, ""), orphaned=bool(ua.get(T_ORPHANED)),
-            retry_of=ua.get(T_RETRY_OF), params=dict(t.params),
+            retry_of=ua.get(T_RETRY_OF), duplicate_of=duplicate_of, energy_source=energy_source,
+            params=dict(t.params),
         ))
     front = [r for r in records if r.on_front]
     if front:
@@ -210,7 +285,7 @@ def hypervolume_box(records: list[TrialRecord], infos: list[ObjectiveInfo], refe
     trials) and stored with the study, so the hypervolume only ever grows as the
     search finds better trade-offs, and a resumed study keeps the same box.
     """
-    done = [r for r in records if r.state == "COMPLETE"]
+    done = [r for r in records if r.state == "COMPLETE" and r.duplicate_of is None]
     if baselines:
         base = [r for r in records if r.baseline and not r.orphaned]
         if not base or any(r.state in ("RUNNING", "WAITING") for r in base):
@@ -241,11 +316,12 @@ def hypervolume_box(records: list[TrialRecord], infos: list[ObjectiveInfo], refe
 def front_summary(records: list[TrialRecord], infos: list[ObjectiveInfo],
                   box: dict[str, list[float]] | None) -> dict[str, float]:
     """front_size, trial counts and (once the box is fixed) the normalised hypervolume of the feasible trials."""
-    done = [r for r in records if r.state == "COMPLETE"]
+    done = [r for r in records if r.state == "COMPLETE" and r.duplicate_of is None]
     out = {
         "front_size": float(sum(r.on_front for r in records)),
         "trials_complete": float(len(done)),
         "trials_failed": float(sum(r.state == "FAIL" and not r.orphaned for r in records)),
+        "trials_duplicate": float(sum(r.duplicate_of is not None for r in records)),
     }
     feasible = [r for r in done if r.feasible is not False]
     if box is None or not feasible:
@@ -268,6 +344,8 @@ class SearchOptions:
     verbose: bool = False
     plot_every_s: float = 15.0  # front plots refresh at most this often (and at the end)
     energy: bool = True
+    # Stop asking after this many proposals in a row were plans the study already measured.
+    max_consecutive_duplicates: int = MAX_CONSECUTIVE_DUPLICATES
 
 
 class SearchSummary(BaseModel):
@@ -290,6 +368,9 @@ class SearchSummary(BaseModel):
     gpus_per_trial: float
     orphans_recovered: int
     tracking_errors: list[str] = []
+    trials_duplicate: int = 0  # proposals of already measured plans (told their original's values, not counted)
+    energy_meter_pinned: str = ""  # nvml | rapl | estimated once the study pinned measure.energy.meter
+    stopped_early: str = ""  # why the search ended before --trials (the sampler kept proposing duplicates)
 
 
 def validate_study_name(name: str) -> str:
@@ -479,11 +560,17 @@ class StudyRunner:
         self.tracking_errors: list[str] = []
         self.orphans = 0
         self.run_ids: dict[int, str] = {}  # trial number -> MLflow child run
+        self.pinned_meter: str | None = None  # measure.energy.meter every dispatched trial runs with
+        self._plan_key_cache: dict[int, str] = {}  # trial number -> plan_key
+        self.duplicates: dict[int, list[int]] = {}  # measured trial -> later proposals of the same plan
+        self.consecutive_duplicates = 0
+        self.stopped_early = ""
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
         import optuna
 
+        from pipeline.backends import quant_target_for
         from pipeline.models import get_adapter
         from pipeline.tracking import StudyTracker
         from search_spaces.space import SearchSpace
@@ -492,7 +579,7 @@ class StudyRunner:
         cfg = self.config
         self.reference = get_adapter(cfg).export_reference(self.work)  # cached; workers reuse the file
         self.layer_names = self.reference.layer_table.names
-        self.space = SearchSpace.build(cfg.search, self.layer_names)
+        self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend))
         self.hash = config_hash(cfg)
         self.storage = self.opts.storage or default_storage(cfg)
         names = list(cfg.search.objectives)
@@ -542,25 +629,59 @@ class StudyRunner:
         self.energy_note = attrs.get(A_ENERGY_NOTE, "")
         self.infos = objective_infos(list(self.config.search.objectives), self.config.metric.name,
                                      bool(self.config.metric.higher_is_better), self.energy_mode,
-                                     attrs.get("energy_source", ""))
+                                     attrs.get(A_ENERGY_SOURCE, ""))
+        pin = attrs.get(A_ENERGY_PIN) or {}
+        source = attrs.get(A_ENERGY_SOURCE)
+        explicit = self.config.measure.energy.meter
+        if pin.get("meter") in METERS:
+            self.pinned_meter = pin["meter"]
+        elif source in METERS:  # a study from before pinning: pin to what it measured
+            self.pinned_meter = source
+        elif explicit in METERS:  # the user's choice pins the study from its first trial
+            self.pinned_meter = explicit
+        else:
+            self.pinned_meter = None
 
-    def _decide_energy(self, result: TrialResult) -> None:
-        if self.energy_mode is not None or "energy" not in self.config.search.objectives:
-            return
-        mode, note = decide_energy_mode(result, list(self.config.search.objectives))
+    def _decide_energy(self, result: TrialResult, number: int) -> None:
+        """Fix the study's energy source (and, with an energy objective, what fills that slot).
+
+        The first finished trial decides. From then on every dispatched trial runs
+        with ``measure.energy.meter`` pinned to that source (:meth:`_task_config`): a
+        worker without it fails the trial with the meter's reason instead of quietly
+        measuring another kind of joule. Trials already in flight are checked on
+        arrival (:func:`energy_source_mismatch`).
+        """
         e = result.measurement.energy
-        self.study.set_user_attr(A_ENERGY_MODE, mode)
-        self.study.set_user_attr(A_ENERGY_NOTE, note)
-        self.study.set_user_attr("energy_source", e.source if e else "none")
-        self.study.set_user_attr("energy_meter", e.meter if e else "")
-        names = ["latency_ms_p50" if (n == "energy" and mode == "latency") else n
-                 for n in self.config.search.objectives]
-        _set_metric_names(self.study, names)
+        attrs = self.study.user_attrs
+        tags: dict[str, str] = {}
+        if e is not None and attrs.get(A_ENERGY_SOURCE) in (None, "none"):
+            self.study.set_user_attr(A_ENERGY_SOURCE, e.source)
+            self.study.set_user_attr(A_ENERGY_METER, e.meter)
+            tags.update({S.TAG_ENERGY_SOURCE: e.source, S.TAG_ENERGY_METER: e.meter})
+        if e is not None and e.source in METERS and not attrs.get(A_ENERGY_PIN):
+            explicit = self.config.measure.energy.meter
+            by = ("measure.energy.meter in the config" if explicit == e.source
+                  else f"trial {number}, the first to finish (measure.energy.meter: {explicit})")
+            self.study.set_user_attr(A_ENERGY_PIN, {"meter": e.source, "by": by})
+            tags.update({S.TAG_ENERGY_METER_PINNED: e.source,
+                         S.TAG_ENERGY_PIN_NOTE: (
+                             f"every later trial runs with measure.energy.meter={e.source} (pinned by {by}); "
+                             f"a worker without {e.source} fails its trial instead of switching source")})
+        if self.energy_mode is None and "energy" in self.config.search.objectives:
+            mode, note = decide_energy_mode(result, list(self.config.search.objectives))
+            self.study.set_user_attr(A_ENERGY_MODE, mode)
+            self.study.set_user_attr(A_ENERGY_NOTE, note)
+            if e is None and A_ENERGY_SOURCE not in attrs:
+                self.study.set_user_attr(A_ENERGY_SOURCE, "none")
+                self.study.set_user_attr(A_ENERGY_METER, "")
+                tags.update({S.TAG_ENERGY_SOURCE: "none", S.TAG_ENERGY_METER: ""})
+            names = ["latency_ms_p50" if (n == "energy" and mode == "latency") else n
+                     for n in self.config.search.objectives]
+            _set_metric_names(self.study, names)
+            tags.update({S.TAG_ENERGY_OBJECTIVE: mode, S.TAG_ENERGY_NOTE: note})
         self._refresh_infos()
-        self._track(self.tracker.set_study_tags, {
-            "precision_search.energy_objective": mode, "precision_search.energy_note": note,
-            "energy_source": e.source if e else "none", "precision_search.energy_meter": e.meter if e else "",
-        })
+        if tags:
+            self._track(self.tracker.set_study_tags, tags)
 
     def _track(self, fn, *args, **kwargs):
         """MLflow writes never stop the study; failures are reported and reconciled on the next run."""
@@ -616,6 +737,9 @@ class StudyRunner:
                 self._track(self.tracker.fail_trial, run_id, reason)
 
     def _reconcile(self, t, run_ids: list[str]) -> None:
+        if t.user_attrs.get(T_DUPLICATE_OF) is not None:  # never had a run of its own (see _tell_duplicate)
+            self.duplicates.setdefault(t.user_attrs[T_DUPLICATE_OF], []).append(t.number)
+            return
         run_id = t.user_attrs.get(T_RUN_ID)
         if run_id is None and run_ids:
             run_id = run_ids[0]
@@ -653,7 +777,57 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         return sum(1 for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-                   if not t.user_attrs.get(T_ORPHANED))
+                   if not t.user_attrs.get(T_ORPHANED) and t.user_attrs.get(T_DUPLICATE_OF) is None)
+
+    def _measured_plans(self) -> dict[str, Any]:
+        """plan key -> the first COMPLETE, measured trial with that plan (cached by trial number)."""
+        from optuna.trial import TrialState
+
+        cache = self._plan_key_cache
+        out: dict[str, Any] = {}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.user_attrs.get(T_DUPLICATE_OF) is not None:
+                continue
+            key = cache.get(t.number)
+            if key is None:
+                key = t.user_attrs.get(T_PLAN_KEY)
+                if key is None:  # a trial from before plan keys were stored
+                    try:
+                        key = plan_key(self.space.plan_from_params(t.params), self.layer_names)
+                    except (KeyError, ValueError):
+                        key = ""
+                cache[t.number] = key
+            if key and key not in out:
+                out[key] = t
+        return out
+
+    def _tell_duplicate(self, trial, original, summary: str) -> None:
+        """Record a proposal of an already measured plan without measuring it again.
+
+        Optuna is told the original's objective values and constraint, so the
+        sampler learns that this region is known (and, under a fixed seed, moves
+        on) and the trial's ``duplicate_of`` attribute says where the numbers come
+        from. No MLflow child run is created: a run without a model would sit on
+        the front next to its original with identical metrics (a second point that
+        cannot be promoted), and a run pointing at the original's model would make
+        one artifact look like two candidates. Instead the original's run gets a
+        ``precision_search.duplicates`` tag listing the trials that re-proposed it,
+        the parent run counts them (``trials_duplicate``), and the progress log
+        prints one line per duplicate. Duplicates do not count toward ``--trials``
+        (which counts measured trials) and never join the front themselves.
+        """
+        for name, value in (original.constraints or {}).items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr(T_DUPLICATE_OF, original.number)
+        trial.set_user_attr(T_PLAN_SUMMARY, summary)
+        self.study.tell(trial, list(original.values))
+        self.duplicates.setdefault(original.number, []).append(trial.number)
+        run_id = original.user_attrs.get(T_RUN_ID) or self.run_ids.get(original.number)
+        if run_id:
+            self._track(self.tracker.mark_duplicates, run_id, self.duplicates[original.number])
+        self.progress.trial_finished(trial.number, "COMPLETE",
+                                     f"duplicate of trial {original.number} (plan already measured; "
+                                     f"its values reused, not measured again)")
 
     def _start_run(self, number: int, params: dict, label: str | None, retry_of: int | None) -> str | None:
         try:
@@ -692,6 +866,9 @@ class StudyRunner:
     def _task_config(self, res: _Resources) -> dict[str, Any]:
         cfg = self.config.model_dump(mode="json")
         cfg["measure"]["threads"] = int(res.cpus)  # ORT threads = CPUs the task holds
+        pinned = getattr(self, "pinned_meter", None)
+        if pinned:  # the study's energy source: an explicit meter fails loudly where it is missing
+            cfg["measure"]["energy"]["meter"] = pinned
         return cfg
 
     def _dispatch(self, remote, res: _Resources) -> None:
@@ -714,7 +891,17 @@ class StudyRunner:
             self.progress.trial_finished(trial.number, "FAIL", reason)
             return
         summary = plan.summary(self.layer_names)
+        key = plan_key(plan, self.layer_names)
+        if label is None and retry_of is None:  # baselines and orphan retries are always measured
+            original = self._measured_plans().get(key)
+            if original is not None:
+                self._tell_duplicate(trial, original, summary)
+                self.consecutive_duplicates += 1
+                return
+        self.consecutive_duplicates = 0
         trial.set_user_attr(T_PLAN_SUMMARY, summary)
+        trial.set_user_attr(T_PLAN_KEY, key)
+        self._plan_key_cache[trial.number] = key
         run_id = self._track(self.tracker.start_trial, trial.number, label, plan.to_yaml(), summary,
                              self._layer_tags(plan), self._knobs(plan, trial.params), retry_of)
         if run_id:
@@ -751,17 +938,20 @@ class StudyRunner:
                 for name, blob in outcome.files.items():
                     (fl.out_dir / name).write_bytes(blob)
                 result.artifact_path = str(fl.out_dir / Path(result.artifact_path).name)
-            self._decide_energy(result)
+            self._decide_energy(result, fl.trial.number)
             try:
+                mismatch = energy_source_mismatch(self.study.user_attrs.get(A_ENERGY_SOURCE), result)
+                if mismatch:
+                    raise ValueError(mismatch)
                 values = objective_values(result, self.infos)
-                if self.energy_mode == "energy" and "energy" in self.config.search.objectives:
-                    e = result.measurement.energy
-                    src = self.study.user_attrs.get("energy_source")
-                    if e is None or (src not in (None, "estimated") and e.source != src):
-                        raise ValueError(f"energy source {e.source if e else 'none'} differs from the study's "
-                                         f"({src}); trials would not be comparable")
             except ValueError as exc:
                 outcome.status, outcome.reason = "fail", str(exc)
+        elif outcome.status == "fail" and self.pinned_meter and "MeterUnavailable" in outcome.reason:
+            pin = self.study.user_attrs.get(A_ENERGY_PIN) or {}
+            outcome.reason += (f"\n(this study's energy meter is pinned to {self.pinned_meter}"
+                               + (f" by {pin['by']}" if pin.get("by") else "")
+                               + " so that all its trials are metered alike; run the search where "
+                               f"{self.pinned_meter} is available, or start a new study with --study NEW)")
         if values is not None:
             feasible = None
             drop = outcome.result.measurement.accuracy_drop
@@ -858,8 +1048,9 @@ class StudyRunner:
                 remote = ray.remote(max_retries=0)(run_trial)
                 # tags, not params: a resumed study may run with another --parallel
                 self._track(self.tracker.set_study_tags, {
-                    "precision_search.parallel": str(self.parallel), "precision_search.cpus_per_trial": f"{res.cpus:g}",
-                    "precision_search.gpus_per_trial": f"{res.gpus:g}", "precision_search.ray": res.where})
+                    S.TAG_PARALLEL: str(self.parallel), S.TAG_CPUS_PER_TRIAL: f"{res.cpus:g}",
+                    S.TAG_GPUS_PER_TRIAL: f"{res.gpus:g}", S.TAG_RAY: res.where,
+                    **({S.TAG_ENERGY_METER_PINNED: self.pinned_meter} if self.pinned_meter else {})})
                 self.progress.message(escape(
                     f"study {self.study_name}: {self.space.describe()}; target {self.target} trials, "
                     f"{self._finished()} already finished; {res.where}; optuna {self.storage}"))
@@ -870,8 +1061,19 @@ class StudyRunner:
                     self.progress.update(self._state(summary, res))
                     while True:
                         finished = self._finished()
-                        while len(self.in_flight) < self.parallel and finished + len(self.in_flight) < self.target:
+                        while (not self.stopped_early and len(self.in_flight) < self.parallel
+                               and finished + len(self.in_flight) < self.target):
                             self._dispatch(remote, res)
+                            if self.consecutive_duplicates >= self.opts.max_consecutive_duplicates:
+                                self.stopped_early = (
+                                    f"stopped asking for new trials: the sampler proposed "
+                                    f"{self.consecutive_duplicates} plans in a row that this study had already "
+                                    f"measured (the space looks exhausted or the sampler has converged); the study "
+                                    f"holds {self._finished()} measured trial(s) of the {self.target} asked for")
+                                self.progress.message(self.stopped_early)
+                                self._track(self.tracker.set_study_tags,
+                                            {S.TAG_STOPPED_EARLY: self.stopped_early})
+                                break
                             finished = self._finished()
                         if not self.in_flight:
                             break
@@ -930,6 +1132,8 @@ class StudyRunner:
             parent_run_id=self.tracker.parent_run_id, ui_hint=self.tracker.ui_hint(), wall_seconds=wall,
             parallel=self.parallel, cpus_per_trial=res.cpus, gpus_per_trial=res.gpus,
             orphans_recovered=self.orphans, tracking_errors=self.tracking_errors,
+            trials_duplicate=int(summary.get("trials_duplicate", 0)), energy_meter_pinned=self.pinned_meter or "",
+            stopped_early=self.stopped_early,
         )
 
 

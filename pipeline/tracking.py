@@ -41,11 +41,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Tags this module adds beyond tracking_schema (candidates for that module).
-TAG_FEASIBLE = "precision_search.feasible"  # "true" if the accuracy-drop constraint holds
-TAG_MODEL_URI = "precision_search.model_uri"  # models:/<id> of the candidate's ONNX model
-TAG_ENERGY_OBJECTIVE = "precision_search.energy_objective"  # parent: "energy" | "latency" (what was optimised)
-TAG_RETRY_OF = "precision_search.retry_of"  # child: the orphaned trial this one re-runs
+# Kept for importers of the old names; the names live in tracking_schema.
+TAG_FEASIBLE = S.TAG_FEASIBLE
+TAG_MODEL_URI = S.TAG_MODEL_URI
+TAG_ENERGY_OBJECTIVE = S.TAG_ENERGY_OBJECTIVE
+TAG_RETRY_OF = S.TAG_RETRY_OF
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -162,7 +162,7 @@ class StudyTracker:
         if tags:
             self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
         if config_yaml:
-            self.client.log_text(self.parent_run_id, config_yaml, "config.yaml")
+            self.client.log_text(self.parent_run_id, config_yaml, S.ARTIFACT_CONFIG)
 
     def set_study_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -192,11 +192,11 @@ class StudyTracker:
         if label:
             tags[S.TAG_BASELINE] = label
         if retry_of is not None:
-            tags[TAG_RETRY_OF] = str(retry_of)
+            tags[S.TAG_RETRY_OF] = str(retry_of)
         run = self.client.create_run(self.experiment_id, run_name=f"{label or 'trial'}-{number:03d}", tags=tags)
         run_id = run.info.run_id
-        params = {**{k: v for k, v in knobs.items()}, "plan": plan_summary}
-        params.update({f"layer.{n}": f for n, f in layer_formats.items()})
+        params = {**{k: v for k, v in knobs.items()}, S.PARAM_PLAN: plan_summary}
+        params.update({f"{S.PARAM_LAYER_PREFIX}{n}": f for n, f in layer_formats.items()})
         plist = [Param(k[:250], str(v)[:MAX_PARAM]) for k, v in params.items()]
         for i in range(0, len(plist), 100):
             self.client.log_batch(run_id, params=plist[i : i + 100])
@@ -211,8 +211,8 @@ class StudyTracker:
 
         m = result.measurement
         now = int(time.time() * 1000)
-        metrics = {**result.flat_metrics(), "trial_seconds": seconds}
-        metrics.update({f"objective.{k}": v for k, v in objective_values.items()})
+        metrics = {**result.flat_metrics(), S.METRIC_TRIAL_SECONDS: seconds}
+        metrics.update({f"{S.METRIC_OBJECTIVE_PREFIX}{k}": v for k, v in objective_values.items()})
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.log_text(run_id, result.model_dump_json(indent=2), S.ARTIFACT_RESULT)
         tags = {
@@ -223,7 +223,7 @@ class StudyTracker:
             S.TAG_METHOD: result.method,
         }
         if feasible is not None:
-            tags[TAG_FEASIBLE] = "true" if feasible else "false"
+            tags[S.TAG_FEASIBLE] = "true" if feasible else "false"
         art = Path(result.artifact_path)
         if art.is_file():
             on_disk = sum(p.stat().st_size for p in art.parent.glob(art.stem + "*") if p.is_file())
@@ -231,11 +231,11 @@ class StudyTracker:
             info = mlflow.onnx.log_model(
                 onnx.load(str(art)), name=S.ARTIFACT_MODEL, run_id=run_id, save_as_external_data=big,
                 pip_requirements=_runtime_requirements(),
-                metadata={"precision_search.plan": result.plan_summary[:2000]},
+                metadata={S.VTAG_PLAN: result.plan_summary[:2000]},
             )
-            tags[TAG_MODEL_URI] = info.model_uri
+            tags[S.TAG_MODEL_URI] = info.model_uri
         else:  # re-logged on resume after the trial folder was removed
-            tags["precision_search.model_missing"] = f"artifact {art} no longer exists"
+            tags[S.TAG_MODEL_MISSING] = f"artifact {art} no longer exists"
         if result.engine_path and Path(result.engine_path).exists():
             self.client.log_artifact(run_id, result.engine_path, S.ARTIFACT_ENGINE)
         tags[S.TAG_STATE] = "COMPLETE"  # last: a COMPLETE tag means every artifact above is there
@@ -245,11 +245,15 @@ class StudyTracker:
     def fail_trial(self, run_id: str, reason: str, seconds: float | None = None) -> None:
         from mlflow.entities import Metric, RunTag
 
-        self.client.log_text(run_id, reason, "fail_reason.txt")
+        self.client.log_text(run_id, reason, S.ARTIFACT_FAIL_REASON)
         if seconds is not None:
-            self.client.log_batch(run_id, metrics=[Metric("trial_seconds", float(seconds), int(time.time() * 1000), 0)])
+            self.client.log_batch(run_id, metrics=[Metric(S.METRIC_TRIAL_SECONDS, float(seconds), int(time.time() * 1000), 0)])
         self.client.log_batch(run_id, tags=[RunTag(S.TAG_STATE, "FAIL"), RunTag(S.TAG_FAIL_REASON, reason[:MAX_TAG])])
         self.client.set_terminated(run_id, status="FAILED")
+
+    def mark_duplicates(self, run_id: str, numbers: Sequence[int]) -> None:
+        """Tag a measured trial's run with the later trials that proposed the same plan (not measured again)."""
+        self.client.set_tag(run_id, S.TAG_DUPLICATES, ",".join(str(n) for n in numbers)[:MAX_TAG])
 
     def run_status(self, run_id: str) -> tuple[str, str] | None:
         """(MLflow status, state tag) of a child run, or None if it does not exist."""

@@ -23,6 +23,40 @@ TAG_ENERGY_SOURCE = "energy_source"  # nvml | rapl | estimated
 TAG_EXECUTION = "execution"  # "native" if every quantized layer ran natively, else "emulated" / "mixed"
 TAG_CONFIG_HASH = "precision_search.config_hash"
 
+TAG_RETRY_OF = "precision_search.retry_of"  # child: the orphaned trial this one re-runs
+TAG_FEASIBLE = "precision_search.feasible"  # child: "true" if the accuracy-drop constraint holds, else "false"
+TAG_MODEL_URI = "precision_search.model_uri"  # child: models:/<id> of the candidate's ONNX logged model
+TAG_MODEL_MISSING = "precision_search.model_missing"  # child: why the model was not logged (file gone on resume)
+TAG_DUPLICATES = "precision_search.duplicates"  # child: later trials that proposed this same plan ("12,15")
+TAG_REGISTERED = "precision_search.registered"  # child: "<registered model>/<version>" once promoted
+
+# Parent (study) run tags.
+TAG_ENERGY_OBJECTIVE = "precision_search.energy_objective"  # "energy" | "latency" (what the energy slot holds)
+TAG_ENERGY_NOTE = "precision_search.energy_note"  # why, in words
+TAG_ENERGY_METER = "precision_search.energy_meter"  # the first trial's meter description
+TAG_ENERGY_METER_PINNED = "precision_search.energy_meter_pinned"  # nvml | rapl | estimated every trial runs with
+TAG_ENERGY_PIN_NOTE = "precision_search.energy_pin_note"  # what pinned it and what a worker without it does
+TAG_PARALLEL = "precision_search.parallel"  # trials in flight (this session)
+TAG_CPUS_PER_TRIAL = "precision_search.cpus_per_trial"
+TAG_GPUS_PER_TRIAL = "precision_search.gpus_per_trial"
+TAG_RAY = "precision_search.ray"  # where trials ran, in words
+TAG_STOPPED_EARLY = "precision_search.stopped_early"  # why the search ended before --trials
+TAG_ALIAS_PREFIX = "precision_search.alias."  # + alias: "<registered model>/<version> (trial N)"
+
+# Registered model / model version tags (pipeline.registry).
+TAG_EXPERIMENT = "precision_search.experiment"  # registered model: the experiment its versions come from
+VTAG_RUN_ID = "precision_search.run_id"
+VTAG_PLAN = "precision_search.plan"  # plan YAML (also the logged ONNX model's metadata key)
+VTAG_PLAN_SUMMARY = "precision_search.plan_summary"
+VTAG_POLICY = "precision_search.policy"
+VTAG_ENGINE = "precision_search.tensorrt_engine"
+
+# Child-run params and metrics written by pipeline.tracking.
+PARAM_PLAN = "plan"  # plan summary
+PARAM_LAYER_PREFIX = "layer."  # + layer name: its format
+METRIC_TRIAL_SECONDS = "trial_seconds"
+METRIC_OBJECTIVE_PREFIX = "objective."  # + objective name: the exact value Optuna optimised
+
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
 
@@ -33,3 +67,5 @@ ARTIFACT_ENGINE = "engine"  # TensorRT engine folder, where built
 ARTIFACT_FRONT_TABLE = "pareto/front.csv"
 ARTIFACT_FRONT_PLOT_PNG = "pareto/front.png"
 ARTIFACT_FRONT_PLOT_HTML = "pareto/front.html"
+ARTIFACT_CONFIG = "config.yaml"  # on the parent run
+ARTIFACT_FAIL_REASON = "fail_reason.txt"  # on failed child runs

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError, SearchSpec
-from pipeline.formats import Calibration, Format, Int8Activations
+from pipeline.formats import TARGET_INT8_ACTIVATIONS, Calibration, Format, Int8Activations, QuantTarget
 from pipeline.plan import QATSettings, QuantPlan
 
 LAYER_PREFIX = "layer:"
@@ -59,10 +59,31 @@ class SearchSpace:
     searched: tuple[str, ...]
     pinned: dict[str, Format]  # layer -> fixed format (search.pin)
     excluded: tuple[str, ...]  # layers kept FP32 (search.exclude)
+    target: QuantTarget = QuantTarget.ORT  # the quantizer's graph forms (the backend's)
+    narrowed: tuple[str, ...] = ()  # what the target removed from the config's choices, for describe()
 
     @classmethod
-    def build(cls, spec: SearchSpec, layer_names: Sequence[str]) -> "SearchSpace":
-        """Check pins/excludes against the real layers; errors name the field and the layers."""
+    def build(cls, spec: SearchSpec, layer_names: Sequence[str],
+              target: QuantTarget | str = QuantTarget.ORT) -> "SearchSpace":
+        """Check pins/excludes against the real layers; errors name the field and the layers.
+
+        ``target`` (the backend's :attr:`~pipeline.backends.base.Backend.quant_target`) removes
+        choices its graph forms cannot express, so the sampler never proposes a plan that can only
+        fail: for TensorRT, int8 with dynamic activations.
+        """
+        target = QuantTarget(target)
+        narrowed: list[str] = []
+        allowed_act = [a for a in spec.int8_activations if a in TARGET_INT8_ACTIVATIONS[target]]
+        if len(allowed_act) < len(spec.int8_activations):
+            dropped = [a.value for a in spec.int8_activations if a not in allowed_act]
+            if not allowed_act and Format.INT8 in spec.formats:
+                raise ConfigError(
+                    f"search.int8_activations: {dropped} cannot be built for backend target {target} "
+                    f"(supported: {[a.value for a in TARGET_INT8_ACTIVATIONS[target]]}); set [static]"
+                )
+            if allowed_act:
+                spec = spec.model_copy(update={"int8_activations": allowed_act})
+                narrowed.append(f"int8_activations {dropped} (not buildable for {target})")
         names = list(layer_names)
         if not names:
             raise ConfigError("model: the model has no quantizable layers (run `precision-search layers`)")
@@ -97,7 +118,7 @@ class SearchSpace:
                 "remove some patterns or use `precision-search evaluate` for a fixed plan"
             )
         return cls(spec=spec, layer_names=tuple(names), searched=tuple(searched), pinned=pinned,
-                   excluded=tuple(excluded))
+                   excluded=tuple(excluded), target=target, narrowed=tuple(narrowed))
 
     # -- the one definition of the space -------------------------------------
     def _build(self, get: Getter) -> QuantPlan:
@@ -227,4 +248,6 @@ class SearchSpace:
             parts.append("pinned: " + ", ".join(f"{n}={f.value}" for n, f in self.pinned.items()))
         if self.excluded:
             parts.append("excluded (fp32): " + ", ".join(self.excluded))
+        if self.narrowed:
+            parts.append("removed for the backend: " + ", ".join(self.narrowed))
         return "; ".join(parts)

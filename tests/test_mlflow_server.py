@@ -188,6 +188,14 @@ def test_search_promote_and_rest_round_trip_over_http(server, tmp_path, monkeypa
     accuracy = client.get_run(promoted["run_id"]).data.metrics["accuracy"]
     assert loaded["value"] == pytest.approx(accuracy, abs=1e-9)
 
+    # `search --json` over HTTP: MLflow's "View run ... at http://..." lines go to stderr, stdout is one
+    # JSON document (resuming the finished study: one more trial).
+    rc = main(["search", "--config", str(cfg_file), "--study", "over-http", "--trials", str(TINY["search.trials"] + 1),
+               "--json", "--tracking-uri", base, "--no-progress"])
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert rc == 0 and summary["study"] == "over-http" and "View run" not in out.out
+
 
 @pytest.mark.slow
 def test_ui_script_serves_the_local_store_on_loopback(tmp_path):

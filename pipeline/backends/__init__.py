@@ -6,6 +6,6 @@ format natively or emulates it (see :mod:`pipeline.backends.native`).
 """
 
 from pipeline.backends.base import Backend, BackendUnavailable, Session
-from pipeline.backends.registry import available_backends, get_backend, resolve_backend
+from pipeline.backends.registry import available_backends, get_backend, quant_target_for, resolve_backend
 
-__all__ = ["Backend", "BackendUnavailable", "Session", "available_backends", "get_backend", "resolve_backend"]
+__all__ = ["Backend", "BackendUnavailable", "Session", "available_backends", "get_backend", "quant_target_for", "resolve_backend"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.formats import Format
+from pipeline.formats import Format, QuantTarget
 from pipeline.results import Execution
 
 
@@ -33,6 +33,8 @@ class Backend(ABC):
     name: str  # e.g. "ort-cpu"
     needs_gpu: bool = False
     install_hint: str = ""  # e.g. "pip install -e '.[gpu]'"
+    # The graph forms the quantizer writes for this backend (pipeline.formats.QuantTarget).
+    quant_target: QuantTarget = QuantTarget.ORT
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from pipeline.backends.base import Backend, BackendUnavailable, Session
 from pipeline.backends.native import describe, execution
 from pipeline.backends.registry import register
-from pipeline.formats import Format
+from pipeline.formats import Format, QuantTarget
 from pipeline.results import Execution
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,8 @@ class OrtCudaBackend(_GpuBackend):
         return _ort_provider_status(self.provider)
 
     def provider_options(self) -> dict[str, str]:
+        # use_tf32 (CUDA EP option, onnxruntime/core/providers/cuda/cuda_execution_provider_info.cc):
+        # "0" keeps fp32 MatMul/Conv in IEEE fp32 on Ampere and newer.
         return {"device_id": str(self.device_id), "use_tf32": "0"}
 
     def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
@@ -394,6 +396,25 @@ class OrtTrtBackend(_GpuBackend):
             return False, why
         return _ort_provider_status(self.provider)
 
+    def provider_options(self, cache: Path) -> dict[str, str]:
+        """TensorRT EP options (names from ORT's tensorrt_execution_provider_info.cc; booleans are
+        parsed as "0"/"1"/"True"/"False"). fp16 and int8 stay off on purpose: the EP creates the
+        network strongly typed only when neither is set (``network_flags |= fp16_enable_ ||
+        int8_enable_ ? 0 : 1U << kSTRONGLY_TYPED``), and strong typing is what makes TensorRT
+        honour the graph's QDQ and bf16 layers as written (TensorRT 11 has no weak typing at all).
+        They are written out so that ORT_TENSORRT_*_ENABLE environment variables cannot turn them on.
+        """
+        return {
+            "device_id": str(self.device_id),
+            "trt_fp16_enable": "False",
+            "trt_int8_enable": "False",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache),
+            "trt_builder_optimization_level": str(self.builder_optimization_level),
+        }
+
     def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
         from exporters.tensorrt import prepare_for_tensorrt
 
@@ -402,16 +423,9 @@ class OrtTrtBackend(_GpuBackend):
         prepared = prepare_for_tensorrt(onnx_path, suffix=".ort-trt.onnx")
         cache = Path(onnx_path).parent / "trt-ep-cache"
         cache.mkdir(parents=True, exist_ok=True)
-        trt_opts = {
-            "device_id": str(self.device_id),
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": str(cache),
-            "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": str(cache),
-            "trt_builder_optimization_level": str(self.builder_optimization_level),
-        }
-        cuda_opts = {"device_id": str(self.device_id), "use_tf32": "0"}
-        providers = [(self.provider, trt_opts), ("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+        providers = [(self.provider, self.provider_options(cache)),
+                     ("CUDAExecutionProvider", {"device_id": str(self.device_id), "use_tf32": "0"}),
+                     "CPUExecutionProvider"]
         session = OrtGpuSession(prepared.path, providers, threads, self.provider, self.name)
         session.prepared = prepared  # type: ignore[attr-defined]
         return session
@@ -461,6 +475,7 @@ class TensorRTBackend(_GpuBackend):
     """
 
     name = "tensorrt"
+    quant_target = QuantTarget.TENSORRT  # standard-ONNX QDQ forms only (see pipeline.formats)
     max_batch = 256  # optimisation profile: batch dimension 1..max(first batch, max_batch)
     builder_optimization_level = 3
     allow_tf32 = False

@@ -27,6 +27,11 @@ QDQ_INT4 = "qdq-int4"  # blocked DequantizeLinear(int4) on the weight, weight-on
 GATHER_INT8 = "gather-int8"  # embedding table stored int8, dequantized on gather
 GATHER_INT4 = "gather-int4"  # embedding table stored int4 (block-wise)
 GATHER_FP8 = "gather-fp8"  # embedding table stored float8e4m3fn (GatherBlockQuantized)
+# The TensorRT target's standard-ONNX forms (exporters.onnx_quant, target tensorrt). INT4
+# MatMul/Gemm there is QDQ_INT4 (blocked DequantizeLinear feeding the MatMul), as for Conv.
+DQ_GATHER_INT8 = "dq-gather-int8"  # int8 table per row, DequantizeLinear of the table, then Gather
+DQ_GATHER_INT4 = "dq-gather-int4"  # int4 table in blocks along the embedding dim, DQ then Gather
+DQ_GATHER_FP8 = "dq-gather-fp8"  # float8e4m3fn table, per-tensor scale, DQ then Gather
 
 # ORT CPU (MLAS): integer kernels for INT8 (VNNI where the CPU has it) and for
 # INT4 MatMulNBits; no bf16 or fp8 compute kernels (DESIGN facts, Nov 2026).
@@ -56,6 +61,10 @@ _TENSORRT_NATIVE = {FP32, CAST_BF16, QDQ_INT8, QDQ_INT4}
 # EP, which has real MatMulNBits and GatherBlockQuantized kernels.
 _ORT_TRT_NATIVE = _TENSORRT_NATIVE | {MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4}
 
+# DequantizeLinear-then-Gather tables (the TensorRT target's embeddings) are emulated
+# everywhere: the table is stored quantized, but every runtime dequantizes it (TensorRT
+# may even fold the DQ into an fp32 constant at build time) and gathers floats.
+
 # TFLite: INT8 full-integer kernels; everything else runs in float.
 _TFLITE_NATIVE = {FP32, QDQ_INT8, DYNAMIC_INT8}  # dynamic-range kernels compute in int8
 
@@ -84,6 +93,9 @@ REALISATIONS: dict[str, Format] = {
     QDQ_INT4: Format.INT4,
     GATHER_INT4: Format.INT4,
     GATHER_FP8: Format.FP8,
+    DQ_GATHER_INT8: Format.INT8,
+    DQ_GATHER_INT4: Format.INT4,
+    DQ_GATHER_FP8: Format.FP8,
 }
 
 

@@ -6,6 +6,7 @@ import logging
 
 from pipeline.backends.base import Backend, BackendUnavailable
 from pipeline.backends.ort_cpu import OrtCpuBackend
+from pipeline.formats import QuantTarget
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +65,23 @@ def resolve_backend(name: str) -> tuple[Backend, str]:
 def available_backends() -> dict[str, tuple[bool, str]]:
     _load_optional()
     return {name: cls().available() for name, cls in _FACTORIES.items()}
+
+
+def quant_target_for(name: str) -> QuantTarget:
+    """The graph forms the quantizer writes for backend ``name`` (``auto``: the backend it resolves to here).
+
+    Explicit names need no GPU or package to answer (the class says it), so a driver without a
+    GPU can build a TensorRT study's search space; ``auto`` resolves on this machine, which is
+    the machine that runs the trials unless a Ray cluster has other hardware.
+    """
+    _load_optional()
+    if name == "auto":
+        try:
+            return resolve_backend("auto")[0].quant_target
+        except BackendUnavailable:
+            return QuantTarget.ORT
+    cls = _FACTORIES.get(name)
+    if cls is None:
+        # GPU backends register from pipeline.backends.gpu, which imports nothing GPU-only.
+        return QuantTarget.TENSORRT if name == "tensorrt" else QuantTarget.ORT
+    return cls.quant_target

@@ -30,7 +30,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pipeline.study import build_records, open_study, study_objectives
+    from pipeline.study import (A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_PARENT_RUN, build_records,
+                                open_study, study_objectives)
 
     cfg = load(args)
     study = open_study(cfg, args.study, args.storage)
@@ -40,18 +41,26 @@ def run(args) -> int:
     first = infos[0]
     shown.sort(key=lambda r: (r.values.get(first.name, float("-inf") if first.direction == "maximize" else float("inf")),),
                reverse=first.direction == "maximize")
+    attrs = study.user_attrs
+    pin = attrs.get(A_ENERGY_PIN) or {}
     if args.json:
         print(json.dumps({
             "study": study.study_name,
             "objectives": [o.model_dump() for o in infos],
-            "energy_note": study.user_attrs.get("energy_note", ""),
-            "mlflow_parent_run_id": study.user_attrs.get("mlflow_parent_run_id"),
+            "energy_note": attrs.get(A_ENERGY_NOTE, ""),
+            "energy_source": attrs.get(A_ENERGY_SOURCE, ""),
+            "energy_meter_pinned": pin.get("meter", ""),
+            "energy_sources_shown": energy_sources(shown),
+            "mlflow_parent_run_id": attrs.get(A_PARENT_RUN),
             "rows": [r.model_dump(mode="json") for r in shown],
         }, indent=2))
         return 0
     print_front(shown, infos, title=f"study {study.study_name}: "
-                + (f"all {len(shown)} trials" if args.all else f"Pareto front ({len(shown)} of {len(records)} trials)"))
-    note = study.user_attrs.get("energy_note")
+                + (f"all {len(shown)} trials" if args.all else f"Pareto front ({len(shown)} of {len(records)} trials)"),
+                energy_source=attrs.get(A_ENERGY_SOURCE))
+    if pin.get("meter"):
+        console.print(escape(f"energy meter pinned to {pin['meter']} ({pin.get('by', '')})"))
+    note = attrs.get(A_ENERGY_NOTE)
     if note:
         console.print(f"energy objective: {escape(note)}")
     if not shown:
@@ -59,17 +68,37 @@ def run(args) -> int:
     return 0
 
 
-def print_front(records, infos, title: str) -> None:
+def energy_sources(records) -> dict[str, list[int]]:
+    """energy source -> trial numbers, over the completed, measured trials among ``records``."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        if r.state == "COMPLETE" and getattr(r, "duplicate_of", None) is None and r.energy_source:
+            out.setdefault(r.energy_source, []).append(r.number)
+    return out
+
+
+def print_front(records, infos, title: str, energy_source: str | None = None) -> None:
+    """The table; the energy column names its source, and a mix of sources is called out."""
+    sources = energy_sources(records)
+    if not energy_source or energy_source == "none":
+        energy_source = next(iter(sources)) if len(sources) == 1 else ("mixed" if sources else None)
     t = Table(title=title, title_justify="left")
     t.add_column("trial", justify="right")
     t.add_column("baseline")
     for o in infos:
-        t.add_column(o.header, justify="right")
+        header = o.header
+        if o.source == "energy" and energy_source:
+            header += f" ({energy_source})"
+        t.add_column(header, justify="right")
     t.add_column("drop", justify="right")
     t.add_column("bits/w", justify="right")
     t.add_column("plan", overflow="fold")
     for r in records:
         cells = [str(r.number) + (" *" if r.knee else ""), r.baseline or ""]
+        if getattr(r, "duplicate_of", None) is not None:
+            cells += ["-"] * (len(infos) + 2) + [f"duplicate of trial {r.duplicate_of} (not measured again)"]
+            t.add_row(*cells)
+            continue
         if r.state != "COMPLETE":
             why = r.fail_reason.splitlines()[0] if r.fail_reason else ""
             cells += ["-"] * len(infos) + ["-", "-", f"[red]{r.state}[/red] {escape(why)}"]
@@ -86,6 +115,10 @@ def print_front(records, infos, title: str) -> None:
         cells.append(escape(r.plan_summary))
         t.add_row(*cells)
     console.print(t)
+    if len(sources) > 1:
+        listing = "; ".join(f"{s}: trial(s) {', '.join(map(str, n))}" for s, n in sorted(sources.items()))
+        console.print(f"[bold yellow]warning:[/bold yellow] energy sources differ across these trials "
+                      f"({escape(listing)}): their energy values are not comparable")
     notes = [f"{o.column}: {o.label}" for o in infos if o.source != o.name]
     if any(r.knee for r in records):
         notes.append("* knee point (balanced trade-off; `make promote POLICY=knee` picks it)")

@@ -6,7 +6,10 @@ trials a killed driver left running are marked failed and retried.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 
 import yaml
 from rich.markup import escape
@@ -49,6 +52,21 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool) -> Iterator[None]:
+    """While ``--json`` is on, anything else printed to stdout goes to stderr.
+
+    With an http tracking URI MLflow writes "View run ... at: ..." lines to
+    ``sys.stdout`` whenever a run ends; other libraries may print too. Routing
+    them to stderr keeps stdout one JSON document (and the links stay visible).
+    """
+    if not active:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def run(args) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.study import SearchOptions, run_search
@@ -64,7 +82,8 @@ def run(args) -> int:
         progress="off" if (args.quiet or args.json) else ("lines" if args.no_progress else "auto"),
         verbose=getattr(args, "verbose", False),
     )
-    summary = run_search(cfg, opts)
+    with stdout_to_stderr(args.json):
+        summary = run_search(cfg, opts)
     if args.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))
         return 0
@@ -78,7 +97,8 @@ def print_summary(summary, config_path: str = "<config>") -> None:
     console.print()
     print_front(summary.front, summary.objectives,
                 title=f"Pareto front of study {summary.study}: {len(summary.front)} trial(s) "
-                      f"({summary.trials_complete} complete, {summary.trials_failed} failed)")
+                      f"({summary.trials_complete} complete, {summary.trials_failed} failed)",
+                energy_source=summary.energy_meter_pinned or None)
     hv = "-" if summary.hypervolume is None else f"{summary.hypervolume:.4f}"
     console.print(f"hypervolume {hv} (normalised: the share of the box from the accuracy-drop limit and the worst "
                   f"uniform baseline's costs to FP32 accuracy at zero cost that the feasible trials dominate); "
@@ -86,6 +106,14 @@ def print_summary(summary, config_path: str = "<config>") -> None:
                   + (f" + {summary.gpus_per_trial:g} GPU" if summary.gpus_per_trial else "") + " per trial")
     if summary.energy_note:
         console.print(f"energy objective: {escape(summary.energy_note)}")
+    if summary.energy_meter_pinned:
+        console.print(f"energy meter pinned to {summary.energy_meter_pinned}: every trial of this study is metered "
+                      "by it (a worker without it fails its trial instead of switching source)")
+    if summary.trials_duplicate:
+        console.print(f"{summary.trials_duplicate} proposal(s) repeated an already measured plan: told the "
+                      "original's values, not measured again, not counted in --trials")
+    if summary.stopped_early:
+        console.print(f"[yellow]{escape(summary.stopped_early)}[/yellow]")
     if summary.orphans_recovered:
         console.print(f"resumed: {summary.orphans_recovered} orphaned trial(s) were marked failed and retried")
     for err in summary.tracking_errors:

@@ -85,6 +85,10 @@ class NvmlMeter(EnergyMeter):
         try:
             handle, how = _handle_for_cuda_device(pynvml, cuda_device)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            gpu = _text(pynvml.nvmlDeviceGetName(handle))
+        except MeterUnavailable:
+            self.close()  # every nvmlInit needs its nvmlShutdown (NVML reference-counts them)
+            raise
         except pynvml.NVMLError as exc:
             self.close()
             hint = ""
@@ -92,7 +96,6 @@ class NvmlMeter(EnergyMeter):
                 hint = " (the total-energy counter needs a Volta or newer GPU)"
             raise MeterUnavailable(f"NVML cannot read GPU {cuda_device}'s energy counter: {exc}{hint}") from None
         self._handle = handle
-        gpu = _text(pynvml.nvmlDeviceGetName(handle))
         limit = ""
         try:
             limit = f", power limit {pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000:.0f} W"
@@ -103,6 +106,10 @@ class NvmlMeter(EnergyMeter):
         self.description = f"NVML total-energy counter, {gpu} (CUDA device {cuda_device}, {how}{limit})"
 
     def read_joules(self) -> float:
+        # nvmlDeviceGetTotalEnergyConsumption: "Retrieves total energy consumption for this GPU in
+        # millijoules (mJ) since the driver was last reloaded" (unsigned long long: at 1 kW it
+        # would take ~585 million years to wrap, so differences need no wrap handling; a driver
+        # reload between two reads shows up as a non-positive window, which measure_energy refuses).
         return self._pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1000.0
 
     def power_w(self) -> float:

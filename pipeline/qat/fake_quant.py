@@ -13,7 +13,7 @@ int8 static    symmetric per output channel, ``s = absmax/127``, rne(w/s)      s
 int8 dynamic   symmetric per output channel (Conv: per tensor)                 uint8 per call (per batch):
                                                                                DynamicQuantizeLinear
 fp8 (E4M3FN)   per tensor, ``s = std(w)/std(E4M3)``, sat +-448, rne            per tensor, ``s = amax/448``,
-                                                                               amax from MinMax (global min/max)
+               bias (Gemm/Conv): int32, ``s_b = s_x * s_w`` (per tensor)       amax from MinMax (global min/max)
 int4           blocks of B along K (Conv: along I*kh*kw), ``s = v/-8`` (v the  unchanged (weight only)
                signed extreme), MLAS ``roundf(w/s + 8) - 8``; embeddings rne(w/s)
 bf16           bf16 (rne), bias too                                            input and output rounded to bf16
@@ -216,10 +216,15 @@ def fake_int8_dynamic(x):
     return torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, 0, 255).to(x.dtype)
 
 
+INT32_MIN, INT32_MAX = float(np.iinfo(np.int32).min), float(np.iinfo(np.int32).max)
+
+
 def fake_int8_bias(b, input_scale: float, weight_scale):
-    """Static int8 Gemm/Conv bias: int32, ``s_b = s_x * s_w`` (float32 product), rne, STE."""
+    """int32 Gemm/Conv bias of a static int8 or an fp8 layer (:func:`exporters.numerics.int8_bias_quantize`):
+    ``s_b = s_x * s_w`` (float32 product; per channel for int8, per tensor for fp8), rne in
+    float64, saturating to int32, STE."""
     s = (torch.tensor(float(input_scale), dtype=torch.float32) * weight_scale.detach().float())
-    q = torch.round(b.detach().double() / s.double())
+    q = torch.round(b.detach().double() / s.double()).clamp(INT32_MIN, INT32_MAX)
     return _ste(b, (q.float() * s).to(b.dtype))
 
 
@@ -239,7 +244,7 @@ class WeightFakeQuant(nn.Module if nn is not None else object):
         self.kind = kind
         self.layer_name = name
         self.enabled = True
-        self.last_scale = None  # per-channel int8 weight scale of the last forward (for the bias rule)
+        self.last_scale = None  # int8 (per channel) / fp8 (per tensor) weight scale of the last forward, for the bias
         fmt = choice.format
         if fmt not in (Format.INT8, Format.INT4, Format.FP8, Format.BF16):
             raise ValueError(f"{name}: no weight fake quantizer for format {fmt}")
@@ -251,7 +256,8 @@ class WeightFakeQuant(nn.Module if nn is not None else object):
         if fmt is Format.BF16:
             return fake_bf16(w)
         if fmt is Format.FP8:
-            return fake_fp8(w, fp8_weight_scale(w), weight=True)
+            self.last_scale = fp8_weight_scale(w)
+            return fake_fp8(w, self.last_scale, weight=True)
         if fmt is Format.INT8:
             per_tensor = (self.kind == "conv" and self.choice.int8_activations is Int8Activations.DYNAMIC)
             y, s = fake_int8_per_channel(w, None if per_tensor else 0)
@@ -272,7 +278,10 @@ class WeightFakeQuant(nn.Module if nn is not None else object):
 
 
 class BiasFakeQuant(nn.Module if nn is not None else object):
-    """Parametrization of a static-int8 Gemm/Conv bias: int32 with ``s_x * s_w``."""
+    """Parametrization of a static-int8 or fp8 Gemm/Conv bias: int32 with ``s_x * s_w``.
+
+    (fp8 too: the quantizer writes an fp8 layer's bias as ORT's WeightBiasQuantization would
+    round it - see ``exporters.quant.ort_passes.fp8_int32_biases``.)"""
 
     def __init__(self, weight_q: WeightFakeQuant, input_q: "ActivationFakeQuant"):
         super().__init__()

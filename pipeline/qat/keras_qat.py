@@ -280,7 +280,9 @@ class _QLayer:
         if fmt is Format.BF16:
             wq = fake_bf16(w)
         elif fmt is Format.FP8:
-            wq = fake_fp8(w, fp8_weight_scale(w), weight=True)
+            s = fp8_weight_scale(w)
+            self.last_weight_scale = s  # per tensor: the fp8 Conv bias is int32 at s_x * s_w too
+            wq = fake_fp8(w, s, weight=True)
         elif fmt is Format.INT8:
             per_tensor = self.onnx_op == "Conv" and self.choice.int8_activations is Int8Activations.DYNAMIC
             wq, s = fake_int8_weight(w, None if per_tensor else self.channel_axis)
@@ -298,8 +300,9 @@ class _QLayer:
             return b
         if self.choice.format is Format.BF16:
             return fake_bf16(b)
-        if (self.choice.format is Format.INT8 and input_q is not None and input_q.kind == "int8_static"
-                and self.last_weight_scale is not None):
+        if (input_q is not None and self.last_weight_scale is not None
+                and ((self.choice.format is Format.INT8 and input_q.kind == "int8_static")
+                     or (self.choice.format is Format.FP8 and input_q.kind == "fp8"))):
             return fake_int8_bias(b, input_q.scale, self.last_weight_scale)
         return b
 

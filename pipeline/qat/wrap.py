@@ -22,7 +22,7 @@ identity of the weight tensor the parametrization just produced). The route is
 installed per call and removed in a ``finally``, and only while QAT is attached.
 
 Where a deployed node includes the bias matters for bf16 (output rounded before
-or after the bias is added) and static int8 (int32 bias): ``onnx_ops`` from the
+or after the bias is added), static int8 and fp8 (int32 bias): ``onnx_ops`` from the
 layer table says whether a layer became ``Gemm``/``Conv`` (bias inside) or
 ``MatMul`` (+ a float ``Add``).
 
@@ -292,7 +292,10 @@ class QATModel:
         if has_bias and op in ("Gemm", "Conv"):
             if choice.format is Format.BF16:
                 call.bias_q = _Bf16Param()
-            elif choice.format is Format.INT8 and input_q is not None and input_q.kind == "int8_static":
+            elif input_q is not None and (
+                (choice.format is Format.INT8 and input_q.kind == "int8_static")
+                or (choice.format is Format.FP8 and input_q.kind == "fp8")
+            ):  # int32 at s_x * s_w (fp8: exporters.quant.ort_passes.fp8_int32_biases)
                 call.bias_q = fq.BiasFakeQuant(weight_q, input_q)
         return call
 

@@ -370,11 +370,17 @@ def emulate_fp8(ex: Exported, g: Graph, w: np.ndarray, b: np.ndarray | None) -> 
     xs = [f["x"] for f in ex.feeds]  # amax/448 over every calibration batch (ORT's MinMax range)
     assert np.float32(s_x) == numerics.fp8_activation_scale(min(x.min() for x in xs), max(x.max() for x in xs))
     assert _dq_scales_of(g, q_x) == [np.float32(s_x)]  # its DequantizeLinear carries the same scale
-    if b is not None and node.op_type in ("Gemm", "Conv"):  # fp8 bias stays float (Cast, not DQ)
-        assert g.producer(node.input[2]).op_type == "Cast"
+    b_deq, db = b, 0.0
+    if b is not None and node.op_type in ("Gemm", "Conv"):  # fp8 bias: int32 at s_x * s_w, as ORT would round it
+        dq_b = _weight_dq(g, node, 2)
+        assert g.dtype(dq_b.input[0]) == TensorProto.INT32
+        q_b, s_b = numerics.int8_bias_quantize(b, s_x, s_w)
+        np.testing.assert_array_equal(g.array(dq_b.input[0]), q_b)
+        np.testing.assert_array_equal(g.array(dq_b.input[1]), s_b)
+        b_deq, db = q_b.astype(F64) * s_b, s_b / 2.0
     w_deq = _to_torch_layout(ex, numerics.fp8_dequantize(g.array(dq_w.input[0]), s_w)).astype(F64)
-    return Emulation(w=w_deq, b=b, fq_x=lambda x: numerics.fp8_fake_quant(x, s_x).astype(F64),
-                     dw=_fp8_bound(w, float(s_w)), dx=lambda x: _fp8_bound(x, s_x), db=0.0)
+    return Emulation(w=w_deq, b=b_deq, fq_x=lambda x: numerics.fp8_fake_quant(x, s_x).astype(F64),
+                     dw=_fp8_bound(w, float(s_w)), dx=lambda x: _fp8_bound(x, s_x), db=db)
 
 
 def emulate_int4(ex: Exported, g: Graph, w: np.ndarray, b: np.ndarray | None, block: int) -> Emulation:

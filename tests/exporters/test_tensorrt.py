@@ -372,3 +372,90 @@ def test_quantizer_int4_matmul_is_refused_by_tensorrt_with_the_reason(tmp_path):
     m = _quantized(tmp_path, {"fc0": "int4", "fc1": "fp32"})
     problems = tensorrt_problems(m)
     assert len(problems) == 1 and "MatMulNBits" in problems[0]
+
+
+# ---------------------------------------------------------------- TensorRT's Q/DQ rules (review fixes)
+def test_int32_bias_dequantize_is_refused_with_the_fix(tmp_path):
+    """ORT's QDQ quantizer writes Gemm biases as int32 + DequantizeLinear; TensorRT's Q/DQ take no int32."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    src, dst = tmp_path / "ref.onnx", tmp_path / "q.onnx"
+    onnx.save(mlp(gemm=True), src)
+    quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    m = onnx.load(str(dst))
+    assert set(layer_precisions(m).values()) == {"int8"}
+    problems = tensorrt_problems(m)
+    assert len(problems) == 2  # one per Gemm bias
+    assert all("int32 DequantizeLinear" in p and "QuantizeBias=False" in p for p in problems)
+
+    # With fp32 biases the same graph is accepted.
+    dst2 = tmp_path / "q_fp32_bias.onnx"
+    quantize_static(str(src), str(dst2), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    assert tensorrt_problems(onnx.load(str(dst2))) == []
+
+
+def _int4_conv(block: int = 9, weight_rank: int = 2) -> tuple[onnx.ModelProto, np.ndarray]:
+    """Conv whose weight is DequantizeLinear(int4, blocked along the flattened I*kh*kw axis) + Reshape:
+    the form the quantizer writes for int4 Conv layers on the tensorrt target."""
+    o, i, kh, kw = 4, 2, 3, 3
+    k = i * kh * kw
+    q = RNG.integers(-8, 8, size=(o, k)).astype(np.int8)
+    scale = (RNG.random((o, k // block)) * 0.1 + 0.01).astype(np.float32)
+    w_shape = [o, k] if weight_rank == 2 else [o, i, kh * kw]
+    wq = helper.make_tensor("wq", TensorProto.INT4, w_shape, q.reshape(w_shape).flatten().tolist())
+    sc_shape = [o, k // block] if weight_rank == 2 else [o, i, kh * kw // block]
+    sc = numpy_helper.from_array(scale.reshape(sc_shape), "w_scale")
+    shape = numpy_helper.from_array(np.array([o, i, kh, kw], np.int64), "w_shape")
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "w_scale"], ["w2d"], name="w_dq",
+                         axis=weight_rank - 1, block_size=block),
+        helper.make_node("Reshape", ["w2d", "w_shape"], ["w"], name="w_reshape"),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    g = helper.make_graph(nodes, "int4conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, i, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, o, 6, 6])], [wq, sc, shape])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(m, full_check=True)
+    w = (q.astype(np.float32) * np.repeat(scale, block, axis=1)).reshape(o, i, kh, kw)
+    return m, w
+
+
+def test_int4_conv_through_reshape_reads_as_int4_weight_only():
+    m, w = _int4_conv()
+    assert layer_precisions(m) == {"conv": "int4-weight-only"}
+    assert tensorrt_problems(m) == []
+    # The graph is real: ONNX Runtime runs it and its weight is the blocked dequantization.
+    import onnxruntime as ort
+
+    x = RNG.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref_model = helper.make_model(
+        helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "ref",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                          [numpy_helper.from_array(w, "w")]),
+        opset_imports=[helper.make_opsetid("", OPSET)])
+    np.testing.assert_allclose(got, ReferenceEvaluator(ref_model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_dequantize_of_a_3d_tensor_is_refused():
+    m, _ = _int4_conv(block=3, weight_rank=3)
+    problems = tensorrt_problems(m)
+    assert len(problems) == 1 and "w_dq" in problems[0] and "rank-3" in problems[0] and "2-D" in problems[0]
+
+
+def test_network_flags_ask_for_strong_typing_by_the_flags_own_value():
+    """TensorRT 10 numbers STRONGLY_TYPED 1 (EXPLICIT_BATCH is 0); TensorRT 11 keeps only STRONGLY_TYPED, as 0."""
+    from types import SimpleNamespace
+
+    from exporters.tensorrt import network_flags
+
+    trt10 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1))
+    trt11 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0))
+    assert network_flags(trt10) == 0b10
+    assert network_flags(trt11) == 0b01
+    assert network_flags(SimpleNamespace()) == 0

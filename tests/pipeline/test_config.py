@@ -110,3 +110,12 @@ def test_bundled_presets_are_valid():
             if "keras" in str(exc) and "pip install" in str(exc):
                 continue  # a Keras preset without the [keras] extra: the error names the install command
             raise
+
+
+def test_tensorrt_refuses_dynamic_int8_only_when_the_user_asked_for_it():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(measure__backend="tensorrt", search__int8_activations=["static", "dynamic"]))
+    assert "search.int8_activations" in str(err.value) and "[static]" in str(err.value)
+    # left at its default, the list is narrowed by the search space instead (tests/search_spaces)
+    cfg = parse_config(_with(measure__backend="tensorrt"))
+    assert [a.value for a in cfg.search.int8_activations] == ["static", "dynamic"]

@@ -88,3 +88,30 @@ def test_tflite_backend_builds_and_measures_a_tflite_artifact(tmp_path):
 
     with pytest.raises(TrialFailure, match="tflite cannot build"):
         ev.evaluate(QuantPlan.uniform("int4"), tmp_path / "int4", energy=False)
+
+
+def test_the_backends_quantizer_target_reaches_the_artifact(tmp_path):
+    """A backend's ``quant_target`` picks the quantizer's graph forms. TensorRT itself needs a GPU;
+    here a CPU backend that declares the tensorrt target shows the wiring: the artifact has no
+    com.microsoft op, int4 is a blocked DequantizeLinear, and dynamic int8 fails the trial with the fix."""
+    import onnx
+
+    from pipeline.backends import native
+    from pipeline.backends.ort_cpu import OrtCpuBackend
+    from pipeline.formats import QuantTarget
+    from pipeline.measure import TrialFailure
+    from tests.conftest import _config
+
+    class TensorRTFormsOnCpu(OrtCpuBackend):
+        quant_target = QuantTarget.TENSORRT
+
+    ev = Evaluator(_config("digits_mlp.yaml", tmp_path / "w"))
+    ev.backend = TensorRTFormsOnCpu()
+    r = ev.evaluate(QuantPlan(layers={"fc1": "int4", "fc2": "int8", "*": "fp32"}), tmp_path / "c", energy=False)
+    model = onnx.load(r.artifact_path)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert {l.name: l.detail.split(",")[0] for l in r.layers}["fc1"] == "int4 weight-only"
+    assert "DequantizeLinear(int4) + MatMul" in {l.name: l.detail for l in r.layers}["fc1"]
+    assert r.measurement.accuracy > 0.9  # measured on the artifact, through ORT here
+    with pytest.raises(TrialFailure, match="int8_activations: static"):
+        ev.evaluate(QuantPlan(layers={"*": "int8"}, int8_activations="dynamic"), tmp_path / "d", energy=False)

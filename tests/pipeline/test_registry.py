@@ -138,6 +138,45 @@ def test_min_energy_picks_the_cheapest_front_trial_within_the_drop(searched):
     assert "lowest energy" in choice.reason and t.energy_source in choice.reason
 
 
+def _mixed_sources(study, other: str = "rapl"):
+    """The same study record with every front trial but the first re-labelled as metered by ``other``."""
+    import dataclasses
+
+    front = {t.number for t in study.front}
+    first = min(front)
+    trials = [dataclasses.replace(t, tags={**t.tags, S.TAG_ENERGY_SOURCE: other})
+              if t.number in front and t.number != first else t for t in study.trials]
+    return dataclasses.replace(study, trials=trials), study.trial(first).energy_source
+
+
+def test_policies_comparing_energy_refuse_trials_metered_by_different_sources(searched):
+    from pipeline.registry import Budget, PromotionError, choose
+
+    _, study = _open(searched)
+    if len(study.front) < 2:
+        pytest.skip("the tiny search's front has one trial: nothing to compare")
+    mixed, source = _mixed_sources(study)
+    assert source and source != "rapl"
+    with pytest.raises(PromotionError, match=rf"min-energy compares energy.*differ.*(rapl.*{source}|{source}.*rapl)"):
+        choose(mixed, "min-energy", Budget(max_accuracy_drop=1.0))
+    energies = [t.metric("joules_per_inference") for t in study.front]
+    with pytest.raises(PromotionError, match="max-accuracy with --max-energy-j compares energy"):
+        choose(mixed, "max-accuracy", Budget(max_energy_j=max(energies)))
+    # the knee compares energy when the energy slot held joules ...
+    import dataclasses
+
+    metered = dataclasses.replace(mixed, parent_tags={**mixed.parent_tags, S.TAG_ENERGY_OBJECTIVE: "energy"})
+    with pytest.raises(PromotionError, match="knee .*energy sources differ"):
+        choose(metered, "knee", objectives=["accuracy", "energy", "size"])
+    # ... not when it held latency (energy only estimated), nor when energy is no objective
+    latency = dataclasses.replace(mixed, parent_tags={**mixed.parent_tags, S.TAG_ENERGY_OBJECTIVE: "latency"})
+    assert choose(latency, "knee", objectives=["accuracy", "energy", "size"]).trial.pareto
+    assert choose(mixed, "knee", objectives=["accuracy", "size"]).trial.pareto
+    assert choose(mixed, "max-accuracy", Budget(max_latency_ms=1e9)).trial.pareto
+    # one source: no refusal
+    assert choose(study, "min-energy", Budget(max_accuracy_drop=1.0)).trial.pareto
+
+
 def test_max_accuracy_respects_the_budget_and_needs_one(searched):
     from pipeline.registry import Budget, PromotionError, choose
 

@@ -316,3 +316,177 @@ def test_resources_per_trial_follow_backend_threads_and_parallel(make_config):
     with pytest.raises(ConfigError, match="needs a GPU"):
         plan_resources(make_config("digits_mlp.yaml", **{"measure.backend": "ort-cuda"}), None, {"CPU": 2.0},
                        one_node)
+
+
+# -- one energy source per study: the meter is pinned after the first trial --------------------
+def _children(summary, study_name):
+    client = mlflow.MlflowClient(summary.tracking_uri)
+    runs = client.search_runs([summary.experiment_id], filter_string=f"tags.`{S.TAG_STUDY}` = '{study_name}'")
+    parent = next(r for r in runs if r.data.tags.get(S.TAG_ROLE) == S.ROLE_STUDY)
+    return parent, [r for r in runs if r.data.tags.get(S.TAG_ROLE) == S.ROLE_TRIAL]
+
+
+@pytest.mark.slow
+def test_energy_meter_is_pinned_to_the_first_trials_source(ray_local, mlflow_uri, make_config):
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"], "search.int8_activations": ["dynamic"],
+                                            "search.calibrations": ["minmax"], "search.trials": 3})
+    summary = run_search(cfg, SearchOptions(study="pinned", parallel=1, progress="off", tracking_uri=mlflow_uri))
+    study = open_study(cfg, "pinned")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    energy = [t.user_attrs["result"]["measurement"]["energy"] for t in trials]
+    source = energy[0]["source"]
+    assert source in ("nvml", "rapl", "estimated")
+    assert study.user_attrs["energy_source"] == source
+    assert study.user_attrs["energy_meter_pinned"]["meter"] == source
+    assert "trial 0" in study.user_attrs["energy_meter_pinned"]["by"]
+    assert all(e["source"] == source for e in energy)
+    if source == "estimated":
+        # trial 0 ran with meter "auto" (the estimate says why it fell back); later trials with the pinned
+        # explicit meter, which has no fallback note and would have failed rather than switch source
+        assert "auto: " in energy[0]["meter"]
+        assert not any("auto: " in e["meter"] for e in energy[1:])
+    assert summary.energy_meter_pinned == source
+    parent, _ = _children(summary, "pinned")
+    assert parent.data.tags[S.TAG_ENERGY_METER_PINNED] == source
+    assert parent.data.tags[S.TAG_ENERGY_SOURCE] == source
+    assert "pinned by trial 0" in parent.data.tags[S.TAG_ENERGY_PIN_NOTE]
+
+
+@pytest.mark.slow
+def test_an_explicit_meter_pins_the_study_from_the_start(ray_local, mlflow_uri, make_config):
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32"], "search.trials": 1,
+                                            "measure.energy.meter": "estimated"})
+    summary = run_search(cfg, SearchOptions(study="explicit-meter", parallel=1, progress="off",
+                                            tracking_uri=mlflow_uri))
+    assert summary.trials_complete == 1 and summary.energy_meter_pinned == "estimated"
+    study = open_study(cfg, "explicit-meter")
+    assert study.user_attrs["energy_meter_pinned"] == {"meter": "estimated",
+                                                       "by": "measure.energy.meter in the config"}
+    parent, _ = _children(summary, "explicit-meter")
+    assert parent.data.tags[S.TAG_ENERGY_METER_PINNED] == "estimated"
+
+
+def _nvml_available() -> bool:
+    from pipeline.energy.base import MeterUnavailable
+    from pipeline.energy.nvml import NvmlMeter
+
+    try:
+        NvmlMeter(0)
+    except MeterUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_a_pinned_meter_missing_on_the_worker_fails_the_trial_instead_of_switching(ray_local, mlflow_uri, make_config):
+    if _nvml_available():
+        pytest.skip("NVML works here: a study pinned to it would measure normally")
+    from pipeline.study import default_storage
+
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32"], "search.trials": 1})
+    # a study that a GPU node pinned to NVML, resumed on a node without NVML
+    old = optuna.create_study(study_name="pinned-nvml", storage=default_storage(cfg), directions=["maximize"] + ["minimize"] * 2)
+    old.set_user_attr("energy_source", "nvml")
+    old.set_user_attr("energy_meter_pinned", {"meter": "nvml", "by": "trial 0, the first to finish"})
+    summary = run_search(cfg, SearchOptions(study="pinned-nvml", parallel=1, progress="off", tracking_uri=mlflow_uri))
+    assert summary.trials_complete == 0 and summary.trials_failed == 1
+    (t,) = open_study(cfg, "pinned-nvml").get_trials()
+    reason = t.user_attrs["fail_reason"]
+    assert "MeterUnavailable" in reason and "'nvml'" in reason  # the meter's own reason, not an estimate
+    assert "pinned to nvml by trial 0" in reason
+    parent, children = _children(summary, "pinned-nvml")
+    assert parent.data.tags[S.TAG_ENERGY_METER_PINNED] == "nvml"
+    assert children[0].data.tags[S.TAG_FAIL_REASON] == reason[:5000]
+
+
+def test_a_trial_metered_by_another_source_is_refused_whatever_the_studys_source():
+    from pipeline.study import energy_source_mismatch
+
+    for study_source, trial_source in (("estimated", "rapl"), ("estimated", "nvml"), ("rapl", "estimated"),
+                                       ("nvml", "rapl")):
+        why = energy_source_mismatch(study_source, _result(trial_source))
+        assert why and study_source in why and trial_source in why
+    assert energy_source_mismatch("estimated", _result("estimated")) is None
+    assert energy_source_mismatch(None, _result("rapl")) is None  # nothing pinned yet: this trial decides
+    assert energy_source_mismatch("rapl", _result(None)) is None  # energy not measured this run
+
+
+# -- duplicate proposals -------------------------------------------------------------------------
+def test_plan_key_ignores_knobs_that_do_not_change_the_artifact():
+    from pipeline.plan import QuantPlan
+    from pipeline.study import plan_key
+
+    names = ["fc1", "fc2"]
+    fp32 = QuantPlan(layers={"fc1": "fp32", "fc2": "fp32"})
+    assert plan_key(fp32, names) == plan_key(QuantPlan(layers={"*": "fp32"}, int8_activations="dynamic",
+                                                       int4_block_size=64, calibration="percentile"), names)
+    int8 = QuantPlan(layers={"fc1": "int8", "*": "fp32"})
+    assert plan_key(int8, names) != plan_key(fp32, names)
+    assert plan_key(int8, names) != plan_key(QuantPlan(layers={"fc1": "int8", "*": "fp32"},
+                                                        int8_activations="dynamic"), names)
+    # static int8 is calibrated: the calibrator matters; dynamic int8 is not: it does not
+    assert plan_key(int8, names) != plan_key(QuantPlan(layers={"fc1": "int8", "*": "fp32"},
+                                                        calibration="percentile"), names)
+    dyn = dict(layers={"fc1": "int8", "*": "fp32"}, int8_activations="dynamic")
+    assert plan_key(QuantPlan(**dyn), names) == plan_key(QuantPlan(**dyn, calibration="percentile"), names)
+    assert plan_key(QuantPlan(**dyn), names) != plan_key(QuantPlan(**dyn, method="qat"), names)
+
+
+@pytest.mark.slow
+def test_duplicate_proposals_reuse_the_measured_trial_and_the_search_stops_when_only_duplicates_come(
+        ray_local, mlflow_uri, make_config):
+    # One format: every plan the sampler can propose is the FP32 baseline's plan.
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32"], "search.trials": 3})
+    opts = SearchOptions(study="dups", parallel=1, progress="off", tracking_uri=mlflow_uri,
+                         max_consecutive_duplicates=4)
+    summary = run_search(cfg, opts)
+    assert summary.trials_complete == 1 and summary.trials_failed == 0
+    assert summary.trials_duplicate == 4
+    assert "4 plans in a row" in summary.stopped_early and "1 measured trial(s) of the 3" in summary.stopped_early
+    study = open_study(cfg, "dups")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert len(trials) == 5
+    original, dups = trials[0], trials[1:]
+    assert original.user_attrs["baseline"] == "uniform-fp32" and "duplicate_of" not in original.user_attrs
+    for t in dups:
+        assert t.state.name == "COMPLETE"
+        assert t.user_attrs["duplicate_of"] == 0
+        assert t.values == original.values and t.constraints == original.constraints
+    assert [r.number for r in summary.front] == [0]  # the duplicates never join the front themselves
+    parent, children = _children(summary, "dups")
+    assert len(children) == 1  # no child run for a plan that was not measured again
+    assert children[0].data.tags[S.TAG_DUPLICATES] == "1,2,3,4"
+    assert parent.data.metrics["trials_duplicate"] == 4
+    assert S.TAG_STOPPED_EARLY in parent.data.tags
+
+    # resume: still one measured trial, the duplicates stay without runs, the budget is not consumed by them
+    again = run_search(cfg, opts)
+    assert again.trials_complete == 1 and again.trials_duplicate == 8
+    _, children = _children(again, "dups")
+    assert len(children) == 1 and children[0].data.tags[S.TAG_DUPLICATES] == "1,2,3,4,5,6,7,8"
+
+
+@pytest.mark.slow
+def test_search_json_output_is_one_json_document(ray_local, mlflow_uri, tmp_path, capsys):
+    """stdout holds the summary only; what libraries print meanwhile (MLflow's "View run" links over
+    http, covered by tests/test_mlflow_server.py) is routed to stderr."""
+    import sys
+
+    from pipeline.cli import main
+    from pipeline.cli.search import stdout_to_stderr
+
+    capsys.readouterr()
+    rc = main(["search", "--config", str(ROOT / "search_spaces" / "digits_mlp.yaml"), "--trials", "1",
+               "--study", "cli-json", "--tracking-uri", mlflow_uri, "--json",
+               "--set", f"workdir={tmp_path / 'work'}", "--set", "search.formats=[fp32]",
+               "--set", "measure.runs=5", "--set", "measure.warmup=1",
+               "--set", "measure.energy.min_seconds=0.05", "--set", "measure.energy.repeats=1"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # the whole of stdout parses
+    assert out["study"] == "cli-json" and out["trials_complete"] == 1
+    with stdout_to_stderr(True):
+        sys.stdout.write("🏃 View run trial-000 at: http://127.0.0.1:5000/#/experiments/1/runs/x\n")
+    captured = capsys.readouterr()
+    assert captured.out == "" and "View run trial-000" in captured.err

@@ -132,3 +132,20 @@ def test_params_from_another_space_are_refused():
     params[LAYER_PREFIX + "head"] = "int2"
     with pytest.raises(ValueError, match="not one of"):
         space.plan_from_params(params)
+
+
+def test_tensorrt_target_never_samples_dynamic_int8():
+    from pipeline.formats import Int8Activations, QuantTarget
+
+    ort_space = SearchSpace.build(SearchSpec(formats=["int8"]), LAYERS)
+    trt_space = SearchSpace.build(SearchSpec(formats=["int8"]), LAYERS, target=QuantTarget.TENSORRT)
+    assert {p.int8_activations for _, p in _sample(ort_space, 30)} == set(Int8Activations)  # both reachable
+    sampled = _sample(trt_space, 30)
+    assert {p.int8_activations for _, p in sampled} == {Int8Activations.STATIC}
+    assert all(P_INT8_ACT not in t.params for t, _ in sampled)  # no knob left to search
+    assert "int8_activations ['dynamic']" in trt_space.describe()
+    assert trt_space.params_for({n: Format.INT8 for n in LAYERS}).get(P_INT8_ACT, "static") == "static"
+    with pytest.raises(ConfigError, match=r"search.int8_activations: \['dynamic'\].*set \[static\]"):
+        SearchSpace.build(SearchSpec(formats=["int8"], int8_activations=["dynamic"]), LAYERS, target="tensorrt")
+    # no int8 layer possible: nothing to refuse
+    SearchSpace.build(SearchSpec(formats=["fp32", "bf16"], int8_activations=["dynamic"]), LAYERS, target="tensorrt")

@@ -215,3 +215,32 @@ def test_nvml_energy_on_gpu_work(tmp_path):
     spec = EnergySpec(meter="nvml", min_seconds=1.0, repeats=2)
     r = measure_energy(select_meter(spec, backend), lambda: session.run(feeds), 4, spec, session.synchronize)
     assert r.source == "nvml" and r.average_power_w > 1.0 and r.idle_power_w is not None
+
+
+def test_readme_shows_the_current_native_table():
+    """The README's table is the code's table (regenerate it from native_table_markdown() when this fails)."""
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- native-table:start")
+    block = readme[readme.index("\n", start) + 1: readme.index("<!-- native-table:end")]
+    assert block.strip() == native.native_table_markdown().strip()
+
+
+def _ort_bool(value: str) -> bool:
+    """ORT's provider-option boolean rule (core/common/parse_string.h): exactly these six spellings."""
+    table = {"0": False, "False": False, "false": False, "1": True, "True": True, "true": True}
+    assert value in table, f"ORT would reject {value!r} as a boolean provider option"
+    return table[value]
+
+
+def test_ort_trt_options_keep_the_network_strongly_typed(tmp_path):
+    """fp16/int8 switch the TensorRT EP to a weakly typed network (which TensorRT 11 no longer has):
+    they must be off, explicitly; TF32 stays off on the CUDA EP fallback."""
+    opts = OrtTrtBackend().provider_options(tmp_path)
+    assert _ort_bool(opts["trt_fp16_enable"]) is False and _ort_bool(opts["trt_int8_enable"]) is False
+    assert _ort_bool(opts["trt_engine_cache_enable"]) and _ort_bool(opts["trt_timing_cache_enable"])
+    assert opts["trt_engine_cache_path"] == opts["trt_timing_cache_path"] == str(tmp_path)
+    assert 0 <= int(opts["trt_builder_optimization_level"]) <= 5
+    assert all(isinstance(v, str) for v in opts.values())  # ORT takes provider options as strings
+    assert _ort_bool(OrtCudaBackend().provider_options()["use_tf32"]) is False

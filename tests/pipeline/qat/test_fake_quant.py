@@ -231,6 +231,17 @@ class SharedConv(nn.Module):  # one Conv called twice: per call an input and an 
         return self.conv(torch.relu(self.conv(x)))
 
 
+class ConvChain(nn.Module):  # c1 -> c2 with nothing in between: c2 reads c1's output DequantizeLinear
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(self.c1(x))))
+
+
 class SharedAttn(nn.Module):  # one MultiheadAttention called twice (F.linear route, per call)
     def __init__(self):
         super().__init__()
@@ -248,11 +259,17 @@ PLANS = {
     # between the calls' nodes, so a per-call int8 bias would leak into the others - see the report)
     "per-call": {"fc": "int8-static", "fc#2": "fp8", "fc#3": "bf16"},  # fp8 behind an int8 call of itself
     "per-call-2": {"fc": "fp8", "fc#2": "int8-static", "fc#3": "int4"},
+    # an fp32 / fp8 Conv reading an int8-static Conv's output DQ, its output feeding a quantizer
+    # (ORT's WeightBiasQuantization used to run c2 int8, or round its fp8 bias; see ort_passes)
+    "chain-fp32": {"c1": "int8-static", "c2": "fp32", "c3": "int8-static"},
+    "chain-fp8": {"c1": "int8-static", "c2": "fp8", "c3": "int8-static"},
+    "chain-bf16": {"c1": "int8-static", "c2": "bf16", "c3": "fp8"},
 }
 
 MODELS = {"mixed": (Mixed, (16, 40)), "lin2d": (Lin2D, (16, 40)), "lin3d": (Lin3D, (4, 5, 40)), "conv": (Conv, (4, 4, 6, 6)),
           "emb": (Emb, None), "attn": (Attn, (4, 6, 32)), "shared": (Shared, (16, 32)),
-          "shared_nb": (SharedNoBias, (16, 32)), "shared_conv": (SharedConv, (4, 4, 6, 6)), "shared_attn": (SharedAttn, (4, 6, 32))}
+          "shared_nb": (SharedNoBias, (16, 32)), "shared_conv": (SharedConv, (4, 4, 6, 6)), "shared_attn": (SharedAttn, (4, 6, 32)),
+          "chain": (ConvChain, (4, 4, 6, 6))}
 
 
 def make(name: str):
@@ -298,15 +315,8 @@ CASES = [
     ("shared", "int8-static"), ("shared", "int8-dynamic"), ("shared", "int4"), ("shared", "fp8"), ("shared", "bf16"),
     ("shared_nb", "per-call"), ("shared_nb", "per-call-2"), ("shared_conv", "int8-static"), ("shared_conv", "fp8"),
     ("shared_attn", "int8-static"), ("shared_attn", "fp8"),
+    ("chain", "chain-fp32"), ("chain", "chain-fp8"), ("chain", "chain-bf16"),
 ]
-# ONNX Runtime's WeightBiasQuantization graph transformer (ORT_ENABLE_BASIC and up) rewrites the
-# fp32 bias of a Conv/Gemm whose input is dequantized and whose output leads (through Relu/Clip)
-# straight to a QuantizeLinear into int32 with scale s_x*s_w. The quantizer leaves fp8 biases in
-# fp32, so in these cases (an fp8 Conv/Gemm feeding another quantized layer) the session deploys
-# a bias the QDQ graph does not say; fake quantization follows the graph as written, and these
-# cases run without that one transformer (test_ort_rewrites_fp8_biases_feeding_a_quantizer
-# keeps the gap visible).
-ORT_BIAS_REWRITE = {("shared_conv", "fp8"), ("shared_attn", "fp8")}
 
 
 def _choice(fmt: str) -> LayerChoice:
@@ -366,10 +376,7 @@ def test_fake_quantized_layer_equals_onnx_runtime(name, fmt, references, tmp_pat
     calib = [_feeds(ref, b) for b in np.split(data(name)[0], 3)]  # 3 equal batches of 32
     built = quantize_model(ref.onnx_path, ref.layer_table, choices, calib, calibration, tmp_path / "c.onnx")
     x = _inputs(name, 32, seed=99)  # fresh inputs, partly outside the calibrated range
-    if (name, fmt) in ORT_BIAS_REWRITE:
-        got_ort = _ort(built.path, disabled=["WeightBiasQuantization"]).run(None, _feeds(ref, x))[0]
-    else:
-        got_ort = OrtSession(built.path, ["CPUExecutionProvider"]).run(_feeds(ref, x))[0]
+    got_ort = OrtSession(built.path, ["CPUExecutionProvider"]).run(_feeds(ref, x))[0]  # default optimizations
 
     model = adapter.load_model()
     qm = QATModel(model, choices, calibration, {l.name: l.onnx_op for l in ref.layer_table})
@@ -477,42 +484,54 @@ def test_a_module_called_more_often_than_exported_is_an_error(references):
         assert [c.name for c in qm.calls()] == ["fc", "fc#2", "fc#3"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (exporters): ORT's WeightBiasQuantization rounds an fp8 "
-                   "Conv's fp32 bias to int32 at s_x*s_w when its output feeds a quantized input")
-def test_ort_rewrites_fp8_biases_feeding_a_quantizer(references, tmp_path):
-    """Fake quantization follows the QDQ graph as written; the optimized CPU session differs from
-    it in exactly one transformer (see ORT_BIAS_REWRITE). Passes once the quantizer deploys such
-    biases the way it writes them (or QAT mirrors the rewrite): then drop the xfail and the set."""
+@pytest.mark.parametrize("name,fmt", [("shared_conv", "fp8"), ("shared_attn", "fp8"), ("chain", "chain-fp8")])
+def test_fp8_biases_are_deployed_as_ort_runs_them(name, fmt, references, tmp_path):
+    """ORT's WeightBiasQuantization (every default session) rounds the fp32 bias of an fp8
+    Conv/Gemm whose output feeds a quantizer to int32 at s_x*s_w. The quantizer now writes every
+    fp8 Gemm/Conv bias in that form itself and QAT mirrors it, so the transformer has nothing
+    left to change: the optimized graph is the same with and without it, and fake quantization
+    equals the default session."""
+    import onnx
+    import onnxruntime as ort
+
     from pipeline.qat.train import call_model, to_tensors
 
-    ref, artifact, qm, _ = _calibrated("shared_conv", "fp8", references, tmp_path)
-    x = _inputs("shared_conv", 32, seed=99)
+    ref, artifact, qm, _ = _calibrated(name, fmt, references, tmp_path)
+    x = _inputs(name, 32, seed=99)
     qm.set_mode("qat")
     with torch.no_grad():
         got = call_model(qm.model, to_tensors(_feeds(ref, x))).numpy()
     qm.detach()
-    written = _ort(artifact, disabled=["WeightBiasQuantization"]).run(None, _feeds(ref, x))[0]
+
+    graphs = {}
+    for tag, disabled in (("default", []), ("without", ["WeightBiasQuantization"])):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(tmp_path / f"{tag}.onnx")
+        ort.InferenceSession(str(artifact), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        graphs[tag] = onnx.load(opts.optimized_model_filepath).graph
+    assert [(n.op_type, list(n.input)) for n in graphs["default"].node] == \
+        [(n.op_type, list(n.input)) for n in graphs["without"].node], "WeightBiasQuantization changed the graph"
+
+    # the written form: each fp8 layer's bias is an int32 DequantizeLinear at s_x * s_w
+    model = onnx.load(str(artifact))
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    plan = _plan_choices(fmt, ref)
+    nodes = {l.onnx_node for l in ref.layer_table if l.onnx_op in ("Gemm", "Conv") and plan[l.name].format is Format.FP8}
+    checked = 0
+    for n in model.graph.node:
+        if n.name not in nodes or len(n.input) < 3 or not n.input[2]:
+            continue
+        dq = producer[n.input[2]]
+        assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == onnx.TensorProto.INT32, n.name
+        s_b = onnx.numpy_helper.to_array(inits[dq.input[1]])
+        s_x, s_w = (onnx.numpy_helper.to_array(inits[producer[n.input[i]].input[1]]) for i in (0, 1))
+        assert s_b.shape == () and s_b == np.float32(s_x) * np.float32(s_w), n.name  # per tensor
+        checked += 1
+    assert checked >= 1
+
     deployed = _ort(artifact).run(None, _feeds(ref, x))[0]
     scale = np.abs(deployed).max()
-    np.testing.assert_allclose(got, written, rtol=1e-5, atol=1e-5 * scale)  # holds: not the xfail
-    # The rewrite itself, read from the session's optimized graph: whether its int32 bias rounding
-    # (|err| <= s_x*s_w/2) shows at the output depends on the data - with fp8 activation scales
-    # amax/448 it is small enough to vanish in the next fp8 quantizer on these inputs - so the
-    # graph is the reliable witness. An int32 DequantizeLinear feeding a Conv's bias = rewritten.
-    import onnx
-    import onnxruntime as ort
-
-    opts_path = tmp_path / "optimized.onnx"
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.optimized_model_filepath = str(opts_path)
-    ort.InferenceSession(str(artifact), opts, providers=["CPUExecutionProvider"])
-    g = onnx.load(str(opts_path)).graph
-    int32 = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT32}
-    int32 |= {n.output[0] for n in g.node if n.op_type == "Cast"
-              and any(a.name == "to" and a.i == onnx.TensorProto.INT32 for a in n.attribute)}
-    bias_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in int32}
-    rewritten = [n.name for n in g.node if n.op_type in ("Conv", "FusedConv") and len(n.input) > 2 and n.input[2] in bias_dq]
-    assert not rewritten, f"ORT quantized the fp8 Conv bias of {rewritten} to int32"
     np.testing.assert_allclose(got, deployed, rtol=1e-5, atol=1e-5 * scale)

@@ -1,0 +1,156 @@
+"""What a default ONNX Runtime session runs must be what the quantizer wrote.
+
+ORT's session-time ``WeightBiasQuantization`` transformer (ORT_ENABLE_BASIC and up) quantizes
+the fp32 weight of a Conv/Gemm whose input is a per-tensor DequantizeLinear and whose output
+leads to a QuantizeLinear, and rounds its fp32 bias to int32 (see
+``exporters/quant/ort_passes.py``). These tests open every artifact twice - as deployed (all
+optimizations) and with that one transformer disabled - and require the same optimized graph
+and the same numbers, and read the optimized graph to check that a layer planned fp32 still
+has its fp32 weight and that int8-static Convs still become QLinearConv.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+from exporters.onnx_quant import quantize_model
+from pipeline.formats import Calibration, Format, Int8Activations
+from pipeline.plan import LayerChoice
+
+
+class Chain(nn.Module):
+    """c1 -> c2 with nothing in between (c2 reads c1's output DQ), Relu, c3, then two Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 6 * 6, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c3(torch.relu(self.c2(self.c1(x)))))
+        return self.fc2(torch.relu(self.fc(x.flatten(1))))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from pipeline.models.torch_adapter import build_layer_table, enumerate_layers
+
+    torch.manual_seed(0)
+    m = Chain().eval()
+    prog = torch.onnx.export(m, (torch.randn(4, 3, 6, 6),), dynamo=True, opset_version=21, optimize=True)
+    model = prog.model_proto
+    table = build_layer_table(model, enumerate_layers(m))
+    assert sorted(table.names) == ["c1", "c2", "c3", "fc", "fc2"]
+    src = tmp_path_factory.mktemp("chain") / "ref.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    name = model.graph.input[0].name
+    feeds = [{name: rng.standard_normal((4, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
+    return src, table, feeds, {l.name: l for l in table}
+
+
+def _choice(f: str) -> LayerChoice:
+    if f.startswith("int8"):
+        acts = Int8Activations.DYNAMIC if f.endswith("dynamic") else Int8Activations.STATIC
+        return LayerChoice(format=Format.INT8, int8_activations=acts)
+    return LayerChoice(format=Format(f), int4_block_size=32)
+
+
+def _build(chain, plan: dict[str, str], path):
+    src, table, feeds, _ = chain
+    choices = {n: _choice(plan.get(n, "fp32")) for n in table.names}
+    return quantize_model(src, table, choices, feeds, Calibration.MINMAX, path).path
+
+
+def _session(path, out, disabled=(), level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(out)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+    return sess, onnx.load(str(out)).graph
+
+
+def _signature(g: onnx.GraphProto) -> list[tuple[str, list[str]]]:
+    return [(n.op_type, list(n.input)) for n in g.node]
+
+
+PLANS = {
+    "fp32-between-int8": {"c1": "int8-static", "c3": "int8-static", "fc": "int8-static"},
+    "fp8-between-int8": {"c1": "int8-static", "c2": "fp8", "c3": "int8-static", "fc": "int8-static"},
+    "all-fp8": {"c1": "fp8", "c2": "fp8", "c3": "fp8", "fc": "fp8", "fc2": "fp8"},
+    "bf16-int4": {"c1": "int8-static", "c2": "bf16", "c3": "int4", "fc": "fp8"},
+    "int4-conv-behind-int8": {"c1": "int8-static", "c2": "int4", "c3": "fp8"},
+    "conv-dynamic": {"c1": "int8-static", "c2": "int8-dynamic", "c3": "int8-static", "fc": "fp8"},
+    "all-int8": {n: "int8-static" for n in ("c1", "c2", "c3", "fc", "fc2")},
+}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_default_session_runs_the_written_graph(plan, chain, tmp_path):
+    """WeightBiasQuantization finds nothing to change in any of these plans."""
+    art = _build(chain, PLANS[plan], tmp_path / "q.onnx")
+    feeds = chain[2][0]
+    default, g_default = _session(art, tmp_path / "default.onnx")
+    without, g_without = _session(art, tmp_path / "without.onnx", ["WeightBiasQuantization"])
+    assert _signature(g_default) == _signature(g_without)
+    np.testing.assert_array_equal(default.run(None, feeds)[0], without.run(None, feeds)[0])
+
+
+def test_gemm_layers_in_a_plan_with_a_dynamic_layer(chain, tmp_path):
+    """Only Gemms planned int8-dynamic/int4 are rewritten as MatMul + Add; the others keep their bias
+    in the node, so ORT's MatMulAddFusion + WeightBiasQuantization find nothing to re-round."""
+    art = _build(chain, {"c2": "int8-dynamic", "fc": "int8-static", "fc2": "fp8"}, tmp_path / "q.onnx")
+    _, g_default = _session(art, tmp_path / "default.onnx")
+    _, g_without = _session(art, tmp_path / "without.onnx", ["WeightBiasQuantization"])
+    assert _signature(g_default) == _signature(g_without)
+
+
+def test_fp32_layer_behind_an_int8_conv_keeps_its_fp32_weight(chain, tmp_path):
+    """c2 is planned fp32 and reads c1's (int8-static) output; its output feeds c3's quantizer.
+    Before the shield, ORT quantized c2's weight to per-tensor int8 at session time."""
+    _, _, feeds, layers = chain
+    art = _build(chain, PLANS["fp32-between-int8"], tmp_path / "q.onnx")
+    w_c2 = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(art)).graph.initializer if t.name == layers["c2"].weight))
+
+    # default session (ORT_ENABLE_ALL): two QLinearConv (c1, c3), one float conv with a float weight
+    sess, g = _session(art, tmp_path / "all.onnx")
+    inits = {t.name: t for t in g.initializer}
+    ops = [n.op_type for n in g.node]
+    assert ops.count("QLinearConv") == 2, ops
+    float_convs = [n for n in g.node if n.op_type in ("Conv", "FusedConv")]
+    assert len(float_convs) == 1, ops
+    w = inits.get(float_convs[0].input[1])
+    assert w is not None and w.data_type == onnx.TensorProto.FLOAT, "c2's weight is computed (dequantized) at run time"
+    # without the NCHWc layout (level 3), c2's weight is the very initializer the quantizer wrote
+    _, g2 = _session(art, tmp_path / "extended.onnx", level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    inits2 = {t.name: t for t in g2.initializer}
+    convs = [n for n in g2.node if n.op_type in ("Conv", "FusedConv")]
+    assert len(convs) == 1
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits2[convs[0].input[1]]), w_c2)
+
+    # and the session computes c2 in fp32: the same output as with the transformer off
+    without, _ = _session(art, tmp_path / "without.onnx", ["WeightBiasQuantization"])
+    np.testing.assert_array_equal(sess.run(None, feeds[0])[0], without.run(None, feeds[0])[0])
+
+
+def test_fp8_conv_behind_an_int8_conv_gets_its_own_fp8_input_quantizer(chain, tmp_path):
+    """quantize_static skips a tensor produced by a DequantizeLinear, so c2 (fp8) used to read
+    c1's int8 DQ with no fp8 quantizer of its own."""
+    _, _, _, layers = chain
+    art = _build(chain, PLANS["fp8-between-int8"], tmp_path / "q.onnx")
+    g = onnx.load(str(art)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    c2 = next(n for n in g.node if n.name == layers["c2"].onnx_node)
+    dq = producer[c2.input[0]]
+    q = producer[dq.input[0]]
+    assert dq.op_type == "DequantizeLinear" and q.op_type == "QuantizeLinear"
+    assert any(a.name == "output_dtype" and a.i == onnx.TensorProto.FLOAT8E4M3FN for a in q.attribute)
