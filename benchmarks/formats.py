@@ -4,6 +4,8 @@ Every row is measured in this run on the exported artifact through the same
 backend, so the ratios are side by side: latency ratio = candidate p50 / FP32
 p50 (lower is faster), size ratio = FP32 bytes / candidate bytes (higher is
 smaller). Run: ``make bench`` or ``.venv/bin/python benchmarks/formats.py``.
+"runs as" is per layer what ORT ran (kernels read from its optimized graph, see
+``pipeline.backends.ort_cpu.observe_kernels``), counted over the quantized layers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def runs_as_label(layers) -> str:
+    """How the quantized layers ran, e.g. ``native (1 QGemm), emulated (3 FusedGemm)``: native/emulated
+    per layer with the kernel ORT was observed to run (``LayerReport.kernel``), FP32 layers left out."""
+    from collections import Counter
+
+    from pipeline.formats import Format
+
+    quantized = [l for l in layers if l.format is not Format.FP32]
+    if not quantized:
+        return "native"
+    parts = []
+    for execution in ("native", "emulated"):
+        kernels = Counter((l.kernel or "").split("(")[0] for l in quantized if l.execution == execution)
+        if kernels:
+            inner = ", ".join(f"{n} {k}" if k else f"{n} not observed" for k, n in sorted(kernels.items()))
+            parts.append(f"{execution} ({inner})")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                     m = r.measurement
                     if base is None:
                         base = m
-                    native = sorted({l.execution for l in r.layers if l.format is not Format.FP32}) or ["native"]
+                    runs_as = runs_as_label(r.layers)
                     e = m.energy
                     rows.append([
                         cfg.name, label, f"{m.accuracy:.4f}", f"{m.accuracy - base.accuracy:+.4f}",
@@ -61,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{m.size_bytes:,}", f"{base.size_bytes / m.size_bytes:.2f}x",
                         f"{m.effective_bits_per_weight:.2f}",
                         f"{e.joules_per_inference * 1e6:.1f} ({e.source})" if e else "n/a",
-                        "/".join(native),
+                        runs_as,
                     ])
                     console.print(f"  measured {cfg.name} {label}", style="dim")
             backend = f"{m.backend} on {m.device}, batch {m.batch_size}, {args.runs} timed runs"

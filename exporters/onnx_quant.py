@@ -33,8 +33,14 @@ A Gemm planned int4 or int8-dynamic is first rewritten as MatMul + Add (both for
 for MatMul only). The passes run in this order, each on the previous one's output:
 prepare (opset 21, private weights/inputs, Gemm rewrites, ORT pre-processing) -> int8
 static QDQ -> fp8 QDQ -> int8 dynamic -> int4 MatMulNBits (per block size) -> hand-written
-forms (bf16, int4 Conv, int8/fp8/bf16 Gather). Layers are disjoint, and each ORT pass only
-touches its own nodes, so a layer's node is never seen by two passes.
+forms (bf16, int4 Conv, int8/fp8/bf16 Gather) -> for the ``ort`` target with static QDQ layers,
+the numerically neutral rewrites that leave ORT's session-time transformers nothing to change
+or break (:func:`exporters.quant.ort_passes.pre_empt_session_rewrites`). Layers are disjoint,
+and each ORT pass only touches its own nodes, so a layer's node is never seen by two passes.
+
+The artifact is then loaded once with the session options the ORT CPU backend measures with
+(all graph optimizations on), so a graph that only ORT's optimizers break fails here, naming
+the cause, rather than at measurement.
 """
 
 from __future__ import annotations
@@ -146,8 +152,9 @@ def quantize_model(
     (recorded in ``calibration_used``).
     Intermediate models (one per pass) go to ``workdir/onnx_quant_work`` (a temporary folder
     when ``workdir`` is None) and are deleted once the artifact is written; after a failure
-    they are kept there for inspection (given a ``workdir``). The result is loaded once in ONNX Runtime on the CPU
-    before returning, so an artifact that comes back always has every kernel it needs.
+    they are kept there for inspection (given a ``workdir``). The result is loaded once in ONNX Runtime on the CPU,
+    with the ORT CPU backend's session options, before returning, so an artifact that comes back
+    always loads the way it will be measured.
     ``target`` picks the graph forms (``ort`` or ``tensorrt``, see the module docstring); a plan
     the target cannot express raises :class:`UnsupportedPlan` before any work is done.
     """
@@ -268,6 +275,7 @@ def _quantize(
     current = work / "prepared.onnx"
     _save(model, current)
     current = _pre_process(current, work / "preprocessed.onnx")
+    ranks = ort_passes.tensor_ranks(onnx.load(str(current), load_external_data=False))
 
     # --- ORT passes
     calib_parts = []
@@ -319,9 +327,13 @@ def _quantize(
             tensorrt_forms.dq_gather(model, p.node, p.choice.format, p.choice.int4_block_size, names)
     if target is QuantTarget.TENSORRT:
         tensorrt_forms.fold_int32_dequantize(model)  # TensorRT's DQ takes no int32: biases as fp32
+    elif static_kinds:  # ORT's session-time rewrites of a QDQ graph, pre-empted (ort_passes module doc)
+        changed = ort_passes.pre_empt_session_rewrites(model, ranks)
+        if any(changed.values()):
+            log.debug("ORT session rewrites pre-empted: %s", changed)
     remove_unused_initializers(model)
     _save(model, out_path)
-    _check_loads(out_path)
+    _check_loads(out_path, planned, optimized=target is QuantTarget.ORT)
 
     calibration_used = ", ".join(calib_parts) if calib_parts else "none (no static activations)"
     if len(calib_parts) == 2:
@@ -360,17 +372,55 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def _check_loads(path: Path) -> None:
-    """Every artifact must at least load (all kernels found) in ORT on the CPU."""
+def _check_loads(path: Path, planned: Sequence[_Planned] = (), optimized: bool = True) -> None:
+    """Every artifact must load in ORT on the CPU with the options the ORT CPU backend measures
+    with (``pipeline.backends.ort_cpu.session_options``: all graph optimizations on).
+    ``optimized=False`` (the ``tensorrt`` target, which ORT does not run in measurement): only
+    that every kernel exists (ORT_DISABLE_ALL).
+
+    Loading without optimizations only proves the kernels exist; some failures appear only
+    once ORT's session-time transformers have rewritten the graph (a stale ``output_dtype`` on
+    a Q that QDQPropagation inserted, see ``exporters.quant.ort_passes``), and those used to
+    surface at measurement instead. When the plain load works and the optimized one does not,
+    the message says so and names the layers the failing node belongs to, if it can tell.
+    """
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    from pipeline.backends.ort_cpu import session_options
+
+    optimized_error = None
+    if optimized:
+        try:
+            ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+            return
+        except Exception as exc:  # noqa: BLE001 - reported below with what is known
+            optimized_error = exc
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain.log_severity_level = 3
     try:
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise RuntimeError(f"quantized model {path} does not load in onnxruntime (CPU): {exc}") from exc
+    if optimized_error is None:
+        return
+    layers = _layers_named_in(str(optimized_error), planned)
+    raise RuntimeError(
+        f"quantized model {path} loads in onnxruntime (CPU) without graph optimizations but not with the "
+        f"default ones the ort-cpu backend measures with: {optimized_error}"
+        + (f" (node of layer(s) {layers})" if layers else "")
+        + ". This is ONNX Runtime rewriting the QDQ graph at session time. Workarounds: plan the layer(s) "
+        "involved fp32 or int8 with int8_activations: dynamic, or export the model with a dynamic batch axis "
+        "(ORT's MatMulAddFusion only rewrites fixed shapes); please report the model"
+    ) from optimized_error
+
+
+def _layers_named_in(message: str, planned: Sequence[_Planned]) -> list[str]:
+    """Layers whose node name appears in an ORT error message (ORT names its new nodes after them)."""
+    import re
+
+    return [p.layer.name for p in planned
+            if p.node and re.search(r"(^|[^\w.])" + re.escape(p.node) + r"($|[^\w.])", message)]
 
 
 def _describe(p: _Planned, calibration: Calibration, rewritten: bool) -> LayerQuantization:

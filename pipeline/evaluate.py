@@ -143,13 +143,42 @@ class Evaluator:
             workdir=out_dir, target=self.backend.quant_target,
         )
         extra["calibration_used"] = quantized.calibration_used
+        observed = self._observe(quantized.path, source.layer_table, {lq.name: lq.format for lq in quantized.layers},
+                                 extra)
         reports = []
         for lq in quantized.layers:
             layer = table[lq.name]
+            expected = self.backend.execution(lq.format, lq.realisation)
+            execution, kernel, detail = expected, None, lq.detail
+            if lq.name in observed:
+                kernel, execution = observed[lq.name]
+                if execution != expected:  # what ORT runs wins; reviewers see what the table said
+                    detail += (f"; runs as {kernel} ({execution}), the static table expected {expected} "
+                               f"for {lq.realisation} on {self.backend.name}")
             reports.append(LayerReport(name=lq.name, onnx_op=layer.onnx_op, format=lq.format,
-                                       execution=self.backend.execution(lq.format, lq.realisation),
-                                       params=layer.params, detail=lq.detail))
+                                       execution=execution, kernel=kernel, params=layer.params, detail=detail))
         return quantized.path, reports, extra, curve
+
+    def _observe(self, artifact: str, layer_table, formats: dict, extra: dict) -> dict:
+        """The backend's observed kernel per layer (one extra session build, timed in ``extra``), or
+        {} where the backend cannot observe them: the static table then stands, and ``extra`` says so."""
+        import time
+
+        start = time.perf_counter()
+        try:
+            observed = self.backend.observed_kernels(artifact, layer_table, formats)
+        except Exception as exc:  # noqa: BLE001 - the measured session will raise it properly if real
+            log.warning("could not observe %s's kernels for %s: %s", self.backend.name, artifact, exc)
+            extra["execution_source"] = f"static table (observing kernels failed: {type(exc).__name__}: {exc})"
+            return {}
+        if observed is None:
+            extra["execution_source"] = "static table (this backend's kernels are not observed)"
+            return {}
+        extra["kernel_observation_s"] = round(time.perf_counter() - start, 4)
+        missing = [n for n in formats if n not in observed]
+        extra["execution_source"] = (f"observed: {self.backend.name} optimized graph"
+                                     + (f"; static table for {', '.join(missing)} (not located)" if missing else ""))
+        return observed
 
     def _quantize_tflite(self, plan: QuantPlan, out_dir: Path, progress=None):
         """TFLite route: the Keras model (QAT-tuned if asked) converted by TFLite's own converter."""

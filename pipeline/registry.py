@@ -721,13 +721,19 @@ def model_card(study: StudyRecord, choice: Choice, *, registry_name: str, versio
         lines += [f"FP32 baseline: trial {fp32.number} ({_energy_label(fp32)} energy), same backend and device.", ""]
     layers = (result or {}).get("layers") or []
     if layers:
-        lines += ["## Layers", "", "| layer | op | format | runs as | params | detail |", "|---|---|---|---|---|---|"]
+        observed = any(l.get("kernel") for l in layers)
+        lines += ["## Layers", "", "| layer | op | format | runs as | kernel | params | detail |",
+                  "|---|---|---|---|---|---|---|"]
         for l in layers:
             lines.append(f"| `{l.get('name')}` | {l.get('onnx_op', '')} | {l.get('format')} | {l.get('execution')} | "
-                         f"{l.get('params', 0):,} | {l.get('detail', '')} |")
+                         f"{l.get('kernel') or 'not observed'} | {l.get('params', 0):,} | {l.get('detail', '')} |")
+        lines += ["", "`runs as` is read from the runtime's optimized graph (the `kernel` it runs) where the backend can "
+                      "be observed, else from the static native/emulated table."
+                  if observed else "`runs as` comes from the static native/emulated table: this backend's kernels "
+                                   "were not observed."]
         emulated = [l.get("name") for l in layers if l.get("execution") == "emulated"]
         if emulated:
-            lines += ["", f"{len(emulated)} layer(s) are **emulated** on this backend (their format has no native kernel "
+            lines += ["", f"{len(emulated)} layer(s) are **emulated** on this backend (no native kernel runs their format "
                           "here): the measured latency/energy reflect emulation, not the format's potential."]
         lines.append("")
     lines += ["## Plan", "", "```yaml", plan_yaml.rstrip(), "```", ""]

@@ -235,21 +235,24 @@ def energy_table_markdown(rows: list[EnergyRow], study: StudyRecord, metric_name
 
 # --------------------------------------------------------------------------- precision map
 def precision_map(study: StudyRecord, results: dict[int, dict | None], higher_is_better: bool = True,
-                  ) -> tuple[list[str], list[TrialRecord], dict[int, dict[str, tuple[str, str, str]]]]:
-    """(layer names in model order, front trials shown, trial -> layer -> (format, execution, detail))."""
+                  ) -> tuple[list[str], list[TrialRecord], dict[int, dict[str, tuple[str, str, str, str]]]]:
+    """(layer names in model order, front trials shown, trial -> layer -> (format, execution, detail, kernel)).
+
+    ``kernel`` is what the runtime was observed to run for the layer ("" where not observed)."""
     front = [t for t in study.front if results.get(t.number) and results[t.number].get("layers")]
     if len(front) > MAX_MAP_TRIALS:
         front = sorted(front, key=lambda t: -(t.metric("accuracy") or -math.inf) * (1 if higher_is_better else -1))
         front = front[:MAX_MAP_TRIALS]
     front = sorted(front, key=lambda t: t.number)
     layers: list[str] = []
-    cells: dict[int, dict[str, tuple[str, str, str]]] = {}
+    cells: dict[int, dict[str, tuple[str, str, str, str]]] = {}
     for t in front:
         cells[t.number] = {}
         for l in results[t.number]["layers"]:
             if l["name"] not in layers:
                 layers.append(l["name"])
-            cells[t.number][l["name"]] = (str(l["format"]), str(l.get("execution", "")), str(l.get("detail", "")))
+            cells[t.number][l["name"]] = (str(l["format"]), str(l.get("execution", "")), str(l.get("detail", "")),
+                                          str(l.get("kernel") or ""))
     return layers, front, cells
 
 
@@ -315,12 +318,13 @@ def plot_precision_map_html(layers, trials, cells, study: StudyRecord, path: Pat
     for name in layers:
         zr, tr, hr = [], [], []
         for t in trials:
-            fmt, exe, detail = cells[t.number].get(name, ("", "", ""))
+            fmt, exe, detail, kernel = cells[t.number].get(name, ("", "", "", ""))
             zr.append(FORMAT_ORDER.index(fmt) if fmt in FORMAT_ORDER else None)
             tr.append(fmt + ("*" if exe == "emulated" else ""))
             acc = t.metric("accuracy")
             e = t.metric("joules_per_inference")
-            hr.append(f"layer {name}<br>trial {t.number}: {fmt} ({exe or '?'})" + (f"<br>{detail}" if detail else "")
+            hr.append(f"layer {name}<br>trial {t.number}: {fmt} ({exe or '?'})"
+                      + (f"<br>runs as {kernel}" if kernel else "") + (f"<br>{detail}" if detail else "")
                       + (f"<br>accuracy {acc:.4f}" if acc is not None else "")
                       + (f"<br>{e * 1e3:.4g} mJ/inference ({t.energy_source})" if e is not None else ""))
         z.append(zr)

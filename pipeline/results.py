@@ -22,9 +22,13 @@ class LayerReport(BaseModel):
     name: str
     onnx_op: str
     format: Format
-    execution: Execution
+    execution: Execution  # observed from the runtime where the backend can (see ``kernel``), else its static table
     params: int
     detail: str = ""  # e.g. "int8 dynamic", "int4 block 32 MatMulNBits", "bf16 via Cast round-trip"
+    # The kernel the runtime actually runs for this layer, where the backend can observe it (ORT
+    # CPU's optimized graph), e.g. "QGemm" or "FusedGemm(fp32 on dequantized int8/uint8)"; None
+    # when not observed (GPU backends, TFLite, results written before this field existed).
+    kernel: str | None = None
 
 
 class EnergyReport(BaseModel):

@@ -14,7 +14,8 @@ Layout (experiment ``tracking.experiment``, default the config's name)::
       +-- trial-007 (child) ...               method, backend, device, energy_source, execution, ...
                                         params: method, knobs, plan summary, layer.<name> = format
                                         metrics: TrialResult.flat_metrics(), trial_seconds
-                                        artifacts: plan.yaml, result.json, candidate (ONNX flavor model)
+                                        artifacts: plan.yaml, result.json, layers.csv (per layer: format,
+                                                   native/emulated, observed kernel), candidate (ONNX flavor model)
 
 Default store: ``sqlite:///<workdir>/mlflow.db`` with artifacts in
 ``<workdir>/mlartifacts`` (MLflow 3 refuses the plain file store); the
@@ -91,6 +92,22 @@ def sqlite_artifact_location(uri: str, experiment: str) -> str | None:
 
 def _quote(value: str) -> str:
     return value.replace("'", "\\'")
+
+
+ARTIFACT_LAYERS = S.ARTIFACT_LAYERS
+"""Per trial run: one row per layer (format, native/emulated, the kernel observed, detail), the
+same rows as result.json's ``layers`` in a form a spreadsheet or ``pandas.read_csv`` opens."""
+LAYER_CSV_FIELDS = ("name", "onnx_op", "format", "execution", "kernel", "params", "detail")
+
+
+def layers_csv(result: "TrialResult") -> str:
+    """The trial's layer table as CSV; ``kernel`` is empty where the backend was not observed."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(LAYER_CSV_FIELDS)
+    for l in result.layers:
+        w.writerow([l.name, l.onnx_op, l.format.value, l.execution, l.kernel or "", l.params, l.detail])
+    return buf.getvalue()
 
 
 def execution_tag(result: "TrialResult") -> str:
@@ -215,6 +232,7 @@ class StudyTracker:
         metrics.update({f"{S.METRIC_OBJECTIVE_PREFIX}{k}": v for k, v in objective_values.items()})
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.log_text(run_id, result.model_dump_json(indent=2), S.ARTIFACT_RESULT)
+        self.client.log_text(run_id, layers_csv(result), ARTIFACT_LAYERS)
         tags = {
             S.TAG_BACKEND: m.backend,
             S.TAG_DEVICE: m.device,

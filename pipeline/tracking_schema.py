@@ -63,6 +63,7 @@ ROLE_TRIAL = "trial"
 ARTIFACT_MODEL = "candidate"  # mlflow.onnx.log_model(name=ARTIFACT_MODEL) on each trial run
 ARTIFACT_PLAN = "plan.yaml"
 ARTIFACT_RESULT = "result.json"  # TrialResult.model_dump_json()
+ARTIFACT_LAYERS = "layers.csv"  # per layer: format, execution, the kernel ORT runs, detail
 ARTIFACT_ENGINE = "engine"  # TensorRT engine folder, where built
 ARTIFACT_FRONT_TABLE = "pareto/front.csv"
 ARTIFACT_FRONT_PLOT_PNG = "pareto/front.png"

@@ -117,7 +117,8 @@ def int4_conv(model: onnx.ModelProto, node_name: str, block_size: int, names: Na
     insert_before(model, node_name, [dq, reshape])
 
 
-def _check_table(model: onnx.ModelProto, node_name: str) -> tuple[onnx.NodeProto, np.ndarray]:
+def embedding_table(model: onnx.ModelProto, node_name: str) -> tuple[onnx.NodeProto, np.ndarray]:
+    """The Gather node and its fp32 table, refused unless the table is 2-D and gathered on axis 0."""
     n = node(model, node_name)
     table = _weight(model, n.input[0])
     axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
@@ -149,7 +150,7 @@ def int8_gather(model: onnx.ModelProto, node_name: str, names: NameScope) -> Non
     Stored as uint8 ``q + 128`` for GatherBlockQuantized(bits=8), whose default uint8 zero
     point is 128; one block per row (block_size = the next power of two >= max(D, 16)).
     """
-    n, table = _check_table(model, node_name)
+    n, table = embedding_table(model, node_name)
     scale = numerics.int8_weight_scale(table, axis=0)
     q = numerics.int8_quantize(table, scale, axis=0)
     u = (q.astype(np.int16) + 128).astype(np.uint8)
@@ -162,7 +163,7 @@ def int8_gather(model: onnx.ModelProto, node_name: str, names: NameScope) -> Non
 
 def fp8_gather(model: onnx.ModelProto, node_name: str, names: NameScope) -> None:
     """fp8 embedding: E4M3FN table with ORT's per-tensor fp8 weight scale (std rule)."""
-    n, table = _check_table(model, node_name)
+    n, table = embedding_table(model, node_name)
     scale = numerics.fp8_weight_scale(table)
     q = numerics.fp8_quantize(table, scale)
     data = names.fresh(f"{n.input[0]}_fp8")

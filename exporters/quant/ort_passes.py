@@ -66,8 +66,31 @@ the passes would otherwise write are changed by it, so they are written differen
   and with it the QLinearConv fusion of the int8 layer.) The shield is ORT-specific:
   ``shield=False`` leaves it out (TensorRT wants per-tensor activation Q/DQ).
 
+Two more session-time rewrites meet the QDQ graph, and both are pre-empted in the written graph
+(ORT target only, numerically neutral, :func:`pre_empt_session_rewrites`):
+
+* ``MatMulAddFusion`` turns ``MatMul`` + ``Add`` (1-D bias ``[N]``) into a Gemm - for an input
+  of rank 3 or more with static shapes, as ``Reshape -> Gemm -> Reshape``. That Gemm is then
+  one WeightBiasQuantization may re-round, and its ``gemm_input_reshape`` is one the DQ
+  propagation below runs through. Gemm's bias must be ``[N]`` when the input needs the
+  reshape, so such a bias is written ``[1, N]`` (same broadcast, same sums):
+  :func:`block_nd_matmul_add_fusion`. (A 2-D MatMul + Add is fused whatever the bias shape;
+  the Keras exporter writes those as Gemm in the first place,
+  ``pipeline.models.keras_adapter.fold_dense_bias``.)
+* ``QDQPropagationTransformer`` copies a scalar int8 activation ``DequantizeLinear`` forward
+  through Reshape/Transpose/Squeeze/Unsqueeze/Slice/MaxPool as a new ``Q -> DQ`` pair, and
+  in onnxruntime 1.32 the new Q carries ``output_dtype=INT8``; ``QDQS8ToU8Transformer``
+  (level EXTENDED+, x86) then makes its zero point uint8 without touching ``output_dtype``,
+  and the session refuses to load ("QuantizeLinear output_dtype INT8 does not match
+  y_zero_point type UINT8"; seen on a Keras Conv1D - Conv between Unsqueeze and Squeeze -
+  and on fixed-shape 3-D int8 MatMuls through MatMulAddFusion's Reshape). The propagation
+  skips an edge that already ends in a QuantizeLinear, so those pairs are written here,
+  without ``output_dtype``: :func:`propagate_int8_dq_forward`. A tensor on the int8 grid
+  re-quantizes to itself, so the values are the same bit for bit.
+
 Checked on every plan shape in ``tests/exporters/test_ort_session_rewrites.py``: the default
-session's optimized graph equals the one with WeightBiasQuantization disabled.
+session's optimized graph equals the one with WeightBiasQuantization disabled, and every
+artifact loads with the options the ORT CPU backend measures with.
 """
 
 from __future__ import annotations
@@ -621,3 +644,124 @@ def int4_nbits_pass(model: onnx.ModelProto, nodes: Sequence[str], block_size: in
         )
         quantizer.process()
     return quantizer.model.model
+
+
+# --------------------------------------------------------------------------- other session rewrites
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor with a recorded shape (value_info, graph inputs and outputs)."""
+    out = {}
+    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = len(t.shape.dim)
+    return out
+
+
+def block_nd_matmul_add_fusion(model: onnx.ModelProto, ranks: dict[str, int]) -> int:
+    """Write the ``[N]`` bias of a MatMul + Add whose output has rank >= 3 as ``[1, N]``.
+
+    ORT's MatMulAddFusion only fuses such a pair (through Reshapes) when the bias is ``[N]``;
+    ``[1, N]`` broadcasts to the same sums for any output of rank >= 2, so the layer stays
+    the MatMul + Add that was written (see the module doc). ``ranks``: tensor -> rank, from
+    shape inference on the graph before the passes (MatMul outputs keep their names).
+    Returns how many biases were rewritten.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    names = NameScope(model)
+    count = 0
+    for mm in [n for n in model.graph.node if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")]:
+        y = mm.output[0]
+        users = readers.get(y, [])
+        if y in outputs or len(users) != 1 or users[0].op_type != "Add" or ranks.get(y, 0) < 3:
+            continue
+        add = users[0]
+        if len(add.input) != 2 or list(add.input).count(y) != 1:
+            continue
+        k = 1 if add.input[0] == y else 0
+        b = inits.get(add.input[k])
+        if b is None or len(b.dims) != 1:
+            continue
+        arr = onnx.numpy_helper.to_array(b)
+        tensor = onnx.numpy_helper.from_array(arr.reshape(1, -1), names.fresh(f"{add.input[k]}_row"))
+        model.graph.initializer.append(tensor)
+        add.input[k] = tensor.name
+        count += 1
+    if count:
+        remove_unused_initializers(model)
+    return count
+
+
+def _int8_scalar_qparams(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """A Q/DQ with constant scalar scale and an int8 scalar zero point (what QDQS8ToU8 converts)."""
+    if len(n.input) < 3 or not _is_scalar_init(inits.get(n.input[1])) or not _is_scalar_init(inits.get(n.input[2])):
+        return False
+    return inits[n.input[2]].data_type == onnx.TensorProto.INT8
+
+
+def propagate_int8_dq_forward(model: onnx.ModelProto) -> int:
+    """Write the ``Q -> DQ`` pairs ORT's QDQPropagation would insert after an int8 activation DQ.
+
+    For a scalar int8 ``DequantizeLinear`` read by exactly one node that the propagation moves
+    through (:data:`DQ_PROPAGATES_THROUGH`, first input), that node's output gets
+    ``QuantizeLinear -> DequantizeLinear`` with the same scale and zero point, read by every
+    consumer that is not a QuantizeLinear already (the edges ORT would pair); repeated down
+    the chain. No ``output_dtype`` on the new Q: ORT's own copy carries one that its S8->U8
+    conversion leaves stale (see the module doc). Returns how many pairs were written.
+    """
+    count = 0
+    names = NameScope(model)
+    for _ in range(len(model.graph.node) + 1):  # one pair per round; chains end
+        inits = {t.name: t for t in model.graph.initializer}
+        outputs = {o.name for o in model.graph.output}
+        nodes = list(model.graph.node)
+        edges: dict[str, list[int]] = {}
+        for j, n in enumerate(nodes):
+            for i in n.input:
+                if i:
+                    edges.setdefault(i, []).append(j)  # one entry per input slot: ORT counts edges
+        todo = None
+        for d in nodes:
+            if d.op_type != "DequantizeLinear" or d.input[0] in inits or not _int8_scalar_qparams(d, inits):
+                continue
+            out = d.output[0]
+            users = edges.get(out, [])
+            if out in outputs or len(users) != 1:
+                continue
+            pi = users[0]
+            p = nodes[pi]
+            if p.op_type not in DQ_PROPAGATES_THROUGH or p.domain not in ("", "ai.onnx") or p.input[0] != out:
+                continue
+            if not p.output or p.output[0] in outputs:
+                continue
+            targets = sorted({j for j in edges.get(p.output[0], []) if nodes[j].op_type != "QuantizeLinear"})
+            if targets:
+                todo = (d, pi, targets)
+                break
+        if todo is None:
+            break
+        d, pi, targets = todo
+        t = nodes[pi].output[0]
+        q_out, dq_out = names.fresh(f"{t}_int8_q"), names.fresh(f"{t}_int8_dq")
+        q = onnx.helper.make_node("QuantizeLinear", [t, d.input[1], d.input[2]], [q_out], name=names.fresh(f"{t}_QuantizeLinear"))
+        dq = onnx.helper.make_node("DequantizeLinear", [q_out, d.input[1], d.input[2]], [dq_out], name=names.fresh(f"{t}_DequantizeLinear"))
+        for j in targets:
+            u = model.graph.node[j]
+            for k, i in enumerate(u.input):
+                if i == t:
+                    u.input[k] = dq_out
+        model.graph.node.insert(pi + 1, q)
+        model.graph.node.insert(pi + 2, dq)
+        _copy_value_info(model, t, dq_out)
+        count += 1
+    return count
+
+
+def pre_empt_session_rewrites(model: onnx.ModelProto, ranks: dict[str, int]) -> dict[str, int]:
+    """Both rewrites of the module doc on the finished ORT artifact; returns what each changed."""
+    return {"matmul_add_bias_rows": block_nd_matmul_add_fusion(model, ranks),
+            "int8_dq_pairs": propagate_int8_dq_forward(model)}

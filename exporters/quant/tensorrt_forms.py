@@ -28,7 +28,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from exporters import numerics
-from exporters.quant.graph import NameScope, add_initializer, initializers, insert_before, node
+from exporters.quant.graph import NameScope, add_initializer, initializers, insert_before
+from exporters.quant.handwritten import embedding_table
 from pipeline.formats import Format
 
 
@@ -68,21 +69,9 @@ def int4_qdq_matmul_pass(model: onnx.ModelProto, nodes: Sequence[str], block_siz
     return out
 
 
-def _table(model: onnx.ModelProto, node_name: str) -> tuple[onnx.NodeProto, np.ndarray]:
-    n = node(model, node_name)
-    table = onnx.numpy_helper.to_array(initializers(model)[n.input[0]]).astype(np.float32)
-    axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
-    if table.ndim != 2 or axis != 0:
-        raise NotImplementedError(
-            f"Gather {node_name!r}: only 2-D embedding tables gathered on axis 0 can be quantized "
-            f"(got table shape {table.shape}, axis {axis}); plan it as fp32"
-        )
-    return n, table
-
-
 def dq_gather(model: onnx.ModelProto, node_name: str, fmt: Format, block_size: int, names: NameScope) -> None:
     """Store an embedding table as ``fmt`` and restore it with one DequantizeLinear before the Gather."""
-    n, table = _table(model, node_name)
+    n, table = embedding_table(model, node_name)
     src = n.input[0]
     if fmt is Format.INT8:
         scale = numerics.int8_weight_scale(table, axis=0).astype(np.float32)

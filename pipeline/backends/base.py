@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from pipeline.formats import Format, QuantTarget
 from pipeline.results import Execution
+
+if TYPE_CHECKING:
+    from pipeline.layers import LayerTable
 
 
 class BackendUnavailable(RuntimeError):
@@ -27,6 +32,13 @@ class Session(ABC):
 
     def synchronize(self) -> None:
         """Block until queued device work is done (no-op on CPU)."""
+
+
+class ObservedKernel(NamedTuple):
+    """What the runtime actually runs for one layer, read from the runtime itself."""
+
+    kernel: str  # e.g. "QGemm", "FusedGemm(fp32 on dequantized int8)"
+    execution: Execution
 
 
 class Backend(ABC):
@@ -54,6 +66,24 @@ class Backend(ABC):
 
     def runtime_version(self) -> str:
         return ""
+
+    def observed_kernels(self, artifact: str | Path, layer_table: "LayerTable",
+                         formats: Mapping[str, Format] | None = None) -> dict[str, ObservedKernel] | None:
+        """Per layer, the kernel this backend really runs for ``artifact`` and whether that is native.
+
+        ``layer_table`` is the table the artifact was quantized from (its ``onnx_node`` names);
+        ``formats`` the planned format per layer (an FP32 layer is native whatever feeds it).
+        None (the default) means this backend cannot observe its kernels, and the static table
+        (``pipeline.backends.native``, :meth:`execution`) is all a report has. A layer missing from
+        the returned dict was not found in the runtime's graph: the static table applies to it.
+
+        ort-cpu implements it (ORT's optimized graph, :func:`pipeline.backends.ort_cpu.observe_kernels`).
+        ort-cuda / ort-trt / tensorrt / tflite do not: ORT's optimized-model dump works per
+        execution provider, but the CUDA EP's fusions and its node placement (what falls back to the
+        CPU) were never checked on a GPU here, and TensorRT/TFLite have no such dump, so they keep
+        the static table rather than guess.
+        """
+        return None
 
     def require(self) -> None:
         ok, why = self.available()

@@ -33,6 +33,10 @@ DQ_GATHER_INT8 = "dq-gather-int8"  # int8 table per row, DequantizeLinear of the
 DQ_GATHER_INT4 = "dq-gather-int4"  # int4 table in blocks along the embedding dim, DQ then Gather
 DQ_GATHER_FP8 = "dq-gather-fp8"  # float8e4m3fn table, per-tensor scale, DQ then Gather
 
+# This table is what each form *can* run as. On ORT CPU every candidate's layers are also
+# observed in the session's optimized graph (pipeline.backends.ort_cpu.observe_kernels), and the
+# observation wins: e.g. a static-int8 Gemm followed by a Relu, or MatMuls sharing one quantized
+# input, stay float kernels on dequantized int8 (emulated) although the form could be native.
 # ORT CPU (MLAS): integer kernels for INT8 (VNNI where the CPU has it) and for
 # INT4 MatMulNBits; no bf16 or fp8 compute kernels (DESIGN facts, Nov 2026).
 _ORT_CPU_NATIVE = {FP32, QDQ_INT8, DYNAMIC_INT8, MATMULNBITS_INT4, GATHER_INT8, GATHER_INT4, GATHER_FP8}

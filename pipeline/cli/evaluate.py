@@ -66,9 +66,10 @@ def print_result(result) -> None:
     t.add_row("backend / device", f"{m.backend} / {m.device}  ({m.runtime_version})")
     console.print(t)
     lt = Table(title="layers")
-    for col in ("layer", "onnx op", "format", "runs as", "params", "detail"):
+    for col in ("layer", "onnx op", "format", "runs as", "kernel", "params", "detail"):
         lt.add_column(col)
     for l in result.layers:
         color = "green" if l.execution == "native" else "yellow"
-        lt.add_row(l.name, l.onnx_op, l.format.value, f"[{color}]{l.execution}[/{color}]", f"{l.params:,}", l.detail)
+        lt.add_row(l.name, l.onnx_op, l.format.value, f"[{color}]{l.execution}[/{color}]",
+                   l.kernel or "(table)", f"{l.params:,}", l.detail)
     console.print(lt)

@@ -16,6 +16,15 @@ TF name scope (``functional_1/<layer>_1/MatMul``) breaks ties between layers wit
 identical values. Matched nodes and weights are renamed after the Keras layer
 (``<layer>`` and ``<layer>/kernel``) so artifacts read like the model.
 
+Dense on a 2-D input: tf2onnx writes ``MatMul`` + a float bias ``Add``; the export folds the
+pair into one ``Gemm(x, W, b)`` (:func:`fold_dense_bias`), the form PyTorch's exporter writes
+for ``nn.Linear``. Not a cosmetic change: ONNX Runtime's session-time ``MatMulAddFusion`` makes
+that very Gemm anyway, and for an int8-static or fp8 Dense followed by a quantized layer its
+``WeightBiasQuantization`` then rounded the float bias to int32 - the deployed model was not
+the written one (nor what Keras QAT trained). As a Gemm in the file, the quantizer writes the
+int32 bias itself (``exporters.quant.ort_passes``), QAT mirrors it, and ORT finds nothing to
+change. A Dense on a 3-D or larger input stays MatMul + Add (Gemm is 2-D only).
+
 TensorFlow is imported lazily (only this module, the Keras QAT and the TFLite
 paths touch it), with its C++ log noise silenced and its thread pools set to the
 configured ``measure.threads``.
@@ -47,6 +56,9 @@ log = logging.getLogger(__name__)
 
 KERAS_EXTRA_HINT = "pip install -e '.[keras]'   (or: make venv EXTRAS=keras)"
 TF2ONNX_MAX_OPSET = 18  # tf2onnx 1.17: "Opset 21 is not supported yet"
+EXPORT_FORM = "dense-gemm-v1"
+"""Version of the graph rewrites done after tf2onnx (part of the content hash, so a cached
+reference written by an older adapter is re-exported rather than reused)."""
 
 # ONNX op -> which inputs may hold the layer's weight.
 QUANT_OPS = {"MatMul": (1, 0), "Gemm": (1,), "Conv": (1,), "Einsum": (1, 0), "Gather": (0,)}
@@ -331,6 +343,76 @@ def build_layer_table(onnx_model: onnx.ModelProto, keras_layers: list[_KerasLaye
     return LayerTable(layers=layers)
 
 
+# --------------------------------------------------------------------------- Dense -> Gemm
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor ONNX shape inference can type (graph inputs, outputs, value_info)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # noqa: BLE001 - no fold is a valid (if less useful) export
+        log.info("ONNX shape inference failed on the Keras export (%s); Dense layers stay MatMul + Add", exc)
+        return {}
+    g = inferred.graph
+    out = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = len(t.shape.dim)
+    return out
+
+
+def fold_dense_bias(onnx_model: onnx.ModelProto) -> int:
+    """``Add(MatMul(x, W), b)`` -> ``Gemm(x, W, b)`` where x is 2-D; returns how many were folded.
+
+    Conditions (all of them, else the pair is left alone): ``W`` a 2-D float initializer
+    ``[K, N]``; ``x`` known to be 2-D; the MatMul's output read by that one Add only and not a
+    graph output; ``b`` a float initializer of shape ``[N]``. The Gemm keeps the MatMul's node
+    name (so the layer table's name-scope tie-break still works) and the Add's output tensor.
+    Same arithmetic as ORT's own MatMulAddFusion does at session time (``alpha = beta = 1``,
+    no transposes).
+    """
+    graph = onnx_model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    ranks = tensor_ranks(onnx_model)
+    floats = (onnx.TensorProto.FLOAT,)
+    folds: list[tuple[str, str, str]] = []  # (matmul name, add name, bias)
+    for n in graph.node:
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or not n.name:
+            continue
+        w = inits.get(n.input[1])
+        if w is None or w.data_type not in floats or len(w.dims) != 2 or ranks.get(n.input[0]) != 2:
+            continue
+        y = n.output[0]
+        users = readers.get(y, [])
+        if y in outputs or len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
+            continue
+        add = users[0]
+        if len(add.input) != 2 or not add.name or list(add.input).count(y) != 1:
+            continue
+        bias = add.input[1] if add.input[0] == y else add.input[0]
+        b = inits.get(bias)
+        if b is None or b.data_type not in floats or list(b.dims) != [int(w.dims[1])]:
+            continue
+        folds.append((n.name, add.name, bias))
+    for mm_name, add_name, bias in folds:
+        idx = next(i for i, m in enumerate(graph.node) if m.name == mm_name)
+        mm = graph.node[idx]
+        add = next(m for m in graph.node if m.name == add_name)
+        gemm = onnx.helper.make_node("Gemm", [mm.input[0], mm.input[1], bias], [add.output[0]], name=mm_name)
+        dead = mm.output[0]
+        graph.node.remove(add)
+        idx = next(i for i, m in enumerate(graph.node) if m.name == mm_name)
+        del graph.node[idx]
+        graph.node.insert(idx, gemm)
+        for v in [v for v in graph.value_info if v.name == dead]:
+            graph.value_info.remove(v)
+    return len(folds)
+
+
 # --------------------------------------------------------------------------- adapter
 def _flatten_outputs_tensors(out) -> list:
     """Model outputs in a fixed order: dict outputs by sorted key (as tf2onnx flattens them)."""
@@ -451,6 +533,7 @@ class KerasAdapter(ModelAdapter):
         sample = self.sample_inputs()
         h.update(json.dumps({k: [list(v.shape[1:]), str(v.dtype)] for k, v in sample.items()}).encode())
         h.update(_versions().encode())
+        h.update(EXPORT_FORM.encode())
         return h.hexdigest()[:16]
 
     def export_reference(self, workdir: Path) -> ReferenceModel:
@@ -526,6 +609,9 @@ class KerasAdapter(ModelAdapter):
                                f"{list(sample)}; name the keras.Input layers like the data keys")
         for o, new in zip(list(graph.output), output_names):
             _rename_tensor(graph, o.name, new)
+        folded = fold_dense_bias(onnx_model)
+        if folded:
+            log.debug("Keras ONNX export: %d Dense MatMul + Add pair(s) folded into Gemm", folded)
         table = build_layer_table(onnx_model, enumerate_layers(model, keras))
         onnx.checker.check_model(onnx_model)
         self._check_parity(onnx_model, sample, expected, output_names)

@@ -11,17 +11,24 @@ block axis, and mapped back. Per (format, node):
 format         weight (ONNX layout)                                        activations / bias
 =============  ==========================================================  ==========================================
 int8 static    symmetric per output channel, ``absmax/127``, rne           input per tensor (calibrated, sat.);
-                                                                           Conv: int32 bias ``s_x*s_w``, output q'd
+                                                                           Conv/Gemm: int32 bias ``s_x*s_w``;
+                                                                           Conv: output q'd
 int8 dynamic   per output channel (Conv: per tensor)                       input uint8 per call (DynamicQuantizeLinear)
-fp8 E4M3FN     per tensor, ``std(w)/std(E4M3)``, sat. +-448, rne           input per tensor, ``amax/448`` (MinMax)
+fp8 E4M3FN     per tensor, ``std(w)/std(E4M3)``, sat. +-448, rne           input per tensor, ``amax/448`` (MinMax);
+                                                                           Conv/Gemm: int32 bias ``s_x*s_w``
 int4           blocks of B along K (Conv: along I*kh*kw), ``v/-8``,        unchanged (weight only)
                MLAS rounding ``roundf(w/s + 8) - 8`` (ties up)
 bf16           bf16 (rne); Conv bias too                                   input and node output rounded to bf16
 =============  ==========================================================  ==========================================
 
-tf2onnx exports ``Dense``/``EinsumDense`` as MatMul + a float ``Add`` (so the bias
-stays fp32 and a bf16 output is rounded *before* the bias) and ``Conv*`` as a Conv
-holding its bias; the fake quantizers follow the node, not the Keras layer.
+The Keras export writes a ``Dense`` on a 2-D input as a Gemm holding its bias
+(``keras_adapter.fold_dense_bias``; int8-static/fp8: int32 bias at ``s_x*s_w``, as a
+Conv's) and ``Conv*`` as a Conv holding its bias; ``EinsumDense`` and a Dense on a 3-D or
+larger input stay MatMul + a float ``Add`` (the bias stays fp32 and a bf16 output is
+rounded *before* the bias). The fake quantizers follow the node, not the Keras layer. A
+2-D Dense whose bias is all zeros is a bare MatMul in the reference (tf2onnx drops the
+Add), but once fine-tuning moves the bias the export is a Gemm again: such a layer is
+trained with the Gemm's bias rule (the same numbers while the bias is zero).
 Static activation ranges are observed on the FP32 model with ONNX Runtime's own
 collectors and settings (through :class:`pipeline.qat.fake_quant.ActivationFakeQuant`,
 the same statistics code the PyTorch QAT uses) and refreshed every
@@ -355,7 +362,16 @@ class KerasQAT:
         self.calibration = Calibration(calibration)
         self.mode = "fp32"
         self.layers: list[_QLayer] = []
-        graph = onnx.load(reference.onnx_path).graph
+        ref_model = onnx.load(reference.onnx_path)
+        graph = ref_model.graph
+        rank_cache: dict[str, int] = {}
+
+        def ranks() -> dict[str, int]:
+            if not rank_cache:
+                from pipeline.models.keras_adapter import tensor_ranks
+
+                rank_cache.update(tensor_ranks(ref_model) or {"": 0})
+            return rank_cache
         inits = {i.name: i for i in graph.initializer}
         nodes = {n.name: n for n in graph.node}
         klayers = {kl.name: kl for kl in enumerate_layers(model, keras)}
@@ -398,6 +414,12 @@ class KerasQAT:
             else:
                 axis = 0 if row.onnx_op == "Conv" else len(w.shape) - 1
             bias_in_node = row.onnx_op in ("Conv", "Gemm") and len(node.input) > 2 and bool(node.input[2])
+            if (not bias_in_node and family == "dense" and row.onnx_op == "MatMul" and getattr(layer, "use_bias", False)
+                    and not np.any(np.asarray(layer.bias.numpy())) and ranks().get(node.input[0]) == 2
+                    and not any(n.op_type in ("Add", "Reshape") and node.output[0] in n.input for n in graph.node)):
+                # an all-zero bias that tf2onnx dropped from a 2-D Dense (no Tensordot Reshape after
+                # it): once fine-tuning moves it, the export folds MatMul + Add into a Gemm
+                bias_in_node = True
             uses = sum(1 for n in table if n.split("#")[0] == base)
             ql = _QLayer(base, layer, family, choice, row.onnx_op, perm, tuple(w.shape), axis, [], [], bias_in_node)
             for use in range(uses):

@@ -6,7 +6,10 @@ leads to a QuantizeLinear, and rounds its fp32 bias to int32 (see
 ``exporters/quant/ort_passes.py``). These tests open every artifact twice - as deployed (all
 optimizations) and with that one transformer disabled - and require the same optimized graph
 and the same numbers, and read the optimized graph to check that a layer planned fp32 still
-has its fp32 weight and that int8-static Convs still become QLinearConv.
+has its fp32 weight and that int8-static Convs still become QLinearConv. Fixed-shape 3-D
+Linears (MatMul + Add, which ORT's MatMulAddFusion fuses through Reshapes) must also load with
+the ORT CPU backend's options: they used to fail there on a Q node that ORT's own QDQ
+propagation inserted (the quantizer's load check only used ORT_DISABLE_ALL then).
 """
 
 from __future__ import annotations
@@ -154,3 +157,123 @@ def test_fp8_conv_behind_an_int8_conv_gets_its_own_fp8_input_quantizer(chain, tm
     q = producer[dq.input[0]]
     assert dq.op_type == "DequantizeLinear" and q.op_type == "QuantizeLinear"
     assert any(a.name == "output_dtype" and a.i == onnx.TensorProto.FLOAT8E4M3FN for a in q.attribute)
+
+
+# ------------------------------------------------------------------ fixed-shape 3-D Linear layers
+class Seq(nn.Module):
+    """Linears on a [B, T, C] input, exported with a fixed batch: MatMul + Add each, static shapes,
+    which ORT's MatMulAddFusion turns into Reshape -> Gemm -> Reshape at session time. c (a Conv
+    whose output goes through a Transpose into fc) gives an int8 DQ for ORT to propagate."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 1)
+        self.a = nn.Linear(8, 32)
+        self.b = nn.Linear(32, 8)
+
+    def forward(self, x):  # x: [B, 3, T, 1]
+        h = torch.relu(self.c(x).squeeze(-1).transpose(1, 2))  # [B, T, 8]; c's output DQ -> Squeeze -> Transpose
+        return self.b(torch.relu(self.a(h)))
+
+
+@pytest.fixture(scope="module")
+def seq(tmp_path_factory):
+    from pipeline.models.torch_adapter import build_layer_table, enumerate_layers
+
+    torch.manual_seed(0)
+    m = Seq().eval()
+    shape = (4, 3, 5, 1)
+    model = torch.onnx.export(m, (torch.randn(*shape),), dynamo=True, opset_version=21, optimize=True).model_proto
+    assert all(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim), "a fixed-shape export"
+    table = build_layer_table(model, enumerate_layers(m))
+    assert {l.name: l.onnx_op for l in table} == {"c": "Conv", "a": "MatMul", "b": "MatMul"}
+    src = tmp_path_factory.mktemp("seq") / "ref.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    name = model.graph.input[0].name
+    feeds = [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(3)]
+    return src, table, feeds, {l.name: l for l in table}
+
+
+SEQ_PLANS = {
+    "int8-int8": {"a": "int8-static", "b": "int8-static"},
+    "int8-fp32": {"a": "int8-static"},
+    "fp32-int8": {"b": "int8-static"},
+    "int8-fp8": {"a": "int8-static", "b": "fp8"},
+    "fp8-int8": {"a": "fp8", "b": "int8-static"},
+    "conv-int8-into-fp32": {"c": "int8-static"},
+    "all-int8": {"c": "int8-static", "a": "int8-static", "b": "int8-static"},
+}
+
+
+def _backend_session(path, out=None, disabled=()):
+    """The options the ORT CPU backend measures with."""
+    from pipeline.backends.ort_cpu import session_options
+
+    opts = session_options()
+    if out is not None:
+        opts.optimized_model_filepath = str(out)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+    return sess, (onnx.load(str(out)).graph if out is not None else None)
+
+
+@pytest.mark.parametrize("plan", list(SEQ_PLANS))
+def test_fixed_shape_3d_linears_load_and_run_as_written(plan, seq, tmp_path):
+    """onnxruntime 1.32 inserted Q nodes with a stale output_dtype (QDQPropagation through
+    MatMulAddFusion's gemm_input_reshape / a Squeeze / Transpose after an int8 DQ, then S8->U8):
+    "QuantizeLinear output_dtype INT8 does not match y_zero_point type UINT8" at session load.
+    Now every such artifact loads with the backend's options, MatMulAddFusion finds nothing to
+    fuse, and the run equals the written graph's."""
+    _, _, feeds, _ = seq
+    art = _build(seq, SEQ_PLANS[plan], tmp_path / "q.onnx")
+    default, g_default = _backend_session(art, tmp_path / "default.onnx")
+    _, g_without = _backend_session(art, tmp_path / "without.onnx", ["WeightBiasQuantization", "MatMulAddFusion"])
+    assert _signature(g_default) == _signature(g_without)
+    assert not [n.name for n in g_default.node if "MatMulAddFusion" in n.name]
+    written = _session(art, tmp_path / "plain.onnx", level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)[0]
+    want = written.run(None, feeds[0])[0]
+    got = default.run(None, feeds[0])[0]
+    # integer kernels (MatMulIntegerToFloat, QLinearConv) vs the float QDQ reference: round-off only
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_fixed_shape_int8_matmul_rewrites_are_neutral(seq, tmp_path):
+    """What pre_empt_session_rewrites writes is numerically neutral: the plain (unoptimized) run of
+    the artifact equals that of the same artifact with the rewrites taken out again."""
+    from exporters.quant import ort_passes
+
+    _, _, feeds, _ = seq
+    art = _build(seq, SEQ_PLANS["conv-int8-into-fp32"], tmp_path / "q.onnx")
+    m = onnx.load(str(art))
+    inits = {t.name: t for t in m.graph.initializer}
+    rows = [n.input[1] for n in m.graph.node if n.op_type == "Add" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    assert len(rows) == 2, "both Linear biases written [1, N]"
+    pairs = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("_QuantizeLinear") and "_int8_q" in n.output[0]]
+    assert pairs, "the int8 DQ behind the Conv is propagated through Squeeze/Transpose (into fp32 a) in the file"
+    assert all(not any(a.name == "output_dtype" for a in q.attribute) for q in pairs)
+    # undo: biases back to [N], the written pairs bypassed
+    undone = onnx.ModelProto()
+    undone.CopyFrom(m)
+    for t in undone.graph.initializer:
+        if t.name in rows:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).reshape(-1), t.name))
+    producer = {o: n for n in undone.graph.node for o in n.output}
+    for n in undone.graph.node:
+        for k, i in enumerate(n.input):
+            p = producer.get(i)
+            if p is not None and p.op_type == "DequantizeLinear" and "_int8_dq" in i:
+                n.input[k] = producer[p.input[0]].input[0]
+    for n in [n for n in undone.graph.node if "_int8_q" in n.output[0] or "_int8_dq" in n.output[0]]:
+        undone.graph.node.remove(n)
+    undone_path = tmp_path / "undone.onnx"
+    onnx.save(undone, str(undone_path))
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a = _session(art, tmp_path / "a.onnx", level=level)[0].run(None, feeds[1])[0]
+    b = _session(undone_path, tmp_path / "b.onnx", level=level)[0].run(None, feeds[1])[0]
+    np.testing.assert_array_equal(a, b)
+    # and the undone artifact is the one ORT's optimizers break: the check names the failure
+    from exporters.onnx_quant import _check_loads
+
+    with pytest.raises(RuntimeError, match="without graph optimizations but not with the default"):
+        _check_loads(undone_path)
+    assert ort_passes.block_nd_matmul_add_fusion(undone, ort_passes.tensor_ranks(onnx.shape_inference.infer_shapes(undone))) == 2

@@ -32,7 +32,14 @@ def test_uniform_int8_keeps_accuracy_and_int4_shrinks_the_file(mlp_eval, tmp_pat
     assert 4.0 < int4.measurement.effective_bits_per_weight < 6.0  # 4 bits + one fp32 scale per 32
     for r in (int8, int4):
         assert os.path.getsize(r.artifact_path) == r.measurement.size_bytes
-        assert all(l.execution == "native" for l in r.layers)  # ORT CPU: int8 QDQ, MatMulNBits
+        assert all(l.kernel for l in r.layers)  # ORT CPU: observed from its optimized graph
+    assert all(l.execution == "native" and l.kernel == "MatMulNBits" for l in int4.layers)
+    # int8 static: native exactly where ORT runs an integer kernel (QGemm); a Gemm it fused with the
+    # following Relu into a float FusedGemm is emulated, and says the static table expected native.
+    for l in int8.layers:
+        assert l.execution == ("native" if l.kernel == "QGemm" else "emulated"), (l.name, l.kernel)
+        assert ("static table expected native" in l.detail) == (l.execution == "emulated")
+    assert int8.extra["execution_source"] == "observed: ort-cpu optimized graph"
 
 
 def test_every_number_says_where_it_came_from(mlp_eval, tmp_path):
@@ -42,7 +49,9 @@ def test_every_number_says_where_it_came_from(mlp_eval, tmp_path):
     assert m.backend == "ort-cpu" and m.device and m.runtime_version.startswith("onnxruntime")
     assert {l.name: (l.format, l.execution) for l in r.layers} == {
         "fc1": (Format.INT4, "native"), "fc2": (Format.FP8, "emulated"),
-        "fc3": (Format.BF16, "emulated"), "fc4": (Format.INT8, "native")}
+        "fc3": (Format.BF16, "emulated"), "fc4": (Format.INT8, "native")}  # fc4: no Relu after it
+    assert {l.name: l.kernel.split("(")[0] for l in r.layers} == {
+        "fc1": "MatMulNBits", "fc2": "FusedGemm", "fc3": "Gemm", "fc4": "QGemm"}
     assert m.energy is not None and m.energy.source in ("rapl", "estimated") and m.energy.meter
     assert m.energy.joules_per_1k_inferences == pytest.approx(1000 * m.energy.joules_per_inference)
     assert m.latency_ms_p95 >= m.latency_ms_p50 > 0

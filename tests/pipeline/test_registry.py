@@ -276,6 +276,18 @@ def test_promote_registers_tags_card_alias_and_is_idempotent(searched, tmp_path)
     assert f"precision-search load {name}@champion" in card and "saving vs FP32" in card
     assert f"{expect:+.1f} %" in card and "estimated" in card
     assert f"| `{result['layers'][0]['name']}` |" in card  # per-layer table with native/emulated
+    for l in result["layers"]:  # ORT CPU observes its kernels: each row shows the one that ran
+        assert l["kernel"] and f"| {l['execution']} | {l['kernel']} |" in card
+    assert "read from the runtime's optimized graph" in card
+    # the trial run's layer table artifact carries the same kernels
+    import csv
+
+    from pipeline.tracking import ARTIFACT_LAYERS
+
+    path = client.download_artifacts(choice.trial.run_id, ARTIFACT_LAYERS, str(tmp_path))
+    rows = list(csv.DictReader(Path(path).read_text().splitlines()))
+    assert [(r["name"], r["execution"], r["kernel"]) for r in rows] == [
+        (l["name"], l["execution"], l["kernel"]) for l in result["layers"]]
     run_card = client.download_artifacts(choice.trial.run_id, MODEL_CARD, str(tmp_path))
     assert Path(run_card).read_text() == card
 

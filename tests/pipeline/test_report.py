@@ -54,6 +54,7 @@ def test_review_artifacts_are_logged_on_the_parent_run(searched, review, tmp_pat
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     html = _text(client, searched.parent_run_id, ARTIFACT_PRECISION_MAP_HTML, tmp_path)
     assert "plotly" in html.lower() and '"fc1"' in html  # self-contained, names the layers
+    assert "runs as " in html  # hovers name the kernel ORT ran (observed on ORT CPU)
     # The parent run's description in the UI is the precision energy table.
     note = client.get_run(searched.parent_run_id).data.tags["mlflow.note.content"]
     assert "Precision energy table" in note

@@ -58,8 +58,11 @@ def test_layer_table_maps_each_keras_layer_to_one_node_and_weight(digits):
     nodes = {n.name: n for n in graph.node}
     for row, layer in zip(ref.layer_table, expected):
         node = nodes[row.onnx_node]
-        assert node.op_type == row.onnx_op == ("Conv" if isinstance(layer, keras.layers.Conv2D) else "MatMul")
+        # a Dense on a 2-D input is one Gemm holding its bias (fold_dense_bias), like torch's nn.Linear
+        assert node.op_type == row.onnx_op == ("Conv" if isinstance(layer, keras.layers.Conv2D) else "Gemm")
         assert row.weight in node.input
+        assert len(node.input) == 3, f"{row.name}: the bias is an input of the node"
+        np.testing.assert_array_equal(inits[node.input[2]], layer.bias.numpy())
         consumers = [n.name for n in graph.node if row.weight in n.input]
         assert consumers == [row.onnx_node], f"{row.name}: weight must feed exactly its own node"
         want = _kernel_as_onnx(type(layer).__name__, layer.kernel.numpy())
@@ -68,6 +71,42 @@ def test_layer_table_maps_each_keras_layer_to_one_node_and_weight(digits):
         # named by the Keras layer
         assert row.onnx_node == layer.name and row.weight == f"{layer.name}/kernel"
     assert len({r.onnx_node for r in ref.layer_table}) == len(ref.layer_table)
+    assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Add")], "no Dense left as MatMul + Add"
+
+
+def test_dense_bias_fold_only_takes_the_exact_pattern():
+    """fold_dense_bias folds MatMul(2-D x, [K, N] weight) + Add([N] bias) and nothing else."""
+    from onnx import TensorProto, helper
+
+    from pipeline.models.keras_adapter import fold_dense_bias
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "b")
+    b2 = numpy_helper.from_array(rng.normal(size=(2, 3)).astype(np.float32), "b2")  # not a per-column bias
+
+    def model(x_shape, bias, extra_reader=False):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                 helper.make_node("Add", ["y", bias.name], ["z"], name="add")]
+        outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, x_shape[:-1] + [3])]
+        if extra_reader:
+            nodes.append(helper.make_node("Relu", ["y"], ["r"], name="relu"))
+            outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, x_shape[:-1] + [3]))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs,
+                              [w, bias])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    m = model(["n", 4], b)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert fold_dense_bias(m) == 1
+    assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in m.graph.node] == [("Gemm", "mm", ["x", "w", "b"], ["z"])]
+    onnx.checker.check_model(m)
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert fold_dense_bias(model(["n", 5, 4], b)) == 0  # 3-D input: Gemm is 2-D only
+    assert fold_dense_bias(model(["n", 4], b2)) == 0  # [M, N] bias
+    assert fold_dense_bias(model(["n", 4], b, extra_reader=True)) == 0  # MatMul output read twice
 
 
 def test_reference_onnx_matches_keras_and_is_at_the_configured_opset(digits):
@@ -161,6 +200,9 @@ def test_conv1d_einsum_shared_and_named_inputs(tmp_path):
                           "query", "key", "value", "attention_output"}  # MultiHeadAttention's own layers
     assert table["c1d"].onnx_op == "Conv" and table["c1d"].weight_shape == (8, 4, 1, 3)
     assert table["ed"].module_type == "EinsumDense" and table["ed"].onnx_op in ("MatMul", "Einsum")
+    # Dense on a sequence (3-D) stays MatMul (+ Add): Gemm is 2-D only. (fb/shared/head have all-zero
+    # biases, which tf2onnx drops: a bare MatMul, nothing to fold; the digits test covers the fold.)
+    assert table["d3"].onnx_op == "MatMul"
     # the shared layer's two calls are two rows, each owning a copy of the weight
     assert table["shared"].weight != table["shared#2"].weight
     graph = onnx.load(ref.onnx_path).graph

@@ -2,8 +2,10 @@
 
 The fake-quant functions are checked bit for bit against exporters.numerics; whole
 models are checked against ONNX Runtime running the quantizer's artifact built from the
-same weights and calibration batches (graph optimizations off: this checks the graph's
-numerics, not ORT's rewrites). Needs the [keras] extra.
+same weights and calibration batches, twice: with graph optimizations off (the graph's own
+numerics) and with the session options the ORT CPU backend measures with (what is deployed:
+ORT's session-time rewrites included - a Dense used to be re-rounded there, see
+pipeline.models.keras_adapter.fold_dense_bias). Needs the [keras] extra.
 """
 
 from __future__ import annotations
@@ -128,9 +130,20 @@ def _qat_forward(adapter, ref, plan, feeds, x, artifact: str | None = None):
         return np.asarray(model(x, training=False))
 
 
-def _deployed(ref, plan, feeds, x, work, path_out: list | None = None):
+def _run_both(path: str, feeds: dict) -> dict[str, np.ndarray]:
+    """The artifact's first output as written (no graph optimizations) and as the ORT CPU backend
+    runs it (``pipeline.backends.ort_cpu.session_options``: every default optimization on)."""
     import onnxruntime as ort
 
+    from pipeline.backends.ort_cpu import session_options
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return {session: ort.InferenceSession(path, o, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for session, o in (("written", opts), ("deployed", session_options()))}
+
+
+def _deployed(ref, plan, feeds, x, work, path_out: list | None = None, both: bool = False):
     from exporters.onnx_quant import quantize_model
 
     out = Path(tempfile.mkdtemp(dir=work))
@@ -138,9 +151,8 @@ def _deployed(ref, plan, feeds, x, work, path_out: list | None = None):
                        out / "candidate.onnx", workdir=out)
     if path_out is not None:
         path_out.append(q.path)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(q.path, opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    runs = _run_both(q.path, {"input": x})
+    return runs if both else runs["written"]
 
 
 # Percentile/Entropy ranges come from pipeline.qat.fake_quant's ORT collectors (shared with the
@@ -152,6 +164,10 @@ PLANS = {
     "bf16": QuantPlan.uniform("bf16"),
     # fp8 after static int8: calibrated on the int8-quantized graph, as the quantizer does
     "mixed": QuantPlan(layers={"conv1": "int8", "conv2": "bf16", "conv3": "int4", "fc1": "int8", "fc2": "fp8"}),
+    # a quantized Dense into a quantized Dense: as MatMul + Add, ORT's MatMulAddFusion +
+    # WeightBiasQuantization re-rounded fc1's float bias to int32 at session time
+    "dense-int8-into-fp8": QuantPlan(layers={"fc1": "int8", "fc2": "fp8", "*": "fp32"}),
+    "dense-fp8-into-int8": QuantPlan(layers={"fc1": "fp8", "fc2": "int8", "*": "fp32"}),
 }
 
 
@@ -160,19 +176,22 @@ def test_qat_forward_is_the_deployed_model(setup, label):
     _, adapter, ref, feeds, x, work = setup
     plan = PLANS[label]
     path: list = []
-    want = _deployed(ref, plan, feeds, x, work, path)
+    runs = _deployed(ref, plan, feeds, x, work, path, both=True)
     got = _qat_forward(adapter, ref, plan, feeds, x, artifact=path[0])
     fp32 = np.asarray(adapter.load_model()(x, training=False))
-    scale = float(np.abs(want).max())
-    diff = np.abs(got - want).reshape(len(x), -1)
-    flipped = int((diff.max(axis=1) > 1e-5 * scale).sum())
-    err = float(np.median(diff.max(axis=1)))
-    print(f"{label}: max|qat - artifact| {diff.max():.3g}, rows over 1e-5*max|y|: {flipped}/{len(x)} (max|y| {scale:.3g})")
-    if any(c.format.value == "fp8" for c in plan.resolve(ref.layer_table.names).values()):
-        assert flipped <= FP8_FLIPPED_ROWS, f"{label}: {flipped} samples differ from the artifact"
-    else:
-        assert flipped == 0, f"{label}: QAT forward differs from the artifact by {diff.max():.3g}"
-    assert np.abs(fp32 - want).max() > 50 * max(err, 1e-5 * scale)  # and the quantization itself is far larger
+    has_fp8 = any(c.format.value == "fp8" for c in plan.resolve(ref.layer_table.names).values())
+    for session, want in runs.items():  # the graph as written, and as the ORT CPU backend runs it
+        scale = float(np.abs(want).max())
+        diff = np.abs(got - want).reshape(len(x), -1)
+        flipped = int((diff.max(axis=1) > 1e-5 * scale).sum())
+        err = float(np.median(diff.max(axis=1)))
+        print(f"{label} ({session}): max|qat - artifact| {diff.max():.3g}, rows over 1e-5*max|y|: "
+              f"{flipped}/{len(x)} (max|y| {scale:.3g})")
+        if has_fp8:
+            assert flipped <= FP8_FLIPPED_ROWS, f"{label} ({session}): {flipped} samples differ from the artifact"
+        else:
+            assert flipped == 0, f"{label} ({session}): QAT forward differs from the artifact by {diff.max():.3g}"
+        assert np.abs(fp32 - want).max() > 50 * max(err, 1e-5 * scale)  # and the quantization itself is far larger
 
 
 @pytest.mark.parametrize("layer", ["conv2", "fc1"])
@@ -282,21 +301,22 @@ def multi(tmp_path_factory):
 @pytest.mark.parametrize("label", list(MULTI_PLANS))
 def test_conv1d_einsum_attention_and_shared_layers_match_the_deployed_model(multi, label):
     """A shared Dense has one ONNX node (and one activation scale) per call: QAT keeps one per call."""
-    import onnxruntime as ort
-
     from exporters.onnx_quant import quantize_model
 
     adapter, ref, feeds, x, work = multi
     plan = MULTI_PLANS[label]
     model = adapter.load_model()
     with kq.KerasQAT(model, plan.resolve(ref.layer_table.names), ref, plan.calibration) as qm:
+        # fb/shared/head: 2-D Dense with an all-zero bias (a bare MatMul in this export, a Gemm once
+        # fine-tuning moves the bias) train with the Gemm's bias rule; d3 (3-D) keeps its float Add
+        in_node = {ql.name: ql.bias_in_node for ql in qm.layers}
+        assert all(in_node[n] for n in ("fb", "shared", "head") if n in in_node)
+        assert in_node.get("d3") is not True
         qm.calibrate(feeds, lambda m, f: m(structure_inputs(m, f), training=False))
         qm.set_mode("qat")
         got = np.asarray(model(structure_inputs(model, x), training=False))
     out = Path(tempfile.mkdtemp(dir=work))
     q = quantize_model(ref.onnx_path, ref.layer_table, plan.resolve(ref.layer_table.names), feeds, plan.calibration,
                        out / "candidate.onnx", workdir=out)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    want = ort.InferenceSession(q.path, opts, providers=["CPUExecutionProvider"]).run(None, x)[0]
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    for session, want in _run_both(q.path, x).items():
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), session
