@@ -626,8 +626,14 @@ def int8_dynamic_pass(src: Path, dst: Path, nodes: Sequence[str], op_types: Sequ
         onnx.save(model, str(dst))
 
 
-def int4_nbits_pass(model: onnx.ModelProto, nodes: Sequence[str], block_size: int) -> onnx.ModelProto:
-    """MatMul -> MatMulNBits and Gather -> GatherBlockQuantized for exactly ``nodes``."""
+def int4_nbits_pass(model: onnx.ModelProto, nodes: Sequence[str], block_size: int,
+                    qdq: bool = False) -> onnx.ModelProto:
+    """MatMul -> MatMulNBits and Gather -> GatherBlockQuantized for exactly ``nodes``.
+
+    ``qdq=True``: ORT's QDQ form instead, MatMul only - a blocked DequantizeLinear(int4, axis 0)
+    feeding the MatMul (the TensorRT target's int4 form; ORT renames the MatMul ``<name>_matmul_Q4``).
+    Same MLAS block rule either way, symmetric (int4, no zero point).
+    """
     targets = set(nodes)
     exclude = sorted({n.name for n in model.graph.node} - targets)
     with quiet():
@@ -638,9 +644,9 @@ def int4_nbits_pass(model: onnx.ModelProto, nodes: Sequence[str], block_size: in
             is_symmetric=True,
             accuracy_level=None,
             nodes_to_exclude=exclude,
-            quant_format=QuantFormat.QOperator,
-            op_types_to_quantize=("MatMul", "Gather"),
-            quant_axes=(("MatMul", 0), ("Gather", 1)),
+            quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
+            op_types_to_quantize=("MatMul",) if qdq else ("MatMul", "Gather"),
+            quant_axes=(("MatMul", 0),) if qdq else (("MatMul", 0), ("Gather", 1)),
         )
         quantizer.process()
     return quantizer.model.model

@@ -39,27 +39,9 @@ def int4_qdq_matmul_pass(model: onnx.ModelProto, nodes: Sequence[str], block_siz
     ORT names the rewritten MatMul ``<name>_matmul_Q4``; it gets its layer's node name back so
     reports, TensorRT's per-layer precisions and the plan all keep naming the same node.
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    from onnxruntime.quantization.quant_utils import QuantFormat
+    from exporters.quant.ort_passes import int4_nbits_pass
 
-    from exporters.quant.ort_passes import quiet
-
-    targets = set(nodes)
-    exclude = sorted({n.name for n in model.graph.node} - targets)
-    with quiet():
-        quantizer = MatMulNBitsQuantizer(
-            model,
-            bits=4,
-            block_size=block_size,
-            is_symmetric=True,  # int4 + no zero point: the signed symmetric form TensorRT requires
-            accuracy_level=None,
-            nodes_to_exclude=exclude,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=("MatMul",),
-            quant_axes=(("MatMul", 0),),
-        )
-        quantizer.process()
-    out = quantizer.model.model
+    out = int4_nbits_pass(model, nodes, block_size, qdq=True)
     by_name = {n.name: n for n in out.graph.node}
     for name in nodes:
         renamed = by_name.get(f"{name}_matmul_Q4")
