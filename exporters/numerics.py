@@ -49,6 +49,12 @@ computes in float32 (or int32 for int8: ORT's integer kernels accumulate exactly
 apply ``s_x * s_w`` once, which equals the float64 product of the dequantized values up to
 float32 rounding of the result).
 
+For the ``ort`` target the int8-static graph is written so that ORT's x86 CPU fuses every int8
+MatMul/Gemm into its integer kernel (QGemm / MatMulIntegerToFloat, fp32 output): a shared
+activation quantizer is repeated per layer (same tensor, scale and zero point) and a Relu/Clip
+right after such a layer is written ``Max``/``Min`` (``exporters.quant.ort_passes``). Neither
+changes a number in the table above, so QAT mirrors them as it mirrors the plain QDQ graph.
+
 Two ORT int4 paths round exact ties differently (MLAS: ``roundf(x * (1/s) + 8) - 8``, ties
 up; GatherBlockQuantized's numpy code: ``rint(x / s)``, ties to even). A tie needs ``x / s``
 to be exactly ``k + 0.5``, so fake-quant may use either; :func:`int4_block_quantize` takes

@@ -35,7 +35,9 @@ prepare (opset 21, private weights/inputs, Gemm rewrites, ORT pre-processing) ->
 static QDQ -> fp8 QDQ -> int8 dynamic -> int4 MatMulNBits (per block size) -> hand-written
 forms (bf16, int4 Conv, int8/fp8/bf16 Gather) -> for the ``ort`` target with static QDQ layers,
 the numerically neutral rewrites that leave ORT's session-time transformers nothing to change
-or break (:func:`exporters.quant.ort_passes.pre_empt_session_rewrites`). Layers are disjoint,
+or break, and let its QDQ fusions give every int8-static MatMul/Gemm its integer kernel (a shared
+activation quantizer split per layer, a Relu/Clip after the layer written as Max/Min:
+:func:`exporters.quant.ort_passes.pre_empt_session_rewrites`). Layers are disjoint,
 and each ORT pass only touches its own nodes, so a layer's node is never seen by two passes.
 
 The artifact is then loaded once with the session options the ORT CPU backend measures with

@@ -348,11 +348,22 @@ def param_importances(study, metric_index: int) -> dict[str, float]:
 
     Optuna 5's default evaluator (PED-ANOVA) ranks what drives the target *low*;
     a maximised objective (accuracy) is negated so the answer is "what drives accuracy up".
+    Proposals that repeated a measured plan (``duplicate_of``, told the original's values) are
+    left out: counting one measurement several times would weigh its parameters more.
     """
     import optuna
     from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    from pipeline.study import T_DUPLICATE_OF
 
     sign = -1.0 if study.directions[metric_index] == StudyDirection.MAXIMIZE else 1.0
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    measured = [t for t in trials if t.user_attrs.get(T_DUPLICATE_OF) is None]
+    if len(measured) < len(trials):
+        view = optuna.create_study(directions=study.directions)  # in memory: the measured trials only
+        view.add_trials(measured)
+        study = view
     with warnings.catch_warnings():  # its "computes importances for low target values" notice: handled above
         warnings.filterwarnings("ignore", message=".*low `target` values.*")
         return optuna.importance.get_param_importances(study, target=lambda t: sign * t.values[metric_index])

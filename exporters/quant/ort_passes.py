@@ -8,8 +8,9 @@ against the installed onnxruntime 1.32 sources:
 * int8 static - ``quantize_static`` QDQ, QInt8 weights per output channel (symmetric
   [-127, 127]) and QInt8 symmetric activations (TensorRT needs zero point 0; ORT x86 runs
   S8S8), int32 bias with ORT's weight-scale adjustment switched off so the weight scale is
-  always absmax/127. MatMul/Gemm outputs stay float (ORT fuses DQ->MatMul/Gemm into QGemm
-  with fp32 output, an integer kernel); Conv outputs are quantized too, because ORT only
+  always absmax/127. MatMul/Gemm outputs stay float (ORT fuses DQ->MatMul/Gemm into QGemm /
+  MatMulIntegerToFloat with fp32 output, integer kernels - once the graph is written as the last
+  section below says); Conv outputs are quantized too, because ORT only
   fuses a Conv into QLinearConv when its output is quantized (checked: without it the Conv
   runs in float on dequantized inputs).
 * int8 Entropy calibration is run here with 2048 histogram bins and 255 quantized bins (the
@@ -88,6 +89,24 @@ Two more session-time rewrites meet the QDQ graph, and both are pre-empted in th
   without ``output_dtype``: :func:`propagate_int8_dq_forward`. A tensor on the int8 grid
   re-quantizes to itself, so the values are the same bit for bit.
 
+Two more shapes of the QDQ graph kept ORT's x86 CPU from fusing an int8-static layer into its integer
+kernel, so the layer ran in float on dequantized int8 (what ``pipeline.backends.ort_cpu.observe_kernels``
+reported); both are rewritten in the written graph (ORT target only, numerically neutral, read from
+the 1.32 sources in ``onnxruntime/core/optimizer/qdq_transformer``):
+
+* A Relu (or constant Clip) right after an int8 MatMul/Gemm: ``GetQDQSelection`` looks past the
+  layer at it and drops the whole group unless the Q after it makes it redundant, which with
+  symmetric int8 (zero point 0, not the type minimum) it never does - so no QGemm /
+  MatMulIntegerToFloat, and GemmActivationFusion then built a float FusedGemm. Written as
+  ``Max(x, 0)`` (``Min(Max(x, lo), hi)``), the same function: :func:`relu_after_int8_layer_as_max`.
+* Several int8 layers reading one activation ``Q -> DQ`` (query/key/value): ORT copies the DQ per
+  layer, the Q then has several output edges, ``QDQS8ToU8Transformer`` (which wants a single
+  ``Q -> DQ`` edge) leaves it int8, and the MatMul/Conv selectors refuse int8 activations on x86
+  (``QDQIsInt8Allowed()``). Each layer gets its own pair of the same tensor with the same scale
+  and zero point: :func:`split_shared_int8_quantizers`. Not solved: an int8 *Conv* whose quantized
+  output feeds several readers (its output Q must stay its only one for QLinearConv, so the same
+  S8->U8 rule leaves it, and its readers, in float).
+
 Checked on every plan shape in ``tests/exporters/test_ort_session_rewrites.py``: the default
 session's optimized graph equals the one with WeightBiasQuantization disabled, and every
 artifact loads with the options the ORT CPU backend measures with.
@@ -109,7 +128,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from exporters import numerics
 from exporters.quant.calibration import ENTROPY_NUM_BINS, ENTROPY_NUM_QUANTIZED_BINS, FP8_METHOD, FeedsReader
-from exporters.quant.graph import NameScope, insert_before, node, node_index, remove_unused_initializers
+from exporters.quant.graph import NameScope, insert_after, insert_before, node, node_index, remove_unused_initializers
 
 log = logging.getLogger(__name__)
 
@@ -767,7 +786,187 @@ def propagate_int8_dq_forward(model: onnx.ModelProto) -> int:
     return count
 
 
+# --------------------------------------------------------------------------- integer-kernel fusions
+INT8_LAYER_OPS = ("MatMul", "Gemm", "Conv")
+"""Ops ORT fuses with their int8 DequantizeLinear inputs into an integer kernel (MatMulIntegerToFloat /
+QLinearMatMul, QGemm, QLinearConv)."""
+
+
+def _has_output_dtype(n: onnx.NodeProto) -> bool:
+    return any(a.name == "output_dtype" for a in n.attribute)
+
+
+def _is_int8_qdq_layer(n: onnx.NodeProto, producer: dict, inits: dict) -> bool:
+    """A MatMul/Gemm/Conv every input of which is a DequantizeLinear of int8 data (activation,
+    weight) or int32 data (bias): an int8-static layer as the int8 pass writes it."""
+    if n.op_type not in INT8_LAYER_OPS or n.domain not in ("", "ai.onnx"):
+        return False
+    for t in (i for i in n.input if i):
+        d = producer.get(t)
+        if d is None or d.op_type != "DequantizeLinear":
+            return False
+        typed = d.input[0] if d.input[0] in inits else (d.input[2] if len(d.input) > 2 else "")
+        if typed not in inits or inits[typed].data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
+            return False
+    return True
+
+
+def split_shared_int8_quantizers(model: onnx.ModelProto) -> int:
+    """Give every int8 layer reading a shared activation ``Q -> DQ`` its own pair.
+
+    quantize_static writes one ``QuantizeLinear -> DequantizeLinear`` per tensor, read by every
+    int8 layer that takes the tensor (MiniLM's query/key/value). At session time ORT copies the
+    DQ per consumer (``EnsureUniqueDQForNodeUnit``), so the Q then has one output edge per layer;
+    ``QDQS8ToU8Transformer`` (x86) only converts a Q whose single edge goes to a DQ
+    (``CheckOutputEdges(graph, q, 1)`` in ``qdq_s8_to_u8.cc``), and the MatMul / Conv selectors
+    refuse int8 activations on x86 (``QDQIsInt8Allowed()`` is false off ARM), so those layers ran as
+    float MatMuls on dequantized int8. Here each such layer but one reads its own ``Q -> DQ`` of
+    the same tensor with the same scale and zero point (bit for bit the same values). The copies
+    get their own zero-point initializers: ORT's CommonSubexpressionElimination would merge Qs with
+    identical inputs back into one, and its ConstantSharing only shares float/int32/int64 scalars,
+    so the int8 zero points keep them apart.
+
+    Skipped: a Q of a Conv's output (the int8 Conv's own output quantizer; QLinearConv needs it to
+    be the Conv's only Q - such a branching Conv output is left as it is), per-axis (shield) pairs,
+    fp8 pairs, and pairs whose DQ is a graph output. Returns how many pairs were written.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in dict.fromkeys(x for x in n.input if x):
+            readers.setdefault(i, []).append(n)
+    names = NameScope(model)
+    todo: list[tuple[str, str, list[str]]] = []  # (q name, dq name, layer nodes to move)
+    for q in model.graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in inits or _has_output_dtype(q):
+            continue
+        if not _int8_scalar_qparams(q, inits) or q.output[0] in outputs:
+            continue
+        p = producer.get(q.input[0])
+        if p is not None and p.op_type in ("Conv", "ConvTranspose"):
+            continue
+        q_users = readers.get(q.output[0], [])
+        if len(q_users) != 1 or q_users[0].op_type != "DequantizeLinear":
+            continue
+        dq = q_users[0]
+        if dq.output[0] in outputs or list(dq.input[1:3]) != list(q.input[1:3]):
+            continue
+        users = readers.get(dq.output[0], [])
+        layers = [u for u in users if _is_int8_qdq_layer(u, producer, inits)]
+        if len(users) < 2 or not layers:
+            continue
+        moved = layers[1:] if len(layers) == len(users) else layers  # the others keep the original pair
+        todo.append((q.name, dq.name, [u.name for u in moved]))
+    count = 0
+    for q_name, dq_name, layers in todo:
+        q, dq = node(model, q_name), node(model, dq_name)
+        x, scale, zp, shared = q.input[0], q.input[1], q.input[2], dq.output[0]
+        for layer in layers:
+            s_name, z_name = names.fresh(f"{scale}_{layer}"), names.fresh(f"{zp}_{layer}")
+            for src, dst in ((scale, s_name), (zp, z_name)):
+                t = onnx.TensorProto()
+                t.CopyFrom(inits[src])
+                t.name = dst
+                model.graph.initializer.append(t)
+            q_out, dq_out = names.fresh(f"{x}_int8_split_q_{layer}"), names.fresh(f"{x}_int8_split_dq_{layer}")
+            new_q = onnx.helper.make_node("QuantizeLinear", [x, s_name, z_name], [q_out], name=names.fresh(f"{q_name}_{layer}"))
+            new_dq = onnx.helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                                           name=names.fresh(f"{dq_name}_{layer}"))
+            insert_before(model, layer, [new_q, new_dq])
+            n = node(model, layer)
+            for k, i in enumerate(n.input):
+                if i == shared:
+                    n.input[k] = dq_out
+            _copy_value_info(model, shared, dq_out)
+            count += 1
+    return count
+
+
+def relu_after_int8_layer_as_max(model: onnx.ModelProto) -> int:
+    """Write a Relu (or Clip) that directly follows an int8 QDQ MatMul/Gemm as ``Max(x, 0)`` (``Min(Max(x, lo), hi)``).
+
+    ORT's QDQ selectors look one node past the layer (``NodeGroupSelector::GetQDQSelection`` in
+    ``qdq_selectors.cc``): when the layer's only consumer is a Relu/Clip with one output edge that
+    is not a graph output, they require that Relu/Clip to be followed by a single Q that makes it
+    redundant (``IsClipMadeRedundantByQ`` in ``qdq_util.cc``: a Relu only when the Q's zero point is
+    the type's minimum, i.e. asymmetric; a Clip only when its range covers the Q's whole range) and
+    otherwise reject the whole group. With symmetric int8 activations (zero point 0) an int8
+    Gemm/MatMul followed by a Relu was therefore never fused into QGemm / MatMulIntegerToFloat, and
+    GemmActivationFusion then made it a float FusedGemm on dequantized int8. ``Max(x, 0)`` is the
+    same function bit for bit (Relu is ``max(x, 0)``; a Clip with constant bounds is
+    ``min(max(x, lo), hi)``), and no selector looks at it, so the layer fuses with an fp32 output and
+    the Max runs after it.
+
+    "int8 QDQ MatMul/Gemm": every input is a DequantizeLinear of an int8 tensor (activation, weight)
+    or an int32 one (bias), as the int8-static pass writes them. A Clip is rewritten only when its
+    bounds are scalar initializers (or absent). Returns how many Relu/Clip nodes were rewritten.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    edges: dict[str, int] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            if i:
+                edges[i] = edges.get(i, 0) + 1
+        for i in dict.fromkeys(x for x in n.input if x):
+            readers.setdefault(i, []).append(n)
+
+    def constant_bounds(c: onnx.NodeProto) -> bool:
+        bounds = [b for b in c.input[1:3] if b]
+        return bool(bounds) and all(b in inits and _is_scalar_init(inits[b]) for b in bounds)
+
+    acts = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm") or not _is_int8_qdq_layer(n, producer, inits):
+            continue
+        y = n.output[0]
+        users = readers.get(y, [])
+        if y in outputs or edges.get(y, 0) != 1 or users[0].op_type not in ("Relu", "Clip"):
+            continue
+        a = users[0]
+        if a.domain not in ("", "ai.onnx") or a.output[0] in outputs or edges.get(a.output[0], 0) != 1:
+            continue  # ORT only looks past a Relu/Clip with exactly one output edge
+        if a.op_type == "Clip" and not constant_bounds(a):
+            continue
+        acts.append(a.name)
+    if not acts:
+        return 0
+    names = NameScope(model)
+    zero = None
+    for name in acts:
+        a = node(model, name)
+        if a.op_type == "Relu":
+            if zero is None:
+                zero = names.fresh("relu_as_max_zero")
+                model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), dtype=np.float32), zero))
+            a.op_type = "Max"
+            a.input.append(zero)
+            continue
+        x, lo, hi = a.input[0], (a.input[1] if len(a.input) > 1 else ""), (a.input[2] if len(a.input) > 2 else "")
+        y = a.output[0]
+        del a.input[:]
+        if lo and hi:
+            mid = names.fresh(f"{y}_max")
+            a.op_type = "Max"
+            a.input.extend([x, lo])
+            a.output[0] = mid
+            insert_after(model, name, [onnx.helper.make_node("Min", [mid, hi], [y], name=names.fresh(f"{name}_min"))])
+        else:
+            a.op_type = "Max" if lo else "Min"
+            a.input.extend([x, lo or hi])
+    return len(acts)
+
+
 def pre_empt_session_rewrites(model: onnx.ModelProto, ranks: dict[str, int]) -> dict[str, int]:
-    """Both rewrites of the module doc on the finished ORT artifact; returns what each changed."""
+    """The rewrites of the module doc on the finished ORT artifact; returns what each changed.
+
+    The shared quantizers are split before the DQ propagation is written, so that a pair the split
+    writes is seen by it like any other."""
     return {"matmul_add_bias_rows": block_nd_matmul_add_fusion(model, ranks),
-            "int8_dq_pairs": propagate_int8_dq_forward(model)}
+            "split_int8_quantizers": split_shared_int8_quantizers(model),
+            "int8_dq_pairs": propagate_int8_dq_forward(model),
+            "relu_as_max": relu_after_int8_layer_as_max(model)}

@@ -277,3 +277,146 @@ def test_fixed_shape_int8_matmul_rewrites_are_neutral(seq, tmp_path):
     with pytest.raises(RuntimeError, match="without graph optimizations but not with the default"):
         _check_loads(undone_path)
     assert ort_passes.block_nd_matmul_add_fusion(undone, ort_passes.tensor_ranks(onnx.shape_inference.infer_shapes(undone))) == 2
+
+
+# ------------------------------------------------------------------ integer kernels where ORT has them
+def _export(m: nn.Module, args, tmp_path):
+    from pipeline.models.torch_adapter import build_layer_table, enumerate_layers
+
+    model = torch.onnx.export(m, args, dynamo=True, opset_version=21, optimize=True).model_proto
+    table = build_layer_table(model, enumerate_layers(m))
+    src = tmp_path / "ref.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    feeds = [{i.name: rng.standard_normal(a.shape).astype(np.float32) for i, a in zip(model.graph.input, args)}
+             for _ in range(3)]
+    return src, table, feeds
+
+
+def _all_int8(src, table, feeds, path, target="ort"):
+    choices = {n: _choice("int8-static") for n in table.names}
+    return quantize_model(src, table, choices, feeds, Calibration.MINMAX, path, target=target).path
+
+
+def _plain_run(path, feeds, tmp_path):
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return _session(path, tmp_path / "plain_opt.onnx", level=level)[0].run(None, feeds)
+
+
+class Activations(nn.Module):
+    """Linears followed by a Relu and a ReLU6 (Clip): ORT's QDQ selectors look past the layer at them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 32)
+        self.c = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.c(torch.nn.functional.relu6(self.b(torch.relu(self.a(x)))))
+
+
+def test_int8_gemm_followed_by_relu_or_clip_runs_qgemm(tmp_path):
+    """Before: a and b ran as float FusedGemm on dequantized int8 (the selector rejects a Gemm whose
+    Relu/Clip a symmetric int8 Q does not make redundant). Now all three are QGemm, and the Relu/Clip
+    written as Max/Min computes the same numbers bit for bit."""
+    torch.manual_seed(0)
+    src, table, feeds = _export(Activations().eval(), (torch.randn(8, 16),), tmp_path)
+    art = _all_int8(src, table, feeds, tmp_path / "q.onnx")
+    written = onnx.load(art)
+    ops = [n.op_type for n in written.graph.node]
+    assert "Relu" not in ops and "Clip" not in ops and ops.count("Max") == 2 and ops.count("Min") == 1
+    _, g = _backend_session(art, tmp_path / "opt.onnx")
+    opt_ops = [n.op_type for n in g.node]
+    assert opt_ops.count("QGemm") == 3 and not {"FusedGemm", "Gemm"} & set(opt_ops), opt_ops
+
+    # neutral: the same artifact with Relu/Clip put back runs to the same bits (no optimizations)
+    undone = onnx.ModelProto()
+    undone.CopyFrom(written)
+    producer = {o: n for n in undone.graph.node for o in n.output}
+    for n in list(undone.graph.node):
+        if n.op_type == "Min":  # Max(x, lo) -> Min(., hi) becomes Clip(x, lo, hi)
+            mx = producer[n.input[0]]
+            mx.op_type, mx.output[0] = "Clip", n.output[0]
+            mx.input.append(n.input[1])
+            undone.graph.node.remove(n)
+    for n in undone.graph.node:
+        if n.op_type == "Max":
+            n.op_type = "Relu"
+            del n.input[1:]
+    assert [n.op_type for n in undone.graph.node].count("Clip") == 1
+    onnx.save(undone, str(tmp_path / "undone.onnx"))
+    for f in feeds:
+        np.testing.assert_array_equal(_plain_run(art, f, tmp_path)[0], _plain_run(tmp_path / "undone.onnx", f, tmp_path)[0])
+
+    # the TensorRT target keeps its Relu and Clip
+    trt = [n.op_type for n in onnx.load(_all_int8(src, table, feeds, tmp_path / "trt.onnx", "tensorrt")).graph.node]
+    assert "Relu" in trt and "Clip" in trt and "Max" not in trt
+
+
+class Projections(nn.Module):
+    """Three Linears reading one [B, T, C] tensor (an attention block's query/key/value) and one not."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.q = nn.Linear(32, 32)
+        self.k = nn.Linear(32, 32)
+        self.v = nn.Linear(32, 32)
+        self.o = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.o(torch.tanh(self.q(h) * self.k(h) + self.v(h)))
+
+
+def test_int8_layers_sharing_an_input_run_integer_matmuls(tmp_path):
+    """Before: q, k and v read one Q -> DQ; ORT copied the DQ per layer, the Q then had three edges,
+    its S8->U8 conversion was skipped and the three ran as float MatMuls on dequantized int8. Now each
+    reads its own pair of the same tensor with the same scale and zero point."""
+    torch.manual_seed(0)
+    src, table, feeds = _export(Projections().eval(), (torch.randn(2, 5, 32),), tmp_path)
+    assert {l.onnx_op for l in table} == {"MatMul"}
+    layers = {l.name: l for l in table}
+    art = _all_int8(src, table, feeds, tmp_path / "q.onnx")
+    written = onnx.load(art)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    producer = {o: n for n in written.graph.node for o in n.output}
+    nodes = {n.name: n for n in written.graph.node}
+    pairs = []
+    for name in ("q", "k", "v"):
+        mm = nodes[layers[name].onnx_node]
+        dq = next(producer[i] for i in mm.input if i in producer and producer[i].op_type == "DequantizeLinear"
+                  and producer[i].input[0] not in inits)
+        q = producer[dq.input[0]]
+        pairs.append((q, dq))
+    assert len({dq.name for _, dq in pairs}) == 3 and len({q.name for q, _ in pairs}) == 3
+    assert len({q.input[0] for q, _ in pairs}) == 1, "all three quantize the same tensor"
+    assert len({q.input[2] for q, _ in pairs}) == 3, "own zero points (ORT's CSE would merge the Qs)"
+    for q, dq in pairs:
+        assert inits[q.input[1]] == inits[pairs[0][0].input[1]] and inits[q.input[2]] == inits[pairs[0][0].input[2]]
+        assert list(dq.input[1:]) == list(q.input[1:])
+
+    _, g = _backend_session(art, tmp_path / "opt.onnx")
+    opt_ops = [n.op_type for n in g.node]
+    assert opt_ops.count("MatMulIntegerToFloat") == 4 and "MatMul" not in opt_ops, opt_ops
+
+    # neutral: every layer back on the first pair gives the same bits (no optimizations)
+    undone = onnx.ModelProto()
+    undone.CopyFrom(written)
+    first = pairs[0][1].output[0]
+    for n in undone.graph.node:
+        for k, i in enumerate(n.input):
+            if i in {dq.output[0] for _, dq in pairs[1:]}:
+                n.input[k] = first
+    for q, dq in pairs[1:]:
+        for n in [n for n in undone.graph.node if n.name in (q.name, dq.name)]:
+            undone.graph.node.remove(n)
+    onnx.save(undone, str(tmp_path / "undone.onnx"))
+    for f in feeds:
+        np.testing.assert_array_equal(_plain_run(art, f, tmp_path)[0], _plain_run(tmp_path / "undone.onnx", f, tmp_path)[0])
+
+    # the TensorRT target keeps one quantizer per tensor
+    trt = onnx.load(_all_int8(src, table, feeds, tmp_path / "trt.onnx", "tensorrt"))
+    norm_out = pairs[0][0].input[0]
+    assert sum(1 for n in trt.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == norm_out) == 1

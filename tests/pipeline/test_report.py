@@ -155,3 +155,35 @@ def test_write_review_refuses_a_run_that_is_not_a_study(searched):
     trial_run = open_study(client, searched.experiment, searched.study).trials[0].run_id
     with pytest.raises(PromotionError, match=f"not a study's parent run .*{S.TAG_ROLE}"):
         write_review(client, trial_run)
+
+
+def test_importance_leaves_out_repeated_proposals():
+    """A duplicate proposal carries its original's values; counting it would weigh that one measurement
+    several times. The importances equal those of the study without the duplicates."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from pipeline.report import param_importances
+    from pipeline.study import T_DUPLICATE_OF
+
+    dists = {"a": CategoricalDistribution(["x", "y"]), "b": CategoricalDistribution(["p", "q", "r"])}
+    rng = __import__("random").Random(0)
+    measured = []
+    for _ in range(80):
+        params = {"a": rng.choice(["x", "y"]), "b": rng.choice(["p", "q", "r"])}
+        value = (1.0 if params["a"] == "x" else 0.0) + 0.1 * rng.random()
+        measured.append(create_trial(params=params, distributions=dists, values=[value, 1.0]))
+    first = measured[0]
+    dups = [create_trial(params=first.params, distributions=dists, values=first.values,
+                         user_attrs={T_DUPLICATE_OF: 0}) for _ in range(15)]
+
+    def study(trials):
+        s = optuna.create_study(directions=["maximize", "minimize"])
+        s.add_trials(trials)
+        return s
+
+    clean = param_importances(study(measured), 0)
+    with_dups = param_importances(study(measured + dups), 0)
+    assert with_dups == clean
+    assert set(clean) == {"a", "b"} and clean["a"] > clean["b"]  # the view still measures something
