@@ -58,9 +58,11 @@ def session_options(threads: int = 0):
 # --- what ORT actually runs ------------------------------------------------------------------
 #
 # The static table (pipeline.backends.native) says what a realisation *should* become; ORT's
-# graph optimizer decides what it does become. Example (ORT 1.32, CPU): an int8 QDQ Gemm
-# followed by a Relu is first fused with the Relu into a float FusedGemm, and the QDQ->QGemm
-# rewrite then no longer matches, so the layer runs fp32 on dequantized int8 tensors.
+# graph optimizer decides what it does become. Example (ORT 1.32, x86 CPU): an int8 Conv whose
+# quantized output has several readers keeps an int8 (not uint8) Q/DQ pair - ORT converts only
+# single-reader pairs - and runs as a float Conv on dequantized int8. (The quantizer already
+# rewrites the cases it can, e.g. Relu after an int8 Gemm and shared-input projections:
+# exporters.quant.ort_passes.pre_empt_session_rewrites.)
 # ``observe_kernels`` reads the optimized graph ORT writes (``optimized_model_filepath``, same
 # session options as the measured session) and reports per layer the node that computes it.
 
