@@ -31,11 +31,37 @@ class Layer(BaseModel):
     macs: int | None = None  # multiply-accumulates per sample, where known
 
 
+class UnquantizedModule(BaseModel):
+    """A framework module holding parameters that no quantizable layer covers: it stays fp32.
+
+    Listed so a user sees where the rest of the model's weights are (a GRU, the norms, a custom
+    parameter) instead of a parameter count that silently leaves them out."""
+
+    name: str
+    module_type: str
+    params: int
+    reason: str
+
+
+QUANTIZABLE_KINDS_TEXT = "Linear/Dense, Conv1d/Conv2d, Embedding, attention projections"
+
+
+def unquantized_reason(module_type: str) -> str:
+    """Why a module type with parameters is not in the layer table (one line, for reports)."""
+    if "Norm" in module_type:
+        return "normalisation: kept fp32 (a per-channel scale and shift, cheap next to the matmuls)"
+    if module_type.upper() in ("GRU", "LSTM", "RNN", "SIMPLERNN", "GRUCELL", "LSTMCELL", "RNNCELL"):
+        return "recurrent layer (ONNX GRU/LSTM/RNN op): no quantized form here, stays fp32"
+    return f"no quantized form here (quantizable: {QUANTIZABLE_KINDS_TEXT}), stays fp32"
+
+
 class LayerTable(BaseModel):
     layers: list[Layer]
     # Framework layers with no weight left in the exported graph (unused in forward, or
     # constant-folded by the exporter); listed so reports can say why they are absent.
     skipped: list[str] = []
+    # Modules with parameters outside every quantizable layer (norms, recurrent layers, ...).
+    unquantized: list[UnquantizedModule] = []
 
     @property
     def names(self) -> list[str]:
@@ -54,7 +80,11 @@ class LayerTable(BaseModel):
         raise KeyError(name)
 
     def total_params(self) -> int:
+        """Weights of the quantizable layers (what plans can change)."""
         return sum(l.params for l in self.layers)
+
+    def unquantized_params(self) -> int:
+        return sum(m.params for m in self.unquantized)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2))

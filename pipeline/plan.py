@@ -115,7 +115,8 @@ class QuantPlan(BaseModel):
 
         Raises ValueError when a pattern matches no layer at all, since that is
         almost always a typo in a layer name and silently ignoring it would
-        measure a different plan than the user wrote.
+        measure a different plan than the user wrote; likewise when a pattern
+        matches layers but an earlier pattern takes every one of them.
         """
         unused = [p for p in self.layers if not any(fnmatch.fnmatchcase(n, p) for n in layer_names)]
         if unused:
@@ -125,9 +126,22 @@ class QuantPlan(BaseModel):
                 "(run `precision-search layers --config ...` to list them)"
             )
         out: dict[str, LayerChoice] = {}
+        winners: set[str] = set()
         for name in layer_names:
             hit = self.match(name)
             out[name] = hit[1] if hit else self._choice(default)
+            if hit:
+                winners.add(hit[0])
+        shadowed = [p for p in self.layers if p not in winners]
+        if shadowed:
+            # Matches layers but never wins: an earlier, broader pattern takes all of them (a dict
+            # dumped with sorted keys puts "*" first, for one). Measuring would ignore the user's line.
+            first = {p: self.match(next(n for n in layer_names if fnmatch.fnmatchcase(n, p)))[0] for p in shadowed}
+            raise ValueError(
+                "plan pattern(s) never apply, every layer they match is taken by an earlier pattern (first match "
+                "wins; put broader patterns such as '*' last): "
+                + ", ".join(f"{p!r} (taken by {first[p]!r})" for p in shadowed)
+            )
         return out
 
     def _choice(self, entry: Format | LayerOverride) -> LayerChoice:

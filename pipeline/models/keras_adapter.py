@@ -49,7 +49,7 @@ from onnx import numpy_helper
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.data import load_dataset
-from pipeline.layers import Layer, LayerTable, choose_candidate
+from pipeline.layers import Layer, LayerTable, UnquantizedModule, choose_candidate, unquantized_reason
 from pipeline.models.base import ModelAdapter, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,40 @@ def enumerate_layers(model, keras) -> list[_KerasLayer]:
             name = var.path.rsplit("/", 1)[0]
         w = np.asarray(var.numpy(), dtype=np.float32)
         out.append(_KerasLayer(name, layer.name, kind, type(layer).__name__, w, attr, _macs(layer, kind, w), layer))
+    return out
+
+
+def enumerate_unquantized(model, keras) -> list[UnquantizedModule]:
+    """Layers whose variables no quantizable layer covers (each stays fp32), in layer order.
+
+    A layer with no quantizable layer inside (an LSTM and its LSTMCell, a LayerNormalization) is
+    one entry with all its variables, named as the user named it; a container (a nested model, an
+    attention block) contributes only the variables it holds itself.
+    """
+    out: list[UnquantizedModule] = []
+
+    def has_quantizable(layer) -> bool:
+        return any(_quant_kind(sub, keras) is not None for sub in _walk(layer, set()))
+
+    def visit(layer, seen: set[int]) -> None:
+        for sub in _sublayers(layer):
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            if _quant_kind(sub, keras) is not None or not sub.built:
+                continue
+            leaf = not has_quantizable(sub)
+            inner = set() if leaf else {id(v) for s2 in _sublayers(sub) for v in s2.weights}
+            own = [v for v in sub.weights if id(v) not in inner]
+            if own:
+                kind = type(sub).__name__
+                out.append(UnquantizedModule(name=sub.name, module_type=kind,
+                                             params=int(sum(int(np.prod(v.shape)) for v in own)),
+                                             reason=unquantized_reason(kind)))
+            if not leaf:
+                visit(sub, seen)
+
+    visit(model, set())
     return out
 
 
@@ -613,6 +647,7 @@ class KerasAdapter(ModelAdapter):
         if folded:
             log.debug("Keras ONNX export: %d Dense MatMul + Add pair(s) folded into Gemm", folded)
         table = build_layer_table(onnx_model, enumerate_layers(model, keras))
+        table.unquantized = enumerate_unquantized(model, keras)
         onnx.checker.check_model(onnx_model)
         self._check_parity(onnx_model, sample, expected, output_names)
         onnx.save(onnx_model, str(tmp))

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.data import SINGLE_INPUT_NAME, load_dataset
-from pipeline.layers import Layer, LayerTable, choose_candidate
+from pipeline.layers import Layer, LayerTable, UnquantizedModule, choose_candidate, unquantized_reason
 from pipeline.models.base import ModelAdapter, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,28 @@ def enumerate_layers(model) -> list[_TorchLayer]:
         if w is not None:
             out.append(_TorchLayer(path or type(mod).__name__, path, kind, type(mod).__name__,
                                    w.detach().float().cpu().numpy(), id(w)))
+    return out
+
+
+def enumerate_unquantized(model) -> list[UnquantizedModule]:
+    """Modules whose own parameters no quantizable layer covers (each stays fp32), in module order."""
+    import torch.nn as nn
+
+    covered: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)):
+            covered.update(id(p) for p in mod.parameters(recurse=False))
+        elif isinstance(mod, nn.MultiheadAttention) and getattr(mod, "in_proj_weight", None) is not None:
+            covered.update(id(p) for p in (mod.in_proj_weight, mod.in_proj_bias) if p is not None)
+    out: list[UnquantizedModule] = []
+    seen: set[int] = set()
+    for path, mod in model.named_modules():
+        own = [p for p in mod.parameters(recurse=False) if id(p) not in covered and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if own:
+            kind = type(mod).__name__
+            out.append(UnquantizedModule(name=path or kind, module_type=kind, params=int(sum(p.numel() for p in own)),
+                                         reason=unquantized_reason(kind)))
     return out
 
 
@@ -337,6 +359,7 @@ class TorchAdapter(ModelAdapter):
                 onnx_model = onnx.load(str(tmp))
                 tmp.unlink(missing_ok=True)
         table = build_layer_table(onnx_model, enumerate_layers(model))
+        table.unquantized = enumerate_unquantized(model)
         onnx.save(onnx_model, str(tmp))
         os.replace(tmp, out_path)
         return ReferenceModel(onnx_path=str(out_path), layer_table=table, input_names=names,

@@ -52,3 +52,19 @@ def test_yaml_round_trip_and_errors(tmp_path):
 def test_summary_names_every_layer():
     s = QuantPlan(int8_activations="dynamic", layers={"head": "int4", "*": "int8"}).summary(LAYERS)
     assert s.split() == [f"{n}=int8(dyn)" for n in LAYERS[:-1]] + ["head=int4(b32)"]
+
+
+def test_a_pattern_shadowed_by_an_earlier_one_is_an_error_not_ignored():
+    """First match wins; a dict dumped with sorted keys puts "*" first and would silently turn every
+    other line into a no-op: refused, naming the pattern and the one that takes its layers."""
+    import pytest
+
+    from pipeline.plan import QuantPlan
+
+    names = ["fc1", "fc2", "head"]
+    with pytest.raises(ValueError, match=r"'fc1' \(taken by '\*'\)"):
+        QuantPlan(layers={"*": "int8", "fc1": "int4"}).resolve(names)
+    with pytest.raises(ValueError, match=r"'fc2' \(taken by 'fc\*'\)"):
+        QuantPlan(layers={"fc*": "int8", "fc2": "int4", "*": "fp32"}).resolve(names)
+    ok = QuantPlan(layers={"fc1": "int4", "fc*": "int8", "*": "fp32"}).resolve(names)
+    assert {n: c.format.value for n, c in ok.items()} == {"fc1": "int4", "fc2": "int8", "head": "fp32"}

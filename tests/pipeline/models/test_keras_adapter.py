@@ -253,3 +253,18 @@ def test_bad_model_sources_name_the_field(tmp_path):
     h5.write_bytes(b"")
     with pytest.raises(ConfigError, match=r"model\.path.*\.keras"):
         KerasAdapter(_cfg(tmp_path, path=str(h5))).load_model()
+
+
+def test_keras_layers_left_in_fp32_are_listed_with_their_parameters():
+    from pipeline.models.keras_adapter import enumerate_unquantized
+
+    _, keras = import_tf()
+    inp = keras.Input((6, 4), name="x")
+    h = keras.layers.LSTM(8, name="lstm")(inp)
+    h = keras.layers.LayerNormalization(name="norm")(h)
+    out = keras.layers.Dense(3, name="fc")(h)
+    model = keras.Model(inp, out)
+    got = {u.name: u for u in enumerate_unquantized(model, keras)}
+    assert set(got) == {"lstm", "norm"}  # the Dense is quantizable, the Input holds nothing
+    assert got["lstm"].params == model.get_layer("lstm").count_params() and "recurrent" in got["lstm"].reason
+    assert got["norm"].params == 16 and "normalisation" in got["norm"].reason

@@ -149,3 +149,56 @@ def test_reference_accuracy_follows_the_eval_rows(make_config):
     values = {full.reference_accuracy, few.reference_accuracy}
     assert few.reference_accuracy * 7 == round(few.reference_accuracy * 7)
     assert len(values) == 2 or full.reference_accuracy * 7 == round(full.reference_accuracy * 7)
+
+
+def test_modules_left_in_fp32_are_listed_with_their_parameters():
+    """A GRU and a LayerNorm hold weights no plan can change: the table says so, with counts,
+    instead of a parameter total that silently leaves them out."""
+    from pipeline.models.torch_adapter import enumerate_unquantized
+    from tests.pipeline.models.recurrent_example import SeriesNet
+
+    m = SeriesNet()
+    got = {u.name: u for u in enumerate_unquantized(m)}
+    assert set(got) == {"gru", "norm"}
+    assert got["gru"].params == sum(p.numel() for p in m.gru.parameters())
+    assert got["norm"].params == 80 and "normalisation" in got["norm"].reason
+    assert got["gru"].module_type == "GRU" and "recurrent" in got["gru"].reason
+    covered = sum(p.numel() for n, p in m.named_parameters() if not n.startswith(("gru.", "norm.")))
+    assert sum(p.numel() for p in m.parameters()) == covered + sum(u.params for u in got.values())
+
+
+def test_a_new_users_model_through_the_cli(tmp_path, capsys):
+    """Two inputs, a GRU, a custom metric, written as a config file and run as a user would:
+    `layers --json` lists what stays fp32; `evaluate` measures a mixed plan on the artifact."""
+    import json
+
+    import yaml
+
+    from pipeline.cli import main
+
+    cfg = {
+        "name": "series-net", "workdir": str(tmp_path / "work"),
+        "model": {"framework": "torch", "factory": "tests.pipeline.models.recurrent_example:build"},
+        "data": {"calibration": {"source": "tests.pipeline.models.recurrent_example:calibration"},
+                 "eval": {"source": "tests.pipeline.models.recurrent_example:evaluation"}},
+        "metric": {"name": "tests.pipeline.models.recurrent_example:r2", "higher_is_better": True},
+        "measure": {"backend": "ort-cpu", "runs": 3, "warmup": 1, "batch_size": 32,
+                    "energy": {"min_seconds": 0.05, "repeats": 1}},
+    }
+    path = tmp_path / "series.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["layers", "--config", str(path), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert sorted(l["name"] for l in table["layers"]) == ["cat", "conv", "head", "mix"]
+    assert {u["name"] for u in table["unquantized"]} == {"gru", "norm"}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"layers": {"mix": "int4", "conv": "int8", "cat": "int8", "*": "fp32"}},
+                                   sort_keys=False))  # first match wins: "*" last
+    assert main(["evaluate", "--config", str(path), "--plan", str(plan), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    m = result["measurement"]
+    assert m["metric"] == "tests.pipeline.models.recurrent_example:r2"
+    assert m["reference_accuracy"] > 0.5  # the seeded model learned the target; R^2 of the FP32 artifact
+    assert abs(m["accuracy"] - m["reference_accuracy"]) < 0.1
+    assert {l["name"]: l["format"] for l in result["layers"]} == {"cat": "int8", "conv": "int8", "mix": "int4",
+                                                                 "head": "fp32"}
