@@ -101,9 +101,16 @@ class ObjectiveInfo(BaseModel):
         return self.name if self.source == self.name else f"{self.name}({self.source})"
 
     @property
+    def shown(self) -> str:
+        """Name for people: the accuracy slot shows the task metric (``r2`` for ``mypkg.metrics:r2``)."""
+        if self.name == "accuracy" and self.label not in ("", "accuracy"):
+            return self.label.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        return self.column
+
+    @property
     def header(self) -> str:
         unit = {"latency": "ms", "size": "bytes", "energy": "J/inf"}.get(self.source, "")
-        return f"{self.column} {unit}".strip()
+        return f"{self.shown} {unit}".strip()
 
 
 _LABELS = {
@@ -970,7 +977,7 @@ class StudyRunner:
             if fl.run_id:
                 self._track(self.tracker.finish_trial, fl.run_id, outcome.result,
                             dict(zip([o.name for o in self.infos], values)), feasible, outcome.seconds)
-            text = "  ".join(f"{o.name}={v:.4g}" for o, v in zip(self.infos, values))
+            text = "  ".join(f"{o.shown}={v:.4g}" for o, v in zip(self.infos, values))
             flag = "" if feasible is not False else "  [infeasible: accuracy drop]"
             self.progress.trial_finished(fl.trial.number, "COMPLETE",
                                          f"{fl.label or ''} {text}{flag}  | {fl.trial.user_attrs.get(T_PLAN_SUMMARY, '')}".strip())

@@ -490,3 +490,13 @@ def test_search_json_output_is_one_json_document(ray_local, mlflow_uri, tmp_path
         sys.stdout.write("🏃 View run trial-000 at: http://127.0.0.1:5000/#/experiments/1/runs/x\n")
     captured = capsys.readouterr()
     assert captured.out == "" and "View run trial-000" in captured.err
+
+
+def test_the_accuracy_slot_is_shown_under_the_task_metrics_name():
+    from pipeline.study import objective_infos
+
+    custom = objective_infos(["accuracy", "size"], "mypkg.metrics:r2", True, None)
+    assert [o.header for o in custom] == ["r2", "size bytes"]
+    assert custom[0].column == "accuracy"  # machine-readable keys (CSV, MLflow) stay stable
+    assert objective_infos(["accuracy"], "accuracy", True, None)[0].header == "accuracy"
+    assert objective_infos(["accuracy"], "spearman", True, None)[0].header == "spearman"
