@@ -25,8 +25,15 @@ class ConfigError(ValueError):
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
     lines = [f"{source}: {exc.error_count()} problem(s):"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            # A check across fields (model validator) names its field itself: "search.x: ..."
+            field, sep, rest = msg.partition(": ")
+            if sep and " " not in field and "." in field:
+                loc, msg = (f"{loc}.{field}" if loc else field), rest
+        loc = loc or "(top level)"
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see search_spaces/README.md for the schema)"
         elif err["type"] == "missing":

@@ -11,10 +11,9 @@ import json
 import sys
 from collections.abc import Iterator
 
-import yaml
 from rich.markup import escape
 
-from pipeline.cli.common import add_config_arg
+from pipeline.cli.common import add_config_arg, parse_overrides
 from pipeline.cli.front import console
 
 
@@ -32,24 +31,10 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set measure.runs=10 (repeatable; VALUE is YAML)")
     p.add_argument("--no-progress", action="store_true", help="no live view (one line per trial is still logged)")
     p.add_argument("--quiet", action="store_true", help="print only the final front")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(func=run)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    from pipeline.config import ConfigError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set: expected KEY=VALUE (e.g. measure.runs=10), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 @contextlib.contextmanager

@@ -124,3 +124,19 @@ def test_the_backends_quantizer_target_reaches_the_artifact(tmp_path):
     assert r.measurement.accuracy > 0.9  # measured on the artifact, through ORT here
     with pytest.raises(TrialFailure, match="int8_activations: static"):
         ev.evaluate(QuantPlan(layers={"*": "int8"}, int8_activations="dynamic"), tmp_path / "d", energy=False)
+
+
+def test_every_subcommand_takes_set_overrides(tmp_path, capsys):
+    """`--set` works on evaluate as on search: here it selects a backend this machine lacks, and the
+    command fails with the install hint instead of measuring on another backend."""
+    from pipeline.backends import available_backends
+    from pipeline.cli import main
+    from tests.conftest import ROOT
+
+    if available_backends().get("tensorrt", (False, ""))[0]:
+        pytest.skip("TensorRT is available here")
+    rc = main(["evaluate", "--config", str(ROOT / "search_spaces" / "digits_mlp.yaml"), "--plan", "/dev/null",
+               "--set", f"workdir={tmp_path}", "--set", "measure.backend=tensorrt",
+               "--set", "search.int8_activations=[static]"])  # the preset lists dynamic: refused for tensorrt
+    out = capsys.readouterr()
+    assert rc != 0 and "tensorrt" in (out.out + out.err) and ".[gpu]" in (out.out + out.err)
