@@ -21,7 +21,9 @@ format         tensor                     scale rule                            
 int8           weight, per output chan.   ``s = max(|min(w,0)|, |max(w,0)|) / 127``        ``q = rne(w / s)``, [-127, 127]
                (static and dynamic)       (float64 math, stored float32; s<tiny -> 1)      (symmetric, zero point 0)
 int8 static    activation, per tensor     same rule on the calibrated ``[rmin, rmax]``     ``q = sat(rne(x / s))``,
-                                          (MinMax / Percentile / Entropy range)            saturates to [-128, 127]
+                                          (MinMax / Percentile / Entropy range)            saturates to [-128, 127];
+                                                                                           ORT CPU option: stored uint8
+                                                                                           ``q + 128``, zero point 128
 int8 static    Conv output, per tensor    same rule on the calibrated output range         as activations (QLinearConv)
 int8 static    bias (Gemm/Conv)           ``s_b = s_x * s_w`` (per channel)                ``q = rne(b / s_b)`` int32
 int8 dynamic   activation, per call       ``lo=min(x,0), hi=max(x,0), s=(hi-lo)/255``      uint8, ``zp = sat(rne(-lo/s))``,
@@ -54,6 +56,11 @@ MatMul/Gemm into its integer kernel (QGemm / MatMulIntegerToFloat, fp32 output):
 activation quantizer is repeated per layer (same tensor, scale and zero point) and a Relu/Clip
 right after such a layer is written ``Max``/``Min`` (``exporters.quant.ort_passes``). Neither
 changes a number in the table above, so QAT mirrors them as it mirrors the plain QDQ graph.
+Nor does storing the int8-static activations as uint8 with zero point 128 (``quantize_model(...,
+uint8_activations=True)``, ``ort`` target only: what ORT's x86 CPU converts int8 Q/DQ pairs to
+anyway, written for every pair so that it also fuses Convs whose output has several readers):
+``sat_u8(rne(x/s) + 128) = sat_s8(rne(x/s)) + 128`` and ``(q_u8 - 128) * s = q_s8 * s``, same scale.
+The ``tensorrt`` target keeps signed int8, zero point 0.
 
 Two ORT int4 paths round exact ties differently (MLAS: ``roundf(x * (1/s) + 8) - 8``, ties
 up; GatherBlockQuantized's numpy code: ``rint(x / s)``, ties to even). A tie needs ``x / s``

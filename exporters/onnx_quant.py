@@ -37,7 +37,10 @@ forms (bf16, int4 Conv, int8/fp8/bf16 Gather) -> for the ``ort`` target with sta
 the numerically neutral rewrites that leave ORT's session-time transformers nothing to change
 or break, and let its QDQ fusions give every int8-static MatMul/Gemm its integer kernel (a shared
 activation quantizer split per layer, a Relu/Clip after the layer written as Max/Min:
-:func:`exporters.quant.ort_passes.pre_empt_session_rewrites`). Layers are disjoint,
+:func:`exporters.quant.ort_passes.pre_empt_session_rewrites`). With ``uint8_activations=True``
+(``ort`` target, for ORT's CPU) the int8-static activations are stored uint8 with zero point 128,
+the same values: ORT's x86 CPU then fuses every int8 Conv into QLinearConv, also one whose output
+has several readers (a residual branch), which int8 storage left in float. Layers are disjoint,
 and each ORT pass only touches its own nodes, so a layer's node is never seen by two passes.
 
 The artifact is then loaded once with the session options the ORT CPU backend measures with
@@ -144,6 +147,8 @@ def quantize_model(
     out_path: str | Path,
     workdir: str | Path | None = None,
     target: QuantTarget | str = QuantTarget.ORT,
+    *,
+    uint8_activations: bool = False,
 ) -> QuantizedModel:
     """Write ``out_path``: the reference model with every layer in its planned format.
 
@@ -159,19 +164,28 @@ def quantize_model(
     always loads the way it will be measured.
     ``target`` picks the graph forms (``ort`` or ``tensorrt``, see the module docstring); a plan
     the target cannot express raises :class:`UnsupportedPlan` before any work is done.
+    ``uint8_activations`` (``ort`` target only): store int8-static activations as uint8 with zero
+    point 128 - the same values, see :func:`exporters.quant.ort_passes.int8_activations_as_uint8` -
+    for ORT's x86 CPU, which then fuses every int8-static Conv into QLinearConv, also one whose
+    quantized output has several readers (a residual branch). Off by default because the ``ort``
+    target also feeds ORT's TensorRT execution provider (``ort-trt``), and TensorRT takes signed
+    int8 Q/DQ with zero point 0 only; the ``tensorrt`` target refuses it.
     """
     reference_onnx, out_path = Path(reference_onnx), Path(out_path)
     if not reference_onnx.is_file():
         raise FileNotFoundError(f"reference_onnx: no file at {reference_onnx}")
     calibration = Calibration(calibration)
     target = QuantTarget(target)
+    if uint8_activations and target is not QuantTarget.ORT:
+        raise ValueError(f"uint8_activations: target {target} takes signed int8 activations only (zero point 0); "
+                         "leave uint8_activations False, or use target ort")
     base = Path(tempfile.mkdtemp(prefix="onnx_quant_")) if workdir is None else Path(workdir)
     work = base / "onnx_quant_work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         result = _quantize(reference_onnx, layer_table, choices, calibration_feeds, calibration, out_path, work,
-                           target)
+                           target, uint8_activations)
     except Exception:
         if workdir is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -235,6 +249,7 @@ def _plan(model: onnx.ModelProto, table: LayerTable, choices: dict[str, LayerCho
 def _quantize(
     reference: Path, table: LayerTable, choices: dict[str, LayerChoice], feeds: Sequence[dict[str, np.ndarray]],
     calibration: Calibration, out_path: Path, work: Path, target: QuantTarget = QuantTarget.ORT,
+    uint8_activations: bool = False,
 ) -> QuantizedModel:
     model = ensure_opset(onnx.load(str(reference)))
     planned = _plan(model, table, choices, reference, target)
@@ -330,7 +345,7 @@ def _quantize(
     if target is QuantTarget.TENSORRT:
         tensorrt_forms.fold_int32_dequantize(model)  # TensorRT's DQ takes no int32: biases as fp32
     elif static_kinds:  # ORT's session-time rewrites of a QDQ graph, pre-empted (ort_passes module doc)
-        changed = ort_passes.pre_empt_session_rewrites(model, ranks)
+        changed = ort_passes.pre_empt_session_rewrites(model, ranks, uint8_activations)
         if any(changed.values()):
             log.debug("ORT session rewrites pre-empted: %s", changed)
     remove_unused_initializers(model)
@@ -340,7 +355,7 @@ def _quantize(
     calibration_used = ", ".join(calib_parts) if calib_parts else "none (no static activations)"
     if len(calib_parts) == 2:
         calibration_used = f"{calib_parts[0]} for int8, {FP8_CALIBRATION}"
-    layers = [_describe(p, calibration, p.layer.name in rewritten) for p in planned]
+    layers = [_describe(p, calibration, p.layer.name in rewritten, uint8_activations) for p in planned]
     return QuantizedModel(path=str(out_path), layers=layers, calibration_used=calibration_used)
 
 
@@ -425,7 +440,7 @@ def _layers_named_in(message: str, planned: Sequence[_Planned]) -> list[str]:
             if p.node and re.search(r"(^|[^\w.])" + re.escape(p.node) + r"($|[^\w.])", message)]
 
 
-def _describe(p: _Planned, calibration: Calibration, rewritten: bool) -> LayerQuantization:
+def _describe(p: _Planned, calibration: Calibration, rewritten: bool, uint8_activations: bool = False) -> LayerQuantization:
     k, op, b = p.kind, p.op, p.choice.int4_block_size
     suffix = " (Gemm rewritten as MatMul + Add)" if rewritten else ""
     table = {
@@ -434,7 +449,9 @@ def _describe(p: _Planned, calibration: Calibration, rewritten: bool) -> LayerQu
         "fp8": (native.QDQ_FP8, "fp8 E4M3FN QDQ, per-tensor weight scale std/std(E4M3), per-tensor activation scale amax/448 (minmax calibration), int32 bias (s_x*s_w)"),
         "int8-static": (
             native.QDQ_INT8,
-            f"int8 W8A8 static per-channel symmetric weights, per-tensor symmetric activations, {calibration.value}, int32 bias"
+            f"int8 W8A8 static per-channel symmetric weights, per-tensor symmetric activations"
+            + (" (stored uint8, zero point 128: the same values)" if uint8_activations else "")
+            + f", {calibration.value}, int32 bias"
             + (", int8 output (QLinearConv)" if op == "Conv" else ", fp32 output"),
         ),
         "int8-dynamic": (

@@ -141,6 +141,7 @@ class Evaluator:
         quantized = quantize_model(
             source.onnx_path, source.layer_table, choices, self.calibration_feeds(), plan.calibration, out_path,
             workdir=out_dir, target=self.backend.quant_target,
+            uint8_activations=self.backend.uint8_activations,
         )
         extra["calibration_used"] = quantized.calibration_used
         observed = self._observe(quantized.path, source.layer_table, {lq.name: lq.format for lq in quantized.layers},

@@ -6,8 +6,9 @@ MatMulNBitsQuantizer ``nodes_to_exclude`` = everything else, because its
 against the installed onnxruntime 1.32 sources:
 
 * int8 static - ``quantize_static`` QDQ, QInt8 weights per output channel (symmetric
-  [-127, 127]) and QInt8 symmetric activations (TensorRT needs zero point 0; ORT x86 runs
-  S8S8), int32 bias with ORT's weight-scale adjustment switched off so the weight scale is
+  [-127, 127]) and QInt8 symmetric activations (TensorRT needs zero point 0; for ORT's CPU they
+  may be stored uint8 with zero point 128 afterwards, see below), int32 bias
+  with ORT's weight-scale adjustment switched off so the weight scale is
   always absmax/127. MatMul/Gemm outputs stay float (ORT fuses DQ->MatMul/Gemm into QGemm /
   MatMulIntegerToFloat with fp32 output, integer kernels - once the graph is written as the last
   section below says); Conv outputs are quantized too, because ORT only
@@ -103,9 +104,22 @@ the 1.32 sources in ``onnxruntime/core/optimizer/qdq_transformer``):
   layer, the Q then has several output edges, ``QDQS8ToU8Transformer`` (which wants a single
   ``Q -> DQ`` edge) leaves it int8, and the MatMul/Conv selectors refuse int8 activations on x86
   (``QDQIsInt8Allowed()``). Each layer gets its own pair of the same tensor with the same scale
-  and zero point: :func:`split_shared_int8_quantizers`. Not solved: an int8 *Conv* whose quantized
-  output feeds several readers (its output Q must stay its only one for QLinearConv, so the same
-  S8->U8 rule leaves it, and its readers, in float).
+  and zero point: :func:`split_shared_int8_quantizers`. That cannot help an int8 *Conv* whose
+  quantized output feeds several readers (its output Q must stay its only one for QLinearConv, so
+  the same S8->U8 rule leaves it, and its readers, in float): every ResNet block's residual.
+
+Shared and branching pairs are solved at the root by ``quantize_model(..., uint8_activations=True)``
+(ORT target, for the ORT CPU backend): every symmetric int8 activation pair is written as ORT's
+S8->U8 conversion would make it, uint8 with zero point 128 and the same scale (:func:`int8_activations_as_uint8`; the same
+values bit for bit, so QAT needs no change). The x86 selectors take uint8 activations with int8
+weights (``ConvNodeGroupSelector`` wants input and output Q of one type and refuses only *int8*
+input there; ``GemmNodeGroupSelector`` / ``MatMulNodeGroupSelector`` likewise, in
+``qdq_selectors.cc``), however many readers the pair has, so the split is then left out. Relu/Clip
+handling is unchanged: ``ReluQuantFusion`` drops a Relu only when the Q's zero point is the type's
+minimum (``MinUpper(scale, zp) >= 0``), and 128 is not uint8's minimum any more than 0 is int8's,
+so :func:`relu_after_int8_layer_as_max` is still needed. Weights stay signed int8 per channel
+(symmetric), biases int32. Not the default, because the ``ort`` target also feeds ORT's TensorRT
+execution provider, and TensorRT takes signed Q/DQ with zero point 0 only.
 
 Checked on every plan shape in ``tests/exporters/test_ort_session_rewrites.py``: the default
 session's optimized graph equals the one with WeightBiasQuantization disabled, and every
@@ -961,12 +975,82 @@ def relu_after_int8_layer_as_max(model: onnx.ModelProto) -> int:
     return len(acts)
 
 
-def pre_empt_session_rewrites(model: onnx.ModelProto, ranks: dict[str, int]) -> dict[str, int]:
+UINT8_ACTIVATION_ZERO_POINT = 128
+"""Zero point of the ORT target's stored int8-static activations: ``q_u8 = q_s8 + 128``."""
+
+
+def int8_activations_as_uint8(model: onnx.ModelProto) -> int:
+    """Store every symmetric int8 activation ``QuantizeLinear -> DequantizeLinear`` as uint8, zero point 128.
+
+    Same scale, same values bit for bit: ``QuantizeLinear`` gives ``sat_u8(rne(x/s) + 128)`` =
+    ``sat_s8(rne(x/s)) + 128`` (the saturation ranges [0, 255] and [-128, 127] map onto each other)
+    and ``DequantizeLinear`` gives ``(q_u8 - 128) * s`` = ``q_s8 * s``. It is what ORT's x86
+    ``QDQS8ToU8Transformer`` (``qdq_s8_to_u8.cc``) does at session time, but that transformer only
+    converts a ``Q`` whose single output edge goes to a ``DQ`` (``CheckOutputEdges(graph, q, 1)``)
+    and the x86 QDQ selectors refuse int8 activations (``QDQIsInt8Allowed()``), so an int8 Conv
+    whose quantized output has several readers (a ResNet block's residual) stayed int8 and it and
+    its readers ran in float on dequantized int8. Written uint8, no conversion is needed.
+
+    Converted: a ``QuantizeLinear`` of a run-time tensor (not an initializer) with a scalar scale
+    initializer, a scalar int8 zero point equal to 0 and no ``output_dtype``, whose output is not a
+    graph output and is read only by ``DequantizeLinear`` nodes with the same scale and zero point;
+    the Q and those DQs get a uint8 zero point 128 (one new initializer per old zero point, so
+    pairs kept apart by their own zero points - :func:`split_shared_int8_quantizers` - stay apart).
+    Weights (initializer inputs), per-axis pairs (the shields), fp8 and int32 DQs are untouched.
+    Returns how many Q nodes were converted.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in dict.fromkeys(x for x in n.input if x):
+            readers.setdefault(i, []).append(n)
+    names = NameScope(model)
+    new_zp: dict[str, str] = {}
+    converted: set[str] = set()
+    count = 0
+    for q in model.graph.node:
+        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or q.input[0] in inits:
+            continue
+        if _has_output_dtype(q) or not _int8_scalar_qparams(q, inits) or q.output[0] in outputs:
+            continue
+        if onnx.numpy_helper.to_array(inits[q.input[2]]).reshape(()) != 0:
+            continue
+        dqs = readers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.domain not in ("", "ai.onnx")
+                          or d.input[0] != q.output[0] or list(d.input[1:3]) != list(q.input[1:3]) for d in dqs):
+            continue
+        old = q.input[2]
+        if old not in new_zp:
+            new_zp[old] = names.fresh(f"{old}_uint8")
+            zp = np.full(list(inits[old].dims), UINT8_ACTIVATION_ZERO_POINT, dtype=np.uint8)  # same shape: () or [1]
+            model.graph.initializer.append(onnx.numpy_helper.from_array(zp, new_zp[old]))
+        for n in [q, *dqs]:
+            n.input[2] = new_zp[old]
+        converted.add(q.output[0])
+        count += 1
+    for v in model.graph.value_info:  # the quantized tensors' recorded type
+        if v.name in converted and v.type.tensor_type.elem_type == onnx.TensorProto.INT8:
+            v.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    if count:
+        remove_unused_initializers(model)
+    return count
+
+
+def pre_empt_session_rewrites(model: onnx.ModelProto, ranks: dict[str, int],
+                              uint8_activations: bool = False) -> dict[str, int]:
     """The rewrites of the module doc on the finished ORT artifact; returns what each changed.
 
     The shared quantizers are split before the DQ propagation is written, so that a pair the split
-    writes is seen by it like any other."""
-    return {"matmul_add_bias_rows": block_nd_matmul_add_fusion(model, ranks),
-            "split_int8_quantizers": split_shared_int8_quantizers(model),
-            "int8_dq_pairs": propagate_int8_dq_forward(model),
-            "relu_as_max": relu_after_int8_layer_as_max(model)}
+    writes is seen by it like any other. ``uint8_activations``: store the int8 activation pairs as
+    uint8 (:func:`int8_activations_as_uint8`, last: the other rewrites read int8 pairs); the split
+    is then left out - it only works around the S8->U8 conversion, which uint8 pairs do not need
+    (several int8 layers reading one uint8 pair each get their integer kernel, checked in
+    ``tests/pipeline/backends/test_ort_kernels.py``)."""
+    changed = {"matmul_add_bias_rows": block_nd_matmul_add_fusion(model, ranks),
+               "split_int8_quantizers": 0 if uint8_activations else split_shared_int8_quantizers(model),
+               "int8_dq_pairs": propagate_int8_dq_forward(model),
+               "relu_as_max": relu_after_int8_layer_as_max(model)}
+    if uint8_activations:
+        changed["uint8_activations"] = int8_activations_as_uint8(model)
+    return changed

@@ -47,6 +47,10 @@ class Backend(ABC):
     install_hint: str = ""  # e.g. "pip install -e '.[gpu]'"
     # The graph forms the quantizer writes for this backend (pipeline.formats.QuantTarget).
     quant_target: QuantTarget = QuantTarget.ORT
+    # Static int8 activations stored uint8 with zero point 128 (the same values): x86 ORT kernels take
+    # uint8 activations, and ORT converts int8 pairs only when they have one reader. Not for ORT's
+    # TensorRT EP (TensorRT takes signed, zero-point-0 Q/DQ only). See exporters.quant.ort_passes.
+    uint8_activations: bool = False
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:

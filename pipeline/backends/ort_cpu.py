@@ -359,6 +359,7 @@ class OrtSession(Session):
 class OrtCpuBackend(Backend):
     name = "ort-cpu"
     needs_gpu = False
+    uint8_activations = True  # residual branches and shared inputs keep their integer kernels on x86
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -14,6 +14,8 @@ propagation inserted (the quantizer's load check only used ORT_DISABLE_ALL then)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -67,10 +69,40 @@ def _choice(f: str) -> LayerChoice:
     return LayerChoice(format=Format(f), int4_block_size=32)
 
 
-def _build(chain, plan: dict[str, str], path):
+def _build(chain, plan: dict[str, str], path, uint8: bool = False):
     src, table, feeds, _ = chain
     choices = {n: _choice(plan.get(n, "fp32")) for n in table.names}
-    return quantize_model(src, table, choices, feeds, Calibration.MINMAX, path).path
+    return quantize_model(src, table, choices, feeds, Calibration.MINMAX, path, uint8_activations=uint8).path
+
+
+def _written(path, feeds):
+    """The artifact's own numbers: every Q/DQ as written, no ORT graph rewrite (ORT_DISABLE_ALL)."""
+    sess = _session(path, Path(str(path) + ".plain.onnx"), level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)[0]
+    return [sess.run(None, f)[0] for f in feeds]
+
+
+def _uint8_is_neutral(path_s8, path_u8, feeds):
+    """The uint8 artifact stores the same numbers: its activation pairs are the int8 ones' as uint8
+    zero point 128 (same scales), its constants unchanged, and its plain run bit for bit the same."""
+    a, b = onnx.load(str(path_s8)), onnx.load(str(path_u8))
+    ia = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    ib = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    converted = 0
+    for n in b.graph.node:
+        if n.op_type not in qdq or n.input[0] in ib or len(n.input) < 3 or ib[n.input[2]].dtype != np.uint8:
+            continue
+        assert ib[n.input[2]].size == 1 and ib[n.input[2]].item() == 128 and ib[n.input[1]].size == 1, n.name
+        twin = next((m for m in a.graph.node if m.name == n.name), None)
+        assert twin is not None and ia[twin.input[2]].dtype == np.int8 and ia[twin.input[2]].item() == 0, n.name
+        assert ia[twin.input[1]] == ib[n.input[1]], n.name
+        converted += 1
+    for n in b.graph.node:  # constants (weights, biases, shields' per-axis pairs) as the int8 artifact has them
+        if n.op_type in qdq and n.input[0] in ib:
+            np.testing.assert_array_equal(ib[n.input[0]], ia[n.input[0]])
+    for x, y in zip(_written(path_u8, feeds), _written(path_s8, feeds)):
+        np.testing.assert_array_equal(x, y)
+    return converted
 
 
 def _session(path, out, disabled=(), level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
@@ -97,10 +129,15 @@ PLANS = {
 }
 
 
+@pytest.mark.parametrize("uint8", [False, True], ids=["int8", "uint8"])
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_default_session_runs_the_written_graph(plan, chain, tmp_path):
-    """WeightBiasQuantization finds nothing to change in any of these plans."""
-    art = _build(chain, PLANS[plan], tmp_path / "q.onnx")
+def test_default_session_runs_the_written_graph(plan, uint8, chain, tmp_path):
+    """WeightBiasQuantization finds nothing to change in any of these plans; with the activations
+    stored uint8 (``uint8_activations``) neither, and the written numbers are the int8 artifact's."""
+    art = _build(chain, PLANS[plan], tmp_path / "q.onnx", uint8)
+    if uint8:
+        converted = _uint8_is_neutral(_build(chain, PLANS[plan], tmp_path / "s8.onnx"), art, chain[2])
+        assert (converted > 0) == any(v == "int8-static" for v in PLANS[plan].values())
     feeds = chain[2][0]
     default, g_default = _session(art, tmp_path / "default.onnx")
     without, g_without = _session(art, tmp_path / "without.onnx", ["WeightBiasQuantization"])
@@ -217,15 +254,18 @@ def _backend_session(path, out=None, disabled=()):
     return sess, (onnx.load(str(out)).graph if out is not None else None)
 
 
+@pytest.mark.parametrize("uint8", [False, True], ids=["int8", "uint8"])
 @pytest.mark.parametrize("plan", list(SEQ_PLANS))
-def test_fixed_shape_3d_linears_load_and_run_as_written(plan, seq, tmp_path):
+def test_fixed_shape_3d_linears_load_and_run_as_written(plan, uint8, seq, tmp_path):
     """onnxruntime 1.32 inserted Q nodes with a stale output_dtype (QDQPropagation through
     MatMulAddFusion's gemm_input_reshape / a Squeeze / Transpose after an int8 DQ, then S8->U8):
     "QuantizeLinear output_dtype INT8 does not match y_zero_point type UINT8" at session load.
     Now every such artifact loads with the backend's options, MatMulAddFusion finds nothing to
     fuse, and the run equals the written graph's."""
     _, _, feeds, _ = seq
-    art = _build(seq, SEQ_PLANS[plan], tmp_path / "q.onnx")
+    art = _build(seq, SEQ_PLANS[plan], tmp_path / "q.onnx", uint8)
+    if uint8:
+        assert _uint8_is_neutral(_build(seq, SEQ_PLANS[plan], tmp_path / "s8.onnx"), art, feeds) > 0
     default, g_default = _backend_session(art, tmp_path / "default.onnx")
     _, g_without = _backend_session(art, tmp_path / "without.onnx", ["WeightBiasQuantization", "MatMulAddFusion"])
     assert _signature(g_default) == _signature(g_without)

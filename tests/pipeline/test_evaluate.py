@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from pipeline.evaluate import Evaluator
@@ -113,6 +114,7 @@ def test_the_backends_quantizer_target_reaches_the_artifact(tmp_path):
 
     class TensorRTFormsOnCpu(OrtCpuBackend):
         quant_target = QuantTarget.TENSORRT
+        uint8_activations = False  # TensorRT takes signed int8 Q/DQ only
 
     ev = Evaluator(_config("digits_mlp.yaml", tmp_path / "w"))
     ev.backend = TensorRTFormsOnCpu()
@@ -140,3 +142,18 @@ def test_every_subcommand_takes_set_overrides(tmp_path, capsys):
                "--set", "search.int8_activations=[static]"])  # the preset lists dynamic: refused for tensorrt
     out = capsys.readouterr()
     assert rc != 0 and "tensorrt" in (out.out + out.err) and ".[gpu]" in (out.out + out.err)
+
+
+def test_ort_cpu_stores_static_int8_activations_as_uint8_with_the_same_values(mlp_eval, tmp_path):
+    """The ORT CPU backend asks the quantizer for uint8 zp-128 activations (x86 kernels take uint8);
+    weights stay signed int8 and the layers run integer kernels."""
+    import onnx
+    from onnx import numpy_helper
+
+    r = mlp_eval.evaluate(QuantPlan(layers={"*": "int8"}, int8_activations="static"), tmp_path / "u8", energy=False)
+    model = onnx.load(r.artifact_path)
+    inits = {t.name: t for t in model.graph.initializer}
+    zps = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+           if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    assert zps and all(z.dtype == np.uint8 and np.all(z == 128) for z in zps)
+    assert all(l.execution == "native" and "uint8" in l.detail for l in r.layers)

@@ -56,45 +56,128 @@ def test_int8_static_gemms_run_qgemm_with_or_without_a_relu_after_them(mlp, tmp_
     assert extra["execution_source"].startswith("observed") and extra["kernel_observation_s"] >= 0
 
 
-def test_an_int8_conv_whose_output_branches_is_observed_emulated(tmp_path):
-    """The case left float (exporters.quant.ort_passes.split_shared_int8_quantizers): an int8 Conv
-    whose quantized output feeds two int8 Convs. ORT copies the output DQ per reader, the Conv's
-    output Q then has two edges, its S8->U8 conversion is skipped and no QLinearConv is fused on
-    x86. The static table says native; the observation says what runs."""
+def _resnet_block(tmp_path):
+    """A ResNet-style block: c1's quantized output feeds a Relu -> c2 and the residual Add; the
+    block's output z is read by two int8 Convs d and e, whose sum goes through f into two Linears
+    reading one tensor. Returns (reference path, layer table, calibration feeds)."""
     import torch
     import torch.nn as nn
+
+    from pipeline.models.torch_adapter import build_layer_table, enumerate_layers
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.d = nn.Conv2d(8, 8, 1)
+            self.e = nn.Conv2d(8, 8, 1)
+            self.f = nn.Conv2d(8, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 10)
+            self.fc2 = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            h = self.c1(x)
+            z = torch.relu(self.c2(torch.relu(h)) + h)  # residual from c1's output
+            t = self.f(self.d(z) + self.e(z)).flatten(1)  # z read by two int8 Convs
+            return self.fc(t) + self.fc2(t)  # t read by two int8 Gemms
+
+    torch.manual_seed(0)
+    m = Block().eval()
+    model = torch.onnx.export(m, (torch.randn(2, 3, 8, 8),), dynamo=True, opset_version=21, optimize=True).model_proto
+    table = build_layer_table(model, enumerate_layers(m))
+    src = tmp_path / "ref.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    feeds = [{model.graph.input[0].name: rng.normal(size=(2, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    return src, table, feeds
+
+
+def _run(path, feeds, level):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [sess.run(None, f)[0] for f in feeds]
+
+
+def test_uint8_activations_give_every_int8_conv_of_a_residual_block_its_integer_kernel(tmp_path):
+    """Written int8 (zero point 0), c1's output Q has two readers (Relu -> c2 and the residual Add):
+    ORT's x86 S8->U8 conversion wants a single Q -> DQ edge, skips it, and c1 runs as a float Conv
+    on dequantized int8 - the static table says native, the observation says what runs. Written
+    uint8 with zero point 128 (``uint8_activations``), every int8 Conv/Gemm runs ORT's integer
+    kernel - also d/e and fc/fc2, which read one shared pair each (no per-layer split needed) -
+    and every stored and computed value is the same."""
+    import onnxruntime as ort
 
     from exporters.onnx_quant import quantize_model
     from pipeline.backends.native import QDQ_INT8
     from pipeline.backends.native import execution as static_table
     from pipeline.formats import Calibration
-    from pipeline.models.torch_adapter import build_layer_table, enumerate_layers
     from pipeline.plan import LayerChoice
 
-    class Branch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c = nn.Conv2d(3, 4, 3)
-            self.d = nn.Conv2d(4, 4, 1)
-            self.e = nn.Conv2d(4, 4, 1)
-
-        def forward(self, x):
-            h = self.c(x)
-            return self.d(h) + self.e(h)
-
-    torch.manual_seed(0)
-    m = Branch().eval()
-    model = torch.onnx.export(m, (torch.randn(2, 3, 8, 8),), dynamo=True, opset_version=21, optimize=True).model_proto
-    table = build_layer_table(model, enumerate_layers(m))
-    src = tmp_path / "ref.onnx"
-    onnx.save(model, str(src))
-    feeds = [{model.graph.input[0].name: np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)}]
+    src, table, feeds = _resnet_block(tmp_path)
     choices = {n: LayerChoice(format="int8") for n in table.names}
-    q = quantize_model(src, table, choices, feeds, Calibration.MINMAX, tmp_path / "q.onnx")
-    seen = observe_kernels(q.path, table, {n: Format.INT8 for n in table.names})
-    kernel, execution = seen["c"]
+    fmts = {n: Format.INT8 for n in table.names}
+    s8 = quantize_model(src, table, choices, feeds, Calibration.MINMAX, tmp_path / "s8.onnx")
+    u8 = quantize_model(src, table, choices, feeds, Calibration.MINMAX, tmp_path / "u8.onnx", uint8_activations=True)
+
+    # before: c1 (branching output) emulated, the others native
+    before = observe_kernels(s8.path, table, fmts)
+    assert set(before) == set(table.names)
+    kernel, execution = before["c1"]
     assert kernel.startswith("Conv") and "dequantized int8" in kernel and execution == "emulated"
     assert static_table("ort-cpu", Format.INT8, QDQ_INT8) == "native"
+    # after: every layer on its integer kernel
+    after = observe_kernels(u8.path, table, fmts)
+    assert set(after) == set(table.names)
+    for name in table.names:
+        op = next(l.onnx_op for l in table if l.name == name)
+        assert after[name] == (("QLinearConv" if op == "Conv" else "QGemm"), "native"), (name, after[name])
+    assert all("stored uint8, zero point 128" in l.detail for l in u8.layers)
+
+    # stored: activations uint8 zero point 128 with the int8 artifact's scales; weights int8, biases int32
+    def qdq(path):
+        m = onnx.load(path)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+        acts = {n.name: (inits[n.input[1]], inits[n.input[2]]) for n in m.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in inits}
+        consts = sorted(str(inits[n.input[0]].dtype) for n in m.graph.node
+                        if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+        return acts, consts
+
+    a8, c8 = qdq(s8.path)
+    a_u, c_u = qdq(u8.path)
+    assert c8 == c_u and set(c_u) == {"int8", "int32"}
+    assert all(zp.dtype == np.int8 and zp.item() == 0 for _, zp in a8.values())
+    assert all(zp.dtype == np.uint8 and zp.item() == 128 for _, zp in a_u.values())
+    for name, (scale, _) in a_u.items():  # the int8 artifact has each of these nodes (and more: its split copies)
+        assert name in a8 and scale == a8[name][0] and scale.dtype == np.float32, name
+
+    # d and e (fc and fc2) read one uint8 pair; the int8 artifact needed a split copy per extra reader
+    g = onnx.load(u8.path).graph
+    node_of = {l.name: next(n for n in g.node if n.name == l.onnx_node) for l in table}
+    assert node_of["d"].input[0] == node_of["e"].input[0] and node_of["fc"].input[0] == node_of["fc2"].input[0]
+    assert len(a8) == len(a_u) + 4  # two split Q/DQ pairs
+
+    # the values: both artifacts run as written (ORT_DISABLE_ALL: the QDQ graph itself) and at level
+    # BASIC (level-1 rules such as ReluQuantFusion and WeightBiasQuantization, no QDQ fusion, no S8->U8)
+    # are bit for bit the same - the written numbers did not change
+    L = ort.GraphOptimizationLevel
+    for level in (L.ORT_DISABLE_ALL, L.ORT_ENABLE_BASIC):
+        for x, y in zip(_run(u8.path, feeds, level), _run(s8.path, feeds, level)):
+            np.testing.assert_array_equal(x, y, err_msg=str(level))
+    # default sessions: c1 now requantizes in QLinearConv instead of a float Conv + Q; that may round an
+    # output that lies on a tie differently (identical on the machine this was written on), no more
+    for x, y in zip(_run(u8.path, feeds, L.ORT_ENABLE_ALL), _run(s8.path, feeds, L.ORT_ENABLE_ALL)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-3 * float(np.abs(y).max()))
+
+    # the tensorrt target keeps signed int8 and refuses the option
+    with pytest.raises(ValueError, match="uint8_activations"):
+        quantize_model(src, table, choices, feeds, Calibration.MINMAX, tmp_path / "trt.onnx", target="tensorrt",
+                       uint8_activations=True)
 
 
 def test_int4_matmulnbits_native_fp8_emulated_dynamic_int8_integer(mlp, tmp_path):
