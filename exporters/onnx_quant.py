@@ -37,7 +37,7 @@ forms (bf16, int4 Conv, int8/fp8/bf16 Gather) -> for the ``ort`` target with sta
 the numerically neutral rewrites that leave ORT's session-time transformers nothing to change
 or break, and let its QDQ fusions give every int8-static MatMul/Gemm its integer kernel (a shared
 activation quantizer split per layer, a Relu/Clip after the layer written as Max/Min:
-:func:`exporters.quant.ort_passes.pre_empt_session_rewrites`). With ``uint8_activations=True``
+:func:`exporters.quant.ort_session_forms.pre_empt_session_rewrites`). With ``uint8_activations=True``
 (``ort`` target, for ORT's CPU) the int8-static activations are stored uint8 with zero point 128,
 the same values: ORT's x86 CPU then fuses every int8 Conv into QLinearConv, also one whose output
 has several readers (a residual branch), which int8 storage left in float. Layers are disjoint,
@@ -62,7 +62,7 @@ import onnx
 from pydantic import BaseModel
 
 from exporters.errors import UnsupportedPlan
-from exporters.quant import handwritten, ort_passes, tensorrt_forms
+from exporters.quant import handwritten, ort_passes, ort_session_forms, tensorrt_forms
 from exporters.quant.calibration import ENTROPY_NUM_BINS, ENTROPY_NUM_QUANTIZED_BINS, INT8_METHODS, check_feeds
 from exporters.quant.graph import (
     NameScope,
@@ -165,7 +165,7 @@ def quantize_model(
     ``target`` picks the graph forms (``ort`` or ``tensorrt``, see the module docstring); a plan
     the target cannot express raises :class:`UnsupportedPlan` before any work is done.
     ``uint8_activations`` (``ort`` target only): store int8-static activations as uint8 with zero
-    point 128 - the same values, see :func:`exporters.quant.ort_passes.int8_activations_as_uint8` -
+    point 128 - the same values, see :func:`exporters.quant.ort_session_forms.int8_activations_as_uint8` -
     for ORT's x86 CPU, which then fuses every int8-static Conv into QLinearConv, also one whose
     quantized output has several readers (a residual branch). Off by default because the ``ort``
     target also feeds ORT's TensorRT execution provider (``ort-trt``), and TensorRT takes signed
@@ -292,7 +292,7 @@ def _quantize(
     current = work / "prepared.onnx"
     _save(model, current)
     current = _pre_process(current, work / "preprocessed.onnx")
-    ranks = ort_passes.tensor_ranks(onnx.load(str(current), load_external_data=False))
+    ranks = ort_session_forms.tensor_ranks(onnx.load(str(current), load_external_data=False))
 
     # --- ORT passes
     calib_parts = []
@@ -345,7 +345,7 @@ def _quantize(
     if target is QuantTarget.TENSORRT:
         tensorrt_forms.fold_int32_dequantize(model)  # TensorRT's DQ takes no int32: biases as fp32
     elif static_kinds:  # ORT's session-time rewrites of a QDQ graph, pre-empted (ort_passes module doc)
-        changed = ort_passes.pre_empt_session_rewrites(model, ranks, uint8_activations)
+        changed = ort_session_forms.pre_empt_session_rewrites(model, ranks, uint8_activations)
         if any(changed.values()):
             log.debug("ORT session rewrites pre-empted: %s", changed)
     remove_unused_initializers(model)

@@ -49,7 +49,7 @@ class Backend(ABC):
     quant_target: QuantTarget = QuantTarget.ORT
     # Static int8 activations stored uint8 with zero point 128 (the same values): x86 ORT kernels take
     # uint8 activations, and ORT converts int8 pairs only when they have one reader. Not for ORT's
-    # TensorRT EP (TensorRT takes signed, zero-point-0 Q/DQ only). See exporters.quant.ort_passes.
+    # TensorRT EP (TensorRT takes signed, zero-point-0 Q/DQ only). See exporters.quant.ort_session_forms.
     uint8_activations: bool = False
 
     @abstractmethod

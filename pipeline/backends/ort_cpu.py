@@ -62,7 +62,7 @@ def session_options(threads: int = 0):
 # quantized output has several readers keeps an int8 (not uint8) Q/DQ pair - ORT converts only
 # single-reader pairs - and runs as a float Conv on dequantized int8. (The quantizer already
 # rewrites the cases it can, e.g. Relu after an int8 Gemm and shared-input projections:
-# exporters.quant.ort_passes.pre_empt_session_rewrites.)
+# exporters.quant.ort_session_forms.pre_empt_session_rewrites.)
 # ``observe_kernels`` reads the optimized graph ORT writes (``optimized_model_filepath``, same
 # session options as the measured session) and reports per layer the node that computes it.
 
@@ -339,7 +339,7 @@ class OrtSession(Session):
     """A session with ORT's default graph optimizations (ORT_ENABLE_ALL), none disabled: what a
     user who deploys the artifact gets. The quantizer writes its graphs so that ORT's session-time
     rewrites that would change the numbers (WeightBiasQuantization) find nothing to change
-    (``exporters.quant.ort_passes``; checked in tests/exporters/test_ort_session_rewrites.py), so
+    (``exporters.quant.ort_passes``, ``exporters.quant.ort_session_forms``; checked in tests/exporters/test_ort_session_rewrites.py), so
     no transformer needs to be switched off here. One session setting is pinned:
     :data:`WEIGHT_ONLY_ACCURACY_LEVEL`."""
 

@@ -3,7 +3,7 @@
 ORT's session-time ``WeightBiasQuantization`` transformer (ORT_ENABLE_BASIC and up) quantizes
 the fp32 weight of a Conv/Gemm whose input is a per-tensor DequantizeLinear and whose output
 leads to a QuantizeLinear, and rounds its fp32 bias to int32 (see
-``exporters/quant/ort_passes.py``). These tests open every artifact twice - as deployed (all
+``exporters/quant/ort_passes.py``, ``exporters/quant/ort_session_forms.py``). These tests open every artifact twice - as deployed (all
 optimizations) and with that one transformer disabled - and require the same optimized graph
 and the same numbers, and read the optimized graph to check that a layer planned fp32 still
 has its fp32 weight and that int8-static Convs still become QLinearConv. Fixed-shape 3-D
@@ -280,7 +280,7 @@ def test_fixed_shape_3d_linears_load_and_run_as_written(plan, uint8, seq, tmp_pa
 def test_fixed_shape_int8_matmul_rewrites_are_neutral(seq, tmp_path):
     """What pre_empt_session_rewrites writes is numerically neutral: the plain (unoptimized) run of
     the artifact equals that of the same artifact with the rewrites taken out again."""
-    from exporters.quant import ort_passes
+    from exporters.quant import ort_session_forms
 
     _, _, feeds, _ = seq
     art = _build(seq, SEQ_PLANS["conv-int8-into-fp32"], tmp_path / "q.onnx")
@@ -316,7 +316,7 @@ def test_fixed_shape_int8_matmul_rewrites_are_neutral(seq, tmp_path):
 
     with pytest.raises(RuntimeError, match="without graph optimizations but not with the default"):
         _check_loads(undone_path)
-    assert ort_passes.block_nd_matmul_add_fusion(undone, ort_passes.tensor_ranks(onnx.shape_inference.infer_shapes(undone))) == 2
+    assert ort_session_forms.block_nd_matmul_add_fusion(undone, ort_session_forms.tensor_ranks(onnx.shape_inference.infer_shapes(undone))) == 2
 
 
 # ------------------------------------------------------------------ integer kernels where ORT has them
