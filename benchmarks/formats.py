@@ -5,7 +5,7 @@ backend, so the ratios are side by side: latency ratio = candidate p50 / FP32
 p50 (lower is faster), size ratio = FP32 bytes / candidate bytes (higher is
 smaller). Run: ``make bench`` or ``.venv/bin/python benchmarks/formats.py``.
 "runs as" is per layer what ORT ran (kernels read from its optimized graph, see
-``pipeline.backends.ort_cpu.observe_kernels``), counted over the quantized layers.
+``pipeline.backends.ort_kernels.observe_kernels``), counted over the quantized layers.
 """
 
 from __future__ import annotations

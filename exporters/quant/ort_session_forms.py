@@ -3,7 +3,7 @@
 The passes in :mod:`exporters.quant.ort_passes` write what ORT's quantizers write; a default ORT
 session then rewrites some of it at load time, or fails to fuse some of it into integer kernels.
 This module writes those shapes the way ORT would run them, with the same numbers bit for bit, so
-the per-layer report is what runs (``pipeline.backends.ort_cpu.observe_kernels`` checks it).
+the per-layer report is what runs (``pipeline.backends.ort_kernels.observe_kernels`` checks it).
 
 Two more session-time rewrites meet the QDQ graph, and both are pre-empted in the written graph
 (ORT target only, numerically neutral, :func:`pre_empt_session_rewrites`):
@@ -28,7 +28,7 @@ Two more session-time rewrites meet the QDQ graph, and both are pre-empted in th
   re-quantizes to itself, so the values are the same bit for bit.
 
 Two more shapes of the QDQ graph kept ORT's x86 CPU from fusing an int8-static layer into its integer
-kernel, so the layer ran in float on dequantized int8 (what ``pipeline.backends.ort_cpu.observe_kernels``
+kernel, so the layer ran in float on dequantized int8 (what ``pipeline.backends.ort_kernels.observe_kernels``
 reported); both are rewritten in the written graph (ORT target only, numerically neutral, read from
 the 1.32 sources in ``onnxruntime/core/optimizer/qdq_transformer``):
 

@@ -81,7 +81,7 @@ class Backend(ABC):
         (``pipeline.backends.native``, :meth:`execution`) is all a report has. A layer missing from
         the returned dict was not found in the runtime's graph: the static table applies to it.
 
-        ort-cpu implements it (ORT's optimized graph, :func:`pipeline.backends.ort_cpu.observe_kernels`).
+        ort-cpu implements it (ORT's optimized graph, :func:`pipeline.backends.ort_kernels.observe_kernels`).
         ort-cuda / ort-trt / tensorrt / tflite do not: ORT's optimized-model dump works per
         execution provider, but the CUDA EP's fusions and its node placement (what falls back to the
         CPU) were never checked on a GPU here, and TensorRT/TFLite have no such dump, so they keep

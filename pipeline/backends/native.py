@@ -34,7 +34,7 @@ DQ_GATHER_INT4 = "dq-gather-int4"  # int4 table in blocks along the embedding di
 DQ_GATHER_FP8 = "dq-gather-fp8"  # float8e4m3fn table, per-tensor scale, DQ then Gather
 
 # This table is what each form *can* run as. On ORT CPU every candidate's layers are also
-# observed in the session's optimized graph (pipeline.backends.ort_cpu.observe_kernels), and the
+# observed in the session's optimized graph (pipeline.backends.ort_kernels.observe_kernels), and the
 # observation wins: e.g. a static-int8 Gemm followed by a Relu, or MatMuls sharing one quantized
 # input, stay float kernels on dequantized int8 (emulated) although the form could be native.
 # ORT CPU (MLAS): integer kernels for INT8 (VNNI where the CPU has it) and for

@@ -11,7 +11,8 @@ import onnx
 import pytest
 
 from pipeline.backends.base import Backend
-from pipeline.backends.ort_cpu import INTEGER_KERNELS, OrtCpuBackend, observe_kernels, optimized_graph
+from pipeline.backends.ort_cpu import OrtCpuBackend
+from pipeline.backends.ort_kernels import INTEGER_KERNELS, observe_kernels, optimized_graph
 from pipeline.formats import Format
 from pipeline.plan import QuantPlan
 
