@@ -42,12 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Kept for importers of the old names; the names live in tracking_schema.
-TAG_FEASIBLE = S.TAG_FEASIBLE
-TAG_MODEL_URI = S.TAG_MODEL_URI
-TAG_ENERGY_OBJECTIVE = S.TAG_ENERGY_OBJECTIVE
-TAG_RETRY_OF = S.TAG_RETRY_OF
-
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MAX_PARAM = 6000  # MLflow param value limit
@@ -94,9 +88,8 @@ def _quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
-ARTIFACT_LAYERS = S.ARTIFACT_LAYERS
-"""Per trial run: one row per layer (format, native/emulated, the kernel observed, detail), the
-same rows as result.json's ``layers`` in a form a spreadsheet or ``pandas.read_csv`` opens."""
+# S.ARTIFACT_LAYERS, per trial run: one row per layer (format, native/emulated, the kernel observed,
+# detail), the same rows as result.json's ``layers`` in a form a spreadsheet or pandas opens.
 LAYER_CSV_FIELDS = ("name", "onnx_op", "format", "execution", "kernel", "params", "detail")
 
 
@@ -232,7 +225,7 @@ class StudyTracker:
         metrics.update({f"{S.METRIC_OBJECTIVE_PREFIX}{k}": v for k, v in objective_values.items()})
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.log_text(run_id, result.model_dump_json(indent=2), S.ARTIFACT_RESULT)
-        self.client.log_text(run_id, layers_csv(result), ARTIFACT_LAYERS)
+        self.client.log_text(run_id, layers_csv(result), S.ARTIFACT_LAYERS)
         tags = {
             S.TAG_BACKEND: m.backend,
             S.TAG_DEVICE: m.device,

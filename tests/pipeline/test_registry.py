@@ -283,7 +283,7 @@ def test_promote_registers_tags_card_alias_and_is_idempotent(searched, tmp_path)
     # the trial run's layer table artifact carries the same kernels
     import csv
 
-    from pipeline.tracking import ARTIFACT_LAYERS
+    from pipeline.tracking_schema import ARTIFACT_LAYERS
 
     path = client.download_artifacts(choice.trial.run_id, ARTIFACT_LAYERS, str(tmp_path))
     rows = list(csv.DictReader(Path(path).read_text().splitlines()))
