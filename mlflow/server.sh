@@ -71,7 +71,12 @@ mkdirp() { if [[ "$PRINT" == 0 ]]; then mkdir -p "$1"; fi; }
 
 case "$BACKEND" in
   sqlite:///*) mkdirp "$(dirname "${BACKEND#sqlite:///}")" ;;
-  postgresql*) need psycopg2 "MLFLOW_BACKEND_STORE_URI=postgresql://..." psycopg2-binary ;;
+  postgres://*|postgresql://*|postgresql+psycopg://*|postgresql+psycopg2://*)
+    # One driver for every spelling (as pipeline/urls.py does): psycopg 3, else psycopg2 if that is what is here.
+    if "$PY" -c "import psycopg" 2>/dev/null; then BACKEND="postgresql+psycopg://${BACKEND#*://}"
+    elif "$PY" -c "import psycopg2" 2>/dev/null; then BACKEND="postgresql+psycopg2://${BACKEND#*://}"
+    else echo "mlflow/server.sh: MLFLOW_BACKEND_STORE_URI=postgresql://... needs a PostgreSQL driver:" \
+              "$(dirname "$MLFLOW")/pip install -e '$ROOT[cluster]'  (psycopg 3)" >&2; exit 2; fi ;;
   mysql*) need pymysql "MLFLOW_BACKEND_STORE_URI=mysql+pymysql://..." pymysql ;;
   *) echo "mlflow/server.sh: MLFLOW_BACKEND_STORE_URI must be sqlite:///path, postgresql://... or mysql+pymysql://..., got '$BACKEND'" >&2; exit 2 ;;
 esac

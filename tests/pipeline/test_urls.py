@@ -1,0 +1,57 @@
+"""Database URLs: every PostgreSQL spelling connects to the real local server; passwords never shown."""
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline.config import ConfigError
+from pipeline.urls import mask_url, normalize_db_url, postgres_driver
+
+PG = "127.0.0.1:5432/test"
+
+
+def _server_up() -> bool:
+    try:
+        with sa.create_engine(normalize_db_url(f"postgresql://postgres@{PG}")).connect() as c:
+            return c.exec_driver_sql("select 1").scalar() == 1
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"])
+def test_every_postgres_spelling_connects(scheme):
+    if postgres_driver() is None:
+        pytest.skip("no PostgreSQL driver installed (the [cluster] extra)")
+    if not _server_up():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    url = normalize_db_url(f"{scheme}://postgres@{PG}")
+    assert url.startswith(f"postgresql+{postgres_driver()}://")
+    with sa.create_engine(url).connect() as conn:
+        assert conn.exec_driver_sql("select current_database()").scalar() == "test"
+
+
+def test_other_urls_unchanged():
+    for url in ("sqlite:///x/optuna.db", "mysql+pymysql://u:p@h/db", "http://127.0.0.1:5000", "file:///tmp/mlruns"):
+        assert normalize_db_url(url) == url
+
+
+def test_missing_driver_names_the_field_and_the_extra(monkeypatch):
+    import pipeline.urls as urls
+
+    monkeypatch.setattr(urls, "_importable", lambda module: False)  # as on a machine without the extra
+    with pytest.raises(ConfigError) as err:
+        normalize_db_url("postgresql://bob:hunter2@db:5432/optuna", field="--storage")
+    msg = str(err.value)
+    assert msg.startswith("--storage:") and "[cluster]" in msg and "hunter2" not in msg and "bob:***@db" in msg
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://bob:hunter2@db:5432/x", "postgresql://bob:***@db:5432/x"),
+    ("postgresql+psycopg://bob:p%40ss@db/x", "postgresql+psycopg://bob:***@db/x"),
+    ("mysql+pymysql://root:@127.0.0.1/test", "mysql+pymysql://root:***@127.0.0.1/test"),
+    ("postgresql://db/x?user=bob&password=hunter2&sslmode=require", "postgresql://db/x?user=bob&password=***&sslmode=require"),
+    ("sqlite:////tmp/optuna.db", "sqlite:////tmp/optuna.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    (None, None),
+])
+def test_mask_url(url, shown):
+    assert mask_url(url) == shown
