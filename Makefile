@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
 # The test suite covers Keras/TFLite and the MiniLM example too, so it installs their extras.
-TEST_EXTRAS ?= dev,keras,examples
+TEST_EXTRAS ?= dev,keras,examples,cluster
 CONFIG ?= search_spaces/digits_mlp.yaml
 TRIALS ?=
 STUDY ?=
@@ -14,12 +14,18 @@ TRIAL ?=
 RAY_ADDRESS ?=
 MLFLOW_PORT ?= 5000
 PROMOTE_ARGS ?=
+# While `make cluster-up` has a cluster running, its addresses (Ray, PostgreSQL storage, MLflow server) are
+# used by every target below; `make cluster-down` removes the file.
+ifneq ($(wildcard cluster/.env),)
+include cluster/.env
+export RAY_AUTH_MODE PRECISION_SEARCH_STORAGE MLFLOW_TRACKING_URI
+endif
 export RAY_ADDRESS MLFLOW_PORT
 
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: venv search front promote ui mlflow-server test bench bench-qat gpu-check clean
+.PHONY: venv search front promote ui mlflow-server cluster-up cluster-down test bench bench-qat gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -47,6 +53,14 @@ ui: $(STAMP)
 
 mlflow-server: $(STAMP)
 	bash mlflow/server.sh
+
+# A local multi-node cluster (Ray head + CLUSTER_WORKERS workers, PostgreSQL, MLflow server), loopback only.
+cluster-up:
+	@$(MAKE) --no-print-directory venv EXTRAS=$(EXTRAS),cluster
+	bash cluster/up.sh
+
+cluster-down:
+	bash cluster/down.sh
 
 test:
 	@$(MAKE) --no-print-directory venv EXTRAS=$(TEST_EXTRAS)
