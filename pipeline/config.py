@@ -74,11 +74,14 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """A dataset: an import string returning ``(inputs, targets)``, or an ``.npz`` file.
+    """Model inputs: an import string, or an ``.npz`` file (one array per model input).
 
-    ``inputs`` is a dict name -> array (one entry per model input, e.g.
-    ``input_ids``, ``attention_mask``) or a single array for single-input models;
-    ``targets`` is an array aligned on the first axis. ``limit`` caps the rows used.
+    The function returns the inputs alone - a dict name -> array (one entry per
+    model input, e.g. ``input_ids``, ``attention_mask``) or one array for a
+    single-input model - so a user's ``eval_x`` / ``calib_x`` plug in as they
+    are. The old form, a tuple ``(inputs, targets)`` with one target per row,
+    still works (``data.train`` needs it: QAT trains on per-row targets). The
+    product batches the rows; ``limit`` caps the rows used.
     """
 
     source: str
@@ -86,41 +89,78 @@ class DataSpec(_Strict):
     limit: int | None = Field(None, ge=1)
 
 
+class TargetsSpec(_Strict):
+    """What the metric compares the eval outputs with: any structure, not tied to input rows.
+
+    ``source`` is an import string (a user's ``eval_y``) returning anything the
+    metric understands - an array of labels, gold scores per sentence pair, a
+    dict query -> relevant ids - or a ``.npy`` / ``.json`` file.
+    """
+
+    source: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class DataConfig(_Strict):
-    calibration: DataSpec
-    eval: DataSpec
-    train: DataSpec | None = None  # for QAT; defaults to calibration
+    calibration: DataSpec  # inputs only (targets, if returned, are ignored)
+    eval: DataSpec  # inputs; targets from `targets`, or the old (inputs, targets) return
+    targets: TargetsSpec | None = None  # the eval set's targets, when `eval` returns inputs only
+    train: DataSpec | None = None  # QAT: (inputs, per-row targets) or inputs alone (self-distillation); defaults to calibration
+
+
+PAIR_LAYOUTS = ("halves", "interleaved")
 
 
 class MetricSpec(_Strict):
-    """The task metric, computed over all eval outputs and targets at once.
+    """The task metric, computed over ALL eval outputs and the targets at once.
 
-    Built-ins: ``accuracy`` (top-1), ``mse``, ``spearman``; or an import string
-    ``pkg.mod:fn`` with ``fn(outputs: dict[str, ndarray], targets) -> float``.
-    ``higher_is_better`` defaults from the built-in (accuracy/spearman: yes; mse: no)
-    and must be given for a custom metric.
+    Built-ins (``pipeline.metrics.BUILTIN_METRICS``): ``accuracy`` (top-1),
+    ``top_k_accuracy`` (``k``), ``f1`` (binary), ``macro_f1``, ``mse``, ``mae``,
+    ``r2``, ``spearman``, ``pearson``. A built-in reads one output
+    (``output``: name or index). ``pairs`` turns spearman/pearson into a
+    pair-level score on an embedder: the cosine similarity of two output rows
+    per pair (``halves``: row i with row N+i; ``interleaved``: 2i with 2i+1; or
+    targets ``{pairs: (N, 2) row indices, scores: (N,)}``) against the gold scores.
+
+    A custom metric is ``pkg.mod:fn`` with ``fn(outputs: dict[str, ndarray],
+    targets, **kwargs) -> float``; it must declare ``higher_is_better``.
     """
 
     name: str = "accuracy"
     output: str | int = 0
     higher_is_better: bool | None = None
+    k: int | None = Field(None, ge=1, description="top_k_accuracy: the k (default 5)")
+    pairs: Literal["halves", "interleaved"] | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of a custom metric")
 
     @model_validator(mode="after")
     def _direction(self) -> "MetricSpec":
-        from pipeline.metrics import BUILTIN_METRICS
+        from pipeline.metrics import BUILTIN_METRICS, PAIR_METRICS
 
+        builtin = self.name in BUILTIN_METRICS
+        if not builtin and ":" not in self.name:
+            raise ValueError(f"unknown metric {self.name!r}: use one of {sorted(BUILTIN_METRICS)}, or "
+                             "`pkg.mod:fn` with `higher_is_better: true|false`")
         if self.higher_is_better is None:
-            if self.name in BUILTIN_METRICS:
-                self.higher_is_better = BUILTIN_METRICS[self.name].higher_is_better
-            else:
+            if not builtin:
                 raise ValueError(
                     f"custom metric {self.name!r}: set `higher_is_better: true|false` "
                     f"(built-ins are {sorted(BUILTIN_METRICS)})"
                 )
-        elif self.name not in BUILTIN_METRICS and ":" not in self.name:
-            raise ValueError(f"unknown metric {self.name!r}: use one of {sorted(BUILTIN_METRICS)} or `pkg.mod:fn`")
+            self.higher_is_better = BUILTIN_METRICS[self.name].higher_is_better
+        elif builtin and self.higher_is_better != BUILTIN_METRICS[self.name].higher_is_better:
+            raise ValueError(f"metric.higher_is_better: {self.name} is "
+                             f"{'higher' if BUILTIN_METRICS[self.name].higher_is_better else 'lower'}-is-better; "
+                             "drop the field (it is known for built-ins)")
+        if self.k is not None and self.name != "top_k_accuracy":
+            raise ValueError(f"metric.k: only top_k_accuracy takes k (metric is {self.name})")
+        if self.pairs is not None and self.name not in PAIR_METRICS:
+            raise ValueError(f"metric.pairs: only {sorted(PAIR_METRICS)} score pairs of output rows "
+                             f"(metric is {self.name})")
+        if self.kwargs and builtin:
+            raise ValueError(f"metric.kwargs: only a custom `pkg.mod:fn` metric takes kwargs; {self.name} is "
+                             "built in (its options are metric.k and metric.pairs)")
         return self
-
 
 class EnergySpec(_Strict):
     """Energy measurement settings (see pipeline/energy)."""
@@ -138,7 +178,10 @@ class EnergySpec(_Strict):
 class MeasureSpec(_Strict):
     backend: str = "auto"
     threads: int = Field(0, ge=0, description="0 = all cores")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="the deployment batch: latency, throughput and energy")
+    # Rows per run when scoring the eval set. Dynamic INT8 computes activation ranges per batch, so
+    # its accuracy depends on this; None = batch_size (score as deployed). Recorded in every Measurement.
+    eval_batch_size: int | None = Field(None, ge=1)
     warmup: int = Field(5, ge=0)
     runs: int = Field(30, ge=1)
     energy: EnergySpec = Field(default_factory=EnergySpec)
@@ -150,6 +193,11 @@ class MeasureSpec(_Strict):
         if v not in allowed:
             raise ValueError(f"backend must be one of {sorted(allowed)}, got {v!r}")
         return v
+
+    @property
+    def eval_batch(self) -> int:
+        """The batch the eval set is scored with: ``eval_batch_size``, else the deployment batch."""
+        return self.eval_batch_size or self.batch_size
 
 
 Objective = Literal["accuracy", "energy", "latency", "size"]
@@ -275,6 +323,8 @@ def _check_import_strings(cfg: SearchConfig) -> list[str]:
               ("data.eval.source", cfg.data.eval.source)]
     if cfg.data.train:
         fields.append(("data.train.source", cfg.data.train.source))
+    if cfg.data.targets:
+        fields.append(("data.targets.source", cfg.data.targets.source))
     if ":" in cfg.metric.name:
         fields.append(("metric.name", cfg.metric.name))
     if cfg.loss and ":" in cfg.loss:
@@ -283,11 +333,11 @@ def _check_import_strings(cfg: SearchConfig) -> list[str]:
         if not value:
             continue
         if ":" not in value:
-            if field.startswith("data.") and value.endswith(".npz"):
+            if field.startswith("data.") and value.endswith((".npz", ".npy", ".json")):
                 if not cfg.resolve_path(value).exists():
                     problems.append(f"  - {field}: file {value!r} does not exist")
                 continue
-            problems.append(f"  - {field}: expected `package.module:function` (or a .npz file for data), got {value!r}")
+            problems.append(f"  - {field}: expected `package.module:function` (or a .npz file for data, .npy/.json for data.targets), got {value!r}")
             continue
         err = check_import_string(value)
         if err:

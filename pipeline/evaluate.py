@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.backends import resolve_backend
 from pipeline.config import SearchConfig
-from pipeline.data import CALIBRATION_BATCH, Dataset, calibration_batches, load_dataset
+from pipeline.data import CALIBRATION_BATCH, Dataset, calibration_batches, load_dataset, load_eval_set
 from pipeline.measure import (
     TrialFailure,
     effective_bits_per_weight,
@@ -66,12 +66,7 @@ class Evaluator:
 
     @cached_property
     def eval_set(self) -> Dataset:
-        ds = load_dataset(self.config.data.eval, self.config, "data.eval")
-        if ds.targets is None:
-            from pipeline.config import ConfigError
-
-            raise ConfigError("data.eval.source: returned no targets; the metric needs them")
-        return ds
+        return load_eval_set(self.config)
 
     @cached_property
     def reference_weight_bytes(self) -> int:
@@ -97,16 +92,16 @@ class Evaluator:
         # Keyed by the metric spec and the eval rows themselves: a different eval set, limit
         # or metric output must not reuse another set's reference value.
         h = hashlib.sha256(self.config.metric.model_dump_json().encode())
-        for k in sorted(self.eval_set.inputs):
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(self.eval_set.inputs[k]).tobytes())
-        h.update(np.ascontiguousarray(self.eval_set.targets).tobytes())
+        h.update(f"{self.eval_set.fingerprint()} eval-batch {self.config.measure.eval_batch}".encode())
         cache = Path(self.reference.onnx_path).with_name(f"accuracy-{self.backend.name}-{h.hexdigest()[:16]}.json")
         if cache.exists():
             return float(json.loads(cache.read_text())["value"])
         session = self.backend.open(self.reference_artifact, self.config.measure.threads)
-        value = task_metric(self.config, run_dataset(session, self.eval_set, self.config.measure.batch_size),
-                            self.eval_set.targets)
+        from pipeline.data_check import onnx_input_specs
+
+        specs = None if self.is_tflite else onnx_input_specs(self.reference_artifact)
+        value = task_metric(self.config, run_dataset(session, self.eval_set, self.config.measure.eval_batch,
+                                                     input_specs=specs), self.eval_set.targets)
         cache.write_text(json.dumps({"value": value}))
         return value
 
@@ -227,10 +222,10 @@ class Evaluator:
     def _measure(self, artifact: str | Path, energy: bool = True) -> "_Measured":
         """:meth:`measure`, plus what the trial records beside it."""
         cfg = self.config
+        ref = self.reference_accuracy  # first: a data or metric problem fails here, named, on the reference
         session = self.backend.open(artifact, cfg.measure.threads)
-        outputs = run_dataset(session, self.eval_set, cfg.measure.batch_size)
+        outputs = run_dataset(session, self.eval_set, cfg.measure.eval_batch)
         value = task_metric(cfg, outputs, self.eval_set.targets)
-        ref = self.reference_accuracy
         feeds = self.eval_set.fixed_batch(cfg.measure.batch_size)
         # Timing and energy windows of trials sharing a node (or a GPU) never overlap; the
         # accuracy run above may.
@@ -247,6 +242,7 @@ class Evaluator:
             reference_accuracy=ref,
             accuracy_drop=accuracy_drop(ref, value, cfg.metric.higher_is_better),
             batch_size=cfg.measure.batch_size,
+            eval_batch_size=cfg.measure.eval_batch,
             latency_ms_p50=p50,
             latency_ms_p95=float(np.percentile(times, 95)),
             throughput_per_s=cfg.measure.batch_size / (p50 / 1e3),

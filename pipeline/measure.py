@@ -14,14 +14,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from pipeline.backends.base import Backend, Session
-from pipeline.config import SearchConfig
-from pipeline.data import Dataset
-from pipeline.metrics import compute_metric
+from pipeline.config import ConfigError, SearchConfig
+from pipeline.data import Dataset, describe_value
+from pipeline.metrics import compute_metric, metric_options
 from pipeline.results import EnergyReport
 
 
@@ -29,24 +30,71 @@ class TrialFailure(RuntimeError):
     """A candidate that cannot be measured (NaN outputs, runtime error): the trial fails, the study goes on."""
 
 
-def run_dataset(session: Session, dataset: Dataset, batch_size: int) -> dict[str, np.ndarray]:
-    """All outputs for all rows, concatenated, keyed by output name."""
+def run_dataset(session: Session, dataset: Dataset, batch_size: int, field: str = "data.eval",
+                input_specs: dict | None = None) -> dict[str, np.ndarray]:
+    """All outputs for all rows, concatenated, keyed by output name.
+
+    ``batch_size`` is the eval batch (``measure.eval_batch``): dynamic INT8 scales
+    activations per batch, so the scores depend on it. Bad data fails here with one
+    error naming ``field``: no rows, a model input the source does not return, or -
+    with ``input_specs`` (:func:`pipeline.data_check.onnx_input_specs`) - a first
+    batch whose shapes/dtypes the model cannot take.
+    """
+    if len(dataset) == 0:
+        raise ConfigError(f"{field}.source: the set has no rows; the metric needs at least one example")
+    missing = [n for n in session.input_names if n not in dataset.inputs]
+    if missing:
+        raise ConfigError(f"{field}.source: the model needs input(s) {missing} but the source returned "
+                          f"{sorted(dataset.inputs)}; name the arrays like the model's inputs")
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in session.output_names}
-    for feeds in dataset.batches(batch_size):
+    for i, feeds in enumerate(dataset.batches(batch_size)):
         feeds = {k: v for k, v in feeds.items() if k in session.input_names}
-        for name, out in zip(session.output_names, session.run(feeds)):
+        if i == 0 and input_specs:
+            from pipeline.data_check import check_feeds
+
+            problems = check_feeds(feeds, input_specs)
+            if problems:
+                raise ConfigError(f"{field}.source: the arrays do not fit the model's inputs:\n  - "
+                                  + "\n  - ".join(problems))
+        try:
+            outs = session.run(feeds)
+        except Exception as exc:
+            if i:
+                raise
+            desc = ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in feeds.items())
+            raise RuntimeError(f"the first batch of {field} ({desc}) failed: {type(exc).__name__}: {exc}") from exc
+        for name, out in zip(session.output_names, outs):
             chunks[name].append(np.asarray(out))
     return {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
 
 
-def task_metric(config: SearchConfig, outputs: dict[str, np.ndarray], targets: np.ndarray) -> float:
+class MetricError(ConfigError):
+    """The metric raised or returned something other than one number: a config (or metric code) problem."""
+
+
+def task_metric(config: SearchConfig, outputs: dict[str, np.ndarray], targets: Any) -> float:
+    """The configured metric over all eval outputs and the targets.
+
+    Non-finite outputs or a non-finite value fail the trial (a broken candidate);
+    a metric that raises or returns a non-number is a :class:`MetricError` naming
+    ``metric.name`` with what it was given (it fails on the FP32 reference too).
+    """
     bad = [k for k, v in outputs.items() if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
     if bad:
         raise TrialFailure(f"non-finite values (NaN/Inf) in model output(s) {bad}")
-    value = compute_metric(config.metric.name, config.metric.output, outputs, targets)
+    spec = config.metric
+    try:
+        value = compute_metric(spec.name, spec.output, outputs, targets, **metric_options(spec))
+    except Exception as exc:  # noqa: BLE001 - any metric failure is reported with its inputs
+        given = ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in outputs.items())
+        raise MetricError(
+            f"metric.name: {spec.name} raised {type(exc).__name__}: {exc}\n  it got outputs {{{given}}} and "
+            f"targets {describe_value(targets)}; fix metric.output / metric.pairs / data.targets"
+            + ("" if ":" not in spec.name else f" or the function {spec.name}")
+        ) from exc
     if not np.isfinite(value):
-        raise TrialFailure(f"metric {config.metric.name} is not finite ({value})")
-    return float(value)
+        raise TrialFailure(f"metric {spec.name} is not finite ({value})")
+    return value
 
 
 def time_batches(session: Session, feeds: dict[str, np.ndarray], warmup: int, runs: int) -> np.ndarray:

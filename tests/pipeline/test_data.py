@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, DataSpec, parse_config
-from pipeline.data import SINGLE_INPUT_NAME, load_dataset
+from pipeline.data import SINGLE_INPUT_NAME, calibration_batches, load_dataset, load_eval_set
 
 CFG = parse_config({
     "name": "t",
@@ -31,16 +33,22 @@ def test_npz_with_several_inputs(tmp_path):
 
 
 def test_bad_return_values_name_the_field():
-    with pytest.raises(ConfigError, match=r"data.eval.source: .* must return \(inputs, targets\)"):
-        load_dataset(DataSpec(source="tests.pipeline.test_data:_returns_one"), CFG, "data.eval")
+    with pytest.raises(ConfigError, match=r"data.eval.source: .* returned a tuple of 3"):
+        load_dataset(DataSpec(source="tests.pipeline.test_data:_returns_three"), CFG, "data.eval")
     with pytest.raises(ConfigError, match="different numbers of rows"):
         load_dataset(DataSpec(source="tests.pipeline.test_data:_ragged"), CFG, "data.eval")
-    with pytest.raises(ConfigError, match="10 input rows but 3 targets"):
+    with pytest.raises(ConfigError, match="10 input rows but 3 targets.*data.targets"):
         load_dataset(DataSpec(source="tests.pipeline.test_data:_misaligned"), CFG, "data.eval")
+    with pytest.raises(ConfigError, match=r"data.eval.source: returned 0 rows"):
+        load_dataset(DataSpec(source="tests.pipeline.test_data:_empty"), CFG, "data.eval")
+    with pytest.raises(ConfigError, match=r"data.eval.source: input 'text' holds <U5 values.*tokenize"):
+        load_dataset(DataSpec(source="tests.pipeline.test_data:_strings"), CFG, "data.eval")
+    with pytest.raises(ConfigError, match=r"data.eval.source: calling .*_raises.* failed: OSError: disk gone"):
+        load_dataset(DataSpec(source="tests.pipeline.test_data:_raises"), CFG, "data.eval")
 
 
-def _returns_one():
-    return np.zeros((3, 2))
+def _returns_three():
+    return np.zeros((3, 2)), np.zeros(3), np.zeros(3)
 
 
 def _ragged():
@@ -49,3 +57,97 @@ def _ragged():
 
 def _misaligned():
     return np.zeros((10, 2)), np.zeros(3)
+
+
+def _empty():
+    return {"x": np.zeros((0, 4), np.float32)}
+
+
+def _strings():
+    return {"text": np.array(["hello", "world"])}
+
+
+def _raises():
+    raise OSError("disk gone")
+
+
+# -- the split contract: inputs alone (eval_x / calib_x), targets apart (eval_y) -------------------
+
+def eval_x(n: int = 12):
+    return {"a": np.arange(2 * n, dtype=np.float32).reshape(n, 2), "b": np.ones((n, 3), np.int64)}
+
+
+def eval_y(n: int = 12):
+    return {"pairs": np.array([[0, 1], [2, 3]]), "scores": [1.0, 2.0], "n": n}
+
+
+def calib_x():
+    return np.random.default_rng(0).normal(size=(70, 64))  # float64: cast to float32 on load
+
+
+def _cfg(**data):
+    base = {"calibration": {"source": "tests.pipeline.test_data:calib_x"},
+            "eval": {"source": "tests.pipeline.test_data:eval_x"}}
+    base.update(data)
+    return parse_config({"name": "t", "model": {"factory": "pipeline.examples.digits:mlp"}, "data": base})
+
+
+def test_inputs_alone_are_accepted_and_targets_come_whole_from_data_targets():
+    cfg = _cfg(targets={"source": "tests.pipeline.test_data:eval_y", "kwargs": {"n": 12}})
+    ds = load_eval_set(cfg)
+    assert sorted(ds.inputs) == ["a", "b"] and len(ds) == 12
+    assert ds.targets["n"] == 12 and ds.row_targets is False
+    assert ds.head(5).targets is ds.targets  # structured targets are never cut with the rows
+    cal = load_dataset(cfg.data.calibration, cfg, "data.calibration")
+    assert cal.targets is None and cal.inputs[SINGLE_INPUT_NAME].dtype == np.float32
+    batches = calibration_batches(cal)
+    assert [len(b[SINGLE_INPUT_NAME]) for b in batches] == [32, 32]  # equal batches, short one dropped
+    # A changed target changes the fingerprint (the cached reference score is keyed by it).
+    other = load_eval_set(_cfg(targets={"source": "tests.pipeline.test_data:eval_y", "kwargs": {"n": 13}}))
+    assert other.fingerprint() != ds.fingerprint()
+
+
+def test_targets_from_files_and_lists(tmp_path):
+    np.save(tmp_path / "y.npy", np.arange(12))
+    (tmp_path / "y.json").write_text(json.dumps({"q1": [1, 2], "q2": [5]}))
+    ds = load_eval_set(_cfg(targets={"source": str(tmp_path / "y.npy")}))
+    assert ds.targets.tolist() == list(range(12))
+    ds = load_eval_set(_cfg(targets={"source": str(tmp_path / "y.json")}))
+    assert ds.targets == {"q1": [1, 2], "q2": [5]}
+    # a list of labels becomes an array, as the built-in metrics expect
+    ds = load_eval_set(_cfg(targets={"source": "tests.pipeline.test_data:_label_list"}))
+    assert isinstance(ds.targets, np.ndarray) and ds.targets.shape == (12,)
+
+
+def _label_list():
+    return [0, 1] * 6
+
+
+def test_eval_set_errors_name_the_field_and_the_fix():
+    with pytest.raises(ConfigError, match=r"data.targets: the metric needs targets; give `data.targets"):
+        load_eval_set(_cfg())
+    with pytest.raises(ConfigError, match=r"data.targets: data.eval.source already returns \(inputs, targets\)"):
+        load_eval_set(_cfg(eval={"source": "pipeline.examples.digits:mlp_eval"},
+                           targets={"source": "tests.pipeline.test_data:eval_y"}))
+    with pytest.raises(ConfigError, match=r"data.eval.limit: the targets are not one per input row"):
+        load_eval_set(_cfg(eval={"source": "tests.pipeline.test_data:eval_x", "limit": 4},
+                           targets={"source": "tests.pipeline.test_data:eval_y"}))
+    with pytest.raises(ConfigError, match=r"data.targets.source: .* returned None"):
+        load_eval_set(_cfg(targets={"source": "tests.pipeline.test_data:_none"}))
+    with pytest.raises(ConfigError, match=r"data.targets.source: file .* does not exist"):
+        load_eval_set(_cfg(targets={"source": "nowhere/y.npy"}))
+    # targets with one entry per input row are cut with the rows by data.eval.limit
+    ds = load_eval_set(_cfg(eval={"source": "tests.pipeline.test_data:eval_x", "limit": 4},
+                            targets={"source": "tests.pipeline.test_data:_label_list"}))
+    assert len(ds) == 4 and ds.targets.tolist() == [0, 1, 0, 1] and ds.row_targets
+
+
+def _none():
+    return None
+
+
+def test_calibration_batches_name_a_missing_model_input():
+    cfg = _cfg()
+    cal = load_dataset(cfg.data.calibration, cfg, "data.calibration")
+    with pytest.raises(ConfigError, match=r"data.calibration.source: the model needs input\(s\) \['pixels'\]"):
+        calibration_batches(cal, ["pixels"])
