@@ -18,7 +18,8 @@ The older wrapped form stays here too (``model``, ``calibration``,
 ``(inputs, targets)`` data form; configs written for it keep working.
 
 Needs the ``examples`` extra: ``pip install -e '.[examples]'``.
-Data: ``../shared/data/stsb`` relative to the project root (kwarg ``data_dir``).
+Data: ``../shared/data/stsb`` relative to the project root (kwarg ``data_dir``, or
+``$PRECISION_SEARCH_STSB_DIR``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MAX_LENGTH = 64
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "stsb"
+# ``$PRECISION_SEARCH_STSB_DIR`` when set (a checkout elsewhere, e.g. a git worktree), else ../shared/data/stsb.
+DEFAULT_DATA_DIR = Path(os.environ.get("PRECISION_SEARCH_STSB_DIR")
+                        or Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "stsb")
 EXTRA_HINT = "install the examples extra: pip install -e '.[examples]'"
 
 

