@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from pipeline.formats import ALL_FORMATS, INT4_BLOCK_SIZES, Calibration, Format, Int8Activations
 
@@ -73,6 +73,22 @@ class ModelSpec(_Strict):
         return self
 
 
+class _OmitNewDefaults(_Strict):
+    """Leaves fields added to the schema later out of dumps while they hold their default, so a config
+    that does not use them dumps - and hashes (``study.config_hash``: resuming a study) - as before."""
+
+    _omit_when_default: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_new_defaults(self, handler):
+        data = handler(self)
+        for name in self._omit_when_default:
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if name in data and getattr(self, name) == default:
+                del data[name]
+        return data
+
+
 class DataSpec(_Strict):
     """Model inputs: an import string, or an ``.npz`` file (one array per model input).
 
@@ -101,7 +117,9 @@ class TargetsSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class DataConfig(_Strict):
+class DataConfig(_OmitNewDefaults):
+    _omit_when_default: ClassVar[tuple[str, ...]] = ("targets",)
+
     calibration: DataSpec  # inputs only (targets, if returned, are ignored)
     eval: DataSpec  # inputs; targets from `targets`, or the old (inputs, targets) return
     targets: TargetsSpec | None = None  # the eval set's targets, when `eval` returns inputs only
@@ -111,7 +129,7 @@ class DataConfig(_Strict):
 PAIR_LAYOUTS = ("halves", "interleaved")
 
 
-class MetricSpec(_Strict):
+class MetricSpec(_OmitNewDefaults):
     """The task metric, computed over ALL eval outputs and the targets at once.
 
     Built-ins (``pipeline.metrics.BUILTIN_METRICS``): ``accuracy`` (top-1),
@@ -125,6 +143,8 @@ class MetricSpec(_Strict):
     A custom metric is ``pkg.mod:fn`` with ``fn(outputs: dict[str, ndarray],
     targets, **kwargs) -> float``; it must declare ``higher_is_better``.
     """
+
+    _omit_when_default: ClassVar[tuple[str, ...]] = ("k", "pairs", "kwargs")
 
     name: str = "accuracy"
     output: str | int = 0
@@ -175,7 +195,9 @@ class EnergySpec(_Strict):
     watts_per_cpu: float | None = Field(None, gt=0)
 
 
-class MeasureSpec(_Strict):
+class MeasureSpec(_OmitNewDefaults):
+    _omit_when_default: ClassVar[tuple[str, ...]] = ("eval_batch_size",)
+
     backend: str = "auto"
     threads: int = Field(0, ge=0, description="0 = all cores")
     batch_size: int = Field(32, ge=1, description="the deployment batch: latency, throughput and energy")

@@ -150,3 +150,18 @@ def test_metric_options_and_split_data_load():
     # a config dumped and parsed again (what Ray workers receive) is the same config
     again = parse_config(cfg.model_dump(exclude={"base_dir"}, mode="json"))
     assert again.metric == cfg.metric and again.measure == cfg.measure
+
+
+def test_new_data_metric_measure_fields_leave_old_configs_dumps_unchanged():
+    """Fields added for the split data contract are dumped only when used, so an older config dumps (and
+    hashes: resuming a study checks study.config_hash) exactly as before; when used they travel."""
+    dumped = parse_config(GOOD).model_dump(mode="json")
+    assert "targets" not in dumped["data"] and "eval_batch_size" not in dumped["measure"]
+    assert not {"k", "pairs", "kwargs"} & set(dumped["metric"])
+    cfg = parse_config(_with(data__targets={"source": "pipeline.examples.digits:mlp_eval"},
+                             measure__eval_batch_size=4, metric={"name": "top_k_accuracy", "k": 2}))
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["data"]["targets"]["source"] and dumped["measure"]["eval_batch_size"] == 4
+    assert dumped["metric"]["k"] == 2
+    again = parse_config(dumped)  # and parses back to the same settings (what Ray workers receive)
+    assert (again.data, again.metric, again.measure) == (cfg.data, cfg.metric, cfg.measure)
