@@ -180,7 +180,13 @@ def load_dataset(spec: DataSpec, config: SearchConfig, field: str) -> Dataset:
                               "inputs (a dict name -> array, or one array), or the pair (inputs, targets)")
         else:
             inputs = result
-    ds = Dataset(_normalise_inputs(inputs, f"{field}.source"), None if targets is None else np.asarray(targets))
+    if targets is not None:
+        try:
+            targets = np.asarray(targets)
+        except ValueError as exc:  # ragged lists: not one target per row
+            raise ConfigError(f"{field}.source: the targets of (inputs, targets) are not an array ({exc}); return "
+                              "the inputs alone and give structured targets in data.targets") from exc
+    ds = Dataset(_normalise_inputs(inputs, f"{field}.source"), targets)
     if ds.targets is not None and (ds.targets.ndim == 0 or len(ds.targets) != len(ds)):
         got = "a scalar target" if ds.targets.ndim == 0 else f"{len(ds.targets)} targets"
         raise ConfigError(f"{field}.source: {len(ds)} input rows but {got}; the "
