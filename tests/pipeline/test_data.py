@@ -151,3 +151,28 @@ def test_calibration_batches_name_a_missing_model_input():
     cal = load_dataset(cfg.data.calibration, cfg, "data.calibration")
     with pytest.raises(ConfigError, match=r"data.calibration.source: the model needs input\(s\) \['pixels'\]"):
         calibration_batches(cal, ["pixels"])
+
+
+def digits_x():
+    from pipeline.examples.digits import mlp_train
+
+    return mlp_train()[0]  # inputs only: QAT learns from the FP32 model's own outputs
+
+
+def test_qat_trains_on_a_split_form_config_by_self_distillation(mlp_config, tmp_path):
+    """QAT needs a target per training row; with inputs-only `data.train` it distils the FP32 model."""
+    from pipeline.models import get_adapter
+    from pipeline.plan import QATSettings, QuantPlan
+    from pipeline.qat import run_qat
+
+    data = mlp_config.data.model_copy(update={
+        "train": DataSpec(source="tests.pipeline.test_data:digits_x"),
+        "calibration": DataSpec(source="tests.pipeline.test_data:digits_x", limit=64),
+    })
+    cfg = mlp_config.model_copy(update={"data": data})
+    adapter = get_adapter(cfg)
+    ref = adapter.export_reference(mlp_config.work_path)
+    plan = QuantPlan(method="qat", layers={"*": "int8"}, qat=QATSettings(steps=10, batch_size=32, seed=0))
+    out = run_qat(cfg, adapter, plan, ref, tmp_path)
+    assert out.steps == 10 and len(out.loss_curve) == 10 and all(np.isfinite(out.loss_curve))
+    assert out.loss == "cross_entropy"  # the config's loss, on the FP32 teacher's logits (soft targets)
