@@ -222,9 +222,6 @@ class MeasureSpec(_OmitNewDefaults):
         return self.eval_batch_size or self.batch_size
 
 
-Objective = Literal["accuracy", "energy", "latency", "size"]
-
-
 class SearchSpec(_Strict):
     """The search space and the study's settings."""
 
@@ -239,7 +236,7 @@ class SearchSpec(_Strict):
     int4_block_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128])
     qat_steps: list[int] = Field(default_factory=lambda: [100, 300])
     qat_learning_rates: tuple[float, float] = (1e-5, 1e-3)
-    objectives: list[Objective] = Field(default_factory=lambda: ["accuracy", "energy", "size"])
+    objectives: list[str] = Field(default_factory=lambda: ["accuracy", "energy", "size"])
     max_accuracy_drop: float | None = Field(0.05, ge=0)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
@@ -264,6 +261,11 @@ class SearchSpec(_Strict):
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, v: list[str]) -> list[str]:
+        from pipeline.objectives import names
+
+        unknown = [n for n in v if n not in names()]
+        if unknown:
+            raise ValueError(f"unknown objective(s) {unknown}: use names from {names()}")
         if "accuracy" not in v:
             raise ValueError("objectives must include `accuracy`")
         if len(set(v)) != len(v):

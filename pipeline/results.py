@@ -64,6 +64,9 @@ class Measurement(BaseModel):
     energy: EnergyReport | None = None
     threads: int | None = None
     runtime_version: str = ""
+    # Extra numbers measured around the run by an objective's probe (pipeline.objectives), e.g.
+    # {"peak_rss_delta_bytes": ...}; logged to MLflow under the same names.
+    probes: dict[str, float] = Field(default_factory=dict)
 
     def batch_note(self) -> str:
         """Both batch sizes in words, for tables and logs: ``timing batch 8, eval batch 8``."""
@@ -118,4 +121,5 @@ class TrialResult(BaseModel):
                 average_power_w=e.average_power_w,
                 gco2e_per_1m_inferences=e.gco2e_per_1m_inferences,
             )
+        d.update({k: float(v) for k, v in m.probes.items()})
         return d

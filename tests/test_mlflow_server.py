@@ -130,7 +130,7 @@ def test_search_promote_and_rest_round_trip_over_http(server, tmp_path, monkeypa
     from mlflow import MlflowClient
 
     from pipeline.cli import main
-    from tests.pipeline.test_registry import TINY, tiny_search
+    from tests.pipeline.promotion.test_promotion import TINY, tiny_search
 
     base, server_tmp = server
     _assert_loopback_only(int(base.rsplit(":", 1)[1]))

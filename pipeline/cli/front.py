@@ -30,8 +30,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pipeline.study import (A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_PARENT_RUN, build_records,
-                                open_study, study_objectives)
+    from pipeline.search.records import build_records, study_objectives
+    from pipeline.search.storage import A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_PARENT_RUN, open_study
 
     cfg = load(args)
     study = open_study(cfg, args.study, args.storage)
@@ -106,7 +106,7 @@ def print_front(records, infos, title: str, energy_source: str | None = None) ->
             continue
         for o in infos:
             v = r.values.get(o.name)
-            cells.append("-" if v is None else _fmt(o.source, v))
+            cells.append("-" if v is None else o.format(v))
         drop = r.metrics.get("accuracy_drop")
         flag = "" if r.feasible is not False else " [red](infeasible)[/red]"
         cells.append(("-" if drop is None else f"{drop:+.4f}") + flag)
@@ -126,12 +126,3 @@ def print_front(records, infos, title: str, energy_source: str | None = None) ->
     for n in notes:
         console.print(escape(n))
 
-
-def _fmt(source: str, v: float) -> str:
-    if source == "size":
-        return f"{v:,.0f}"
-    if source == "energy":
-        return f"{v:.3e}"
-    if source == "latency":
-        return f"{v:.3f}"
-    return f"{v:.4f}"

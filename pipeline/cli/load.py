@@ -68,9 +68,9 @@ def _file_feeds(path: str, session) -> dict[str, np.ndarray]:
 def run(args) -> int:
     from mlflow import MlflowClient
 
-    from pipeline.registry import PromotionError, default_tracking_uri, load_registered
-
-    from pipeline.tracking import quiet_mlflow
+    from pipeline.promotion.choose import PromotionError
+    from pipeline.promotion.load import load_registered
+    from pipeline.tracking.record import default_tracking_uri, quiet_mlflow
 
     quiet_mlflow()
     cfg = None

@@ -20,9 +20,12 @@ def register(sub) -> None:
     p.add_argument("--study", help="study name (default: the latest study of the config's experiment)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int, help="promote this trial number (must be complete and on the front)")
-    which.add_argument("--policy", choices=["max-accuracy", "min-energy", "knee"],
+    from pipeline.promotion.choose import policies
+
+    which.add_argument("--policy", choices=list(policies()),
                        help="max-accuracy: best metric within --max-energy-j/--max-latency-ms; "
-                            "min-energy: lowest J/inference within --max-accuracy-drop; knee: the front's knee point")
+                            "min-<objective> (min-energy, min-latency, min-size, ...): lowest value within "
+                            "--max-accuracy-drop; knee: the front's knee point")
     p.add_argument("--max-energy-j", type=float, help="max-accuracy budget: joules per inference")
     p.add_argument("--max-latency-ms", type=float, help="max-accuracy budget: p50 latency in ms")
     p.add_argument("--max-accuracy-drop", type=float,
@@ -38,17 +41,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from mlflow import MlflowClient
 
-    from pipeline.registry import (
-        Budget,
-        PromotionError,
-        choose,
-        default_tracking_uri,
-        explicit_choice,
-        open_study,
-        promote,
-    )
-
-    from pipeline.tracking import quiet_mlflow
+    from pipeline.promotion.choose import Budget, choose, explicit_choice
+    from pipeline.promotion.publish import promote
+    from pipeline.tracking.record import RecordError, default_tracking_uri, quiet_mlflow, read_study
 
     quiet_mlflow()
     cfg = load(args)
@@ -59,7 +54,7 @@ def run(args) -> int:
     experiment = cfg.tracking.experiment or cfg.name
     drop = args.max_accuracy_drop if args.max_accuracy_drop is not None else cfg.search.max_accuracy_drop
     try:
-        study = open_study(client, experiment, args.study)
+        study = read_study(client, experiment, args.study)
         if args.trial is not None:
             choice = explicit_choice(study, args.trial)
         else:
@@ -69,7 +64,7 @@ def run(args) -> int:
                             objectives=cfg.search.objectives, higher_is_better=bool(cfg.metric.higher_is_better))
         done = promote(client, study, choice, registry_name=name, alias=alias, metric_name=cfg.metric.name,
                        tracking_uri=uri)
-    except PromotionError as exc:
+    except RecordError as exc:  # a refused promotion (PromotionError) or a missing record
         console.print(f"[red]refused:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
     if args.json:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pipeline.cli.front import energy_sources, print_front
-from pipeline.study import TrialRecord, objective_infos
+from pipeline.objectives import objective_infos
+from pipeline.search.records import TrialRecord
 
 INFOS = objective_infos(["accuracy", "energy", "size"], "accuracy", True, "energy")
 

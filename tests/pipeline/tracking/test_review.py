@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tracking_schema as S
-from tests.pipeline.test_registry import Searched, tiny_search
+from pipeline.tracking import schema as S
+from tests.pipeline.promotion.test_promotion import Searched, tiny_search
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def searched(tmp_path_factory) -> Searched:
 
 @pytest.fixture(scope="module")
 def review(searched):
-    from pipeline.report import write_review
+    from pipeline.tracking.review import write_review
 
     client = searched.client()
     return write_review(client, searched.parent_run_id, study=searched.optuna_study(),
@@ -32,7 +32,7 @@ def _text(client, run_id: str, path: str, dst: Path) -> str:
 
 
 def test_review_artifacts_are_logged_on_the_parent_run(searched, review, tmp_path):
-    from pipeline.report import (
+    from pipeline.tracking.review import (
         ARTIFACT_ENERGY_TABLE_CSV,
         ARTIFACT_ENERGY_TABLE_MD,
         ARTIFACT_IMPORTANCE_CSV,
@@ -61,11 +61,11 @@ def test_review_artifacts_are_logged_on_the_parent_run(searched, review, tmp_pat
 
 
 def test_precision_energy_table_rows_and_savings_come_from_the_runs(searched, review, tmp_path):
-    from pipeline.registry import open_study
-    from pipeline.report import ARTIFACT_ENERGY_TABLE_CSV, ARTIFACT_ENERGY_TABLE_MD
+    from pipeline.tracking.record import read_study
+    from pipeline.tracking.review import ARTIFACT_ENERGY_TABLE_CSV, ARTIFACT_ENERGY_TABLE_MD
 
     client = searched.client()
-    study = open_study(client, searched.experiment, searched.study)
+    study = read_study(client, searched.experiment, searched.study)
     rows = list(csv.DictReader(io.StringIO(_text(client, searched.parent_run_id, ARTIFACT_ENERGY_TABLE_CSV, tmp_path))))
     fp32 = study.fp32_baseline
     assert rows[0]["kind"] == "fp32" and int(rows[0]["trial"]) == fp32.number
@@ -89,10 +89,10 @@ def test_precision_energy_table_rows_and_savings_come_from_the_runs(searched, re
 
 
 def test_precision_map_shows_each_front_trials_layer_formats(searched, review):
-    from pipeline.registry import open_study, trial_result
+    from pipeline.tracking.record import read_study, trial_result
 
     client = searched.client()
-    study = open_study(client, searched.experiment, searched.study)
+    study = read_study(client, searched.experiment, searched.study)
     assert set(review.precision_map) == {t.number for t in study.front}
     for t in study.front:
         layers = trial_result(client, t)["layers"]
@@ -113,8 +113,8 @@ def test_importance_is_optunas_for_the_accuracy_objective(searched, review, tmp_
 
 
 def test_without_a_study_or_fp32_baseline_the_review_says_what_is_missing(searched):
-    from pipeline.registry import study_from_parent
-    from pipeline.report import energy_table, write_review
+    from pipeline.tracking.record import study_from_parent
+    from pipeline.tracking.review import energy_table, write_review
 
     client = searched.client()
     again = write_review(client, searched.parent_run_id, set_note=False)
@@ -128,7 +128,7 @@ def test_without_a_study_or_fp32_baseline_the_review_says_what_is_missing(search
     assert any("no completed uniform-fp32 baseline" in n for n in notes)
     # A failed uniform baseline is listed as failed, not silently dropped.
     int8 = next(t for t in record.trials if t.baseline == "uniform-int8")
-    failed = dataclasses.replace(int8, state="FAIL", metrics={}, pareto=False)
+    failed = int8.model_copy(update=dict(state="FAIL", metrics={}, on_front=False))
     with_fail = dataclasses.replace(record, trials=[failed if t is int8 else t for t in record.trials])
     rows, _ = energy_table(with_fail, {})
     row = next(r for r in rows if r.plan == "uniform-int8")
@@ -136,7 +136,7 @@ def test_without_a_study_or_fp32_baseline_the_review_says_what_is_missing(search
 
 
 def test_a_users_own_run_description_is_kept(searched):
-    from pipeline.report import write_review
+    from pipeline.tracking.review import write_review
 
     client = searched.client()
     client.set_tag(searched.parent_run_id, "mlflow.note.content", "my notes")
@@ -148,12 +148,12 @@ def test_a_users_own_run_description_is_kept(searched):
 
 
 def test_write_review_refuses_a_run_that_is_not_a_study(searched):
-    from pipeline.registry import PromotionError, open_study
-    from pipeline.report import write_review
+    from pipeline.tracking.record import RecordError, read_study
+    from pipeline.tracking.review import write_review
 
     client = searched.client()
-    trial_run = open_study(client, searched.experiment, searched.study).trials[0].run_id
-    with pytest.raises(PromotionError, match=f"not a study's parent run .*{S.TAG_ROLE}"):
+    trial_run = read_study(client, searched.experiment, searched.study).trials[0].run_id
+    with pytest.raises(RecordError, match=f"not a study's parent run .*{S.TAG_ROLE}"):
         write_review(client, trial_run)
 
 
@@ -164,8 +164,8 @@ def test_importance_leaves_out_repeated_proposals():
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import create_trial
 
-    from pipeline.report import param_importances
-    from pipeline.study import T_DUPLICATE_OF
+    from pipeline.tracking.review import param_importances
+    from pipeline.search.storage import T_DUPLICATE_OF
 
     dists = {"a": CategoricalDistribution(["x", "y"]), "b": CategoricalDistribution(["p", "q", "r"])}
     rng = __import__("random").Random(0)

@@ -1,8 +1,14 @@
-"""The MLflow record of a study: one parent run, one child run per trial, the Pareto front.
+"""The MLflow record of a study, written and read in one place: one parent run, one child run per trial.
+
+Writer: :class:`StudyTracker`, the search's recorder (an observer the runner is
+handed, see :mod:`pipeline.search.observers`). Reader: :func:`read_study`,
+:func:`study_from_parent`, :func:`trial_result`, :func:`find_logged_model`, used by
+the review and ``promote``; both sides build the same
+:class:`pipeline.search.records.TrialRecord`.
 
 Only the search driver writes here (workers never talk to MLflow), so a SQLite
 tracking store has a single writer and a cluster needs no credentials on the
-workers. Tag and artifact names come from :mod:`pipeline.tracking_schema`,
+workers. Tag and artifact names come from :mod:`pipeline.tracking.schema`,
 which ``promote`` and ``front`` read back.
 
 Layout (experiment ``tracking.experiment``, default the config's name)::
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import tempfile
@@ -34,11 +41,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import tracking_schema as S
+from pipeline.search.records import StudyRecord, TrialRecord
+from pipeline.tracking import schema as S
+from pipeline.tracking.plots import front_csv, plot_front_html, plot_front_png
 
 if TYPE_CHECKING:
+    from pipeline.config import SearchConfig
+    from pipeline.objectives import ObjectiveInfo
     from pipeline.results import TrialResult
-    from pipeline.study import ObjectiveInfo, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +210,30 @@ class StudyTracker:
 
         self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
 
+    @classmethod
+    def factory(cls, config: "SearchConfig", tracking_uri: str | None = None):
+        """A recorder factory for :class:`pipeline.search.runner.StudyRunner`: (study, config hash) -> tracker."""
+        experiment = config.tracking.experiment or config.name
+        return lambda study, config_hash: cls(experiment, study, config.workdir, config_hash, tracking_uri)
+
+    # -- what the runner reports about the study (parent-run tags) ----------------------
+    _ENERGY_TAGS = {"source": S.TAG_ENERGY_SOURCE, "meter": S.TAG_ENERGY_METER, "pinned": S.TAG_ENERGY_METER_PINNED,
+                    "pin_note": S.TAG_ENERGY_PIN_NOTE, "objective": S.TAG_ENERGY_OBJECTIVE,
+                    "note": S.TAG_ENERGY_NOTE}
+
+    def log_resources(self, parallel: int, cpus: float, gpus: float, where: str, pinned_meter: str | None) -> None:
+        """Tags, not params: a resumed study may run with another --parallel."""
+        self.set_study_tags({S.TAG_PARALLEL: str(parallel), S.TAG_CPUS_PER_TRIAL: f"{cpus:g}",
+                             S.TAG_GPUS_PER_TRIAL: f"{gpus:g}", S.TAG_RAY: where,
+                             **({S.TAG_ENERGY_METER_PINNED: pinned_meter} if pinned_meter else {})})
+
+    def log_energy(self, **fields: str) -> None:
+        """The study's energy source, pinned meter and what fills the energy slot, as decided."""
+        self.set_study_tags({self._ENERGY_TAGS[k]: v for k, v in fields.items()})
+
+    def log_stopped_early(self, reason: str) -> None:
+        self.set_study_tags({S.TAG_STOPPED_EARLY: reason})
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
 
@@ -359,132 +393,131 @@ def _runtime_requirements() -> list[str]:
     return reqs
 
 
-# -- table and plots (pure: records in, files out) ------------------------------------------
-FRONT_COLUMNS = ["trial", "baseline", "knee", "feasible", "plan"]
+# -- reading a study back (review, promote) -------------------------------------------------------
+class RecordError(ValueError):
+    """The MLflow record does not hold what was asked for; the message says why and what to do."""
 
 
-def front_rows(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"]) -> list[dict[str, Any]]:
-    """One dict per front trial, ordered by the first objective (best first)."""
-    rows = []
-    on = [r for r in records if r.on_front]
-    first = objectives[0]
-    on.sort(key=lambda r: r.values[first.name], reverse=first.direction == "maximize")
-    for r in on:
-        row: dict[str, Any] = {"trial": r.number, "baseline": r.baseline or "", "knee": r.knee,
-                               "feasible": r.feasible}
-        for o in objectives:
-            row[o.column] = r.values[o.name]
-        row.update({k: r.metrics.get(k) for k in ("accuracy_drop", "latency_ms_p50", "effective_bits_per_weight",
-                                                   "joules_per_inference")})
-        row.update(plan=r.plan_summary, run_id=r.run_id or "")
-        rows.append(row)
-    return rows
+def _search_all_runs(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None):
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
-def front_csv(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"]) -> str:
-    rows = front_rows(records, objectives)
-    buf = io.StringIO()
-    cols = FRONT_COLUMNS[:4] + [o.column for o in objectives] + ["accuracy_drop", "latency_ms_p50",
-                                                                 "effective_bits_per_weight", "joules_per_inference",
-                                                                 "plan", "run_id"]
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    for row in rows:
-        w.writerow(row)
-    return buf.getvalue()
+def _tag_filter(key: str, value: str) -> str:
+    return f"tags.`{key}` = '{value}'"
 
 
-def _plot_axes(objectives: Sequence["ObjectiveInfo"]):
-    """(x objective, y objective, colour objective or None): cost on x, accuracy on y."""
-    y = next(o for o in objectives if o.name == "accuracy")
-    costs = [o for o in objectives if o.name != "accuracy"]
-    x = next((o for o in costs if o.name in ("energy", "latency")), costs[0] if costs else None)
-    colour = next((o for o in costs if o is not x), None)
-    return x, y, colour
+def read_study(client, experiment: str, study: str | None = None) -> StudyRecord:
+    """The study's record in ``experiment``: the named study, or the latest one when ``study`` is None."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RecordError(
+            f"no MLflow experiment {experiment!r} at {client.tracking_uri}: run `precision-search search` first, "
+            "or point MLFLOW_TRACKING_URI / --tracking-uri at the server the search logged to"
+        )
+    filt = _tag_filter(S.TAG_ROLE, S.ROLE_STUDY)
+    if study:
+        filt += " and " + _tag_filter(S.TAG_STUDY, _quote(study))
+    parents = client.search_runs([exp.experiment_id], filter_string=filt, max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    if not parents:
+        what = f"study {study!r}" if study else "any study"
+        raise RecordError(f"experiment {experiment!r} has no parent run for {what} "
+                          f"(tag {S.TAG_ROLE}={S.ROLE_STUDY}); check --study")
+    return _study_record(client, exp, parents[0])
 
 
-def plot_front_png(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], path: str | Path,
-                   title: str = "") -> None:
-    """Accuracy vs energy (or latency): all trials, front highlighted, baselines labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    x, y, colour = _plot_axes(objectives)
-    done = [r for r in records if r.state == "COMPLETE"]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    if x is None or not done:
-        ax.text(0.5, 0.5, "no completed trials yet", ha="center", va="center", transform=ax.transAxes)
-    else:
-        feas = [r for r in done if r.feasible is not False and not r.on_front]
-        infeas = [r for r in done if r.feasible is False]
-        front = sorted([r for r in done if r.on_front], key=lambda r: r.values[x.name])
-        cvals = [r.values[colour.name] for r in done] if colour else None
-        norm = None
-        if colour and cvals:
-            norm = matplotlib.colors.Normalize(min(cvals), max(cvals) if max(cvals) > min(cvals) else min(cvals) + 1)
-        def scatter(rs, **kw):
-            if not rs:
-                return None
-            c = [r.values[colour.name] for r in rs] if colour else None
-            return ax.scatter([r.values[x.name] for r in rs], [r.values[y.name] for r in rs], c=c,
-                              cmap="viridis" if colour else None, norm=norm, **kw)
-        scatter(feas, s=30, alpha=0.55, label="trials", edgecolors="none")
-        scatter(infeas, s=30, marker="x", alpha=0.6, label="infeasible (accuracy drop)")
-        sc = scatter(front, s=90, edgecolors="red", linewidths=1.8, label="Pareto front (all objectives)")
-        if front and len(objectives) == 2:  # a staircase only means something when the front is 2-D
-            ax.plot([r.values[x.name] for r in front], [r.values[y.name] for r in front], color="red", alpha=0.35,
-                    lw=1, zorder=0)
-        if sc is not None and colour:
-            fig.colorbar(sc, ax=ax, label=colour.label)
-        for r in done:
-            if r.baseline:
-                ax.annotate(r.baseline.replace("uniform-", "all "), (r.values[x.name], r.values[y.name]),
-                            textcoords="offset points", xytext=(6, 4), fontsize=8)
-            if r.knee:
-                ax.annotate("knee", (r.values[x.name], r.values[y.name]), textcoords="offset points",
-                            xytext=(6, -12), fontsize=8, color="red")
-        ax.set_xlabel(x.label)
-        ax.set_ylabel(y.label)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def study_from_parent(client, parent_run_id: str) -> StudyRecord:
+    """The study whose parent run is ``parent_run_id`` (what the search holds at the end)."""
+    parent = client.get_run(parent_run_id)
+    if parent.data.tags.get(S.TAG_ROLE) != S.ROLE_STUDY:
+        raise RecordError(f"run {parent_run_id} is not a study's parent run (tag {S.TAG_ROLE}={S.ROLE_STUDY} missing)")
+    return _study_record(client, client.get_experiment(parent.info.experiment_id), parent)
 
 
-def plot_front_html(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], path: str | Path,
-                    title: str = "") -> None:
-    """Interactive version of the PNG (hover shows the per-layer plan); self-contained HTML."""
-    import plotly.graph_objects as go
+def _study_record(client, exp, parent) -> StudyRecord:
+    children = _search_all_runs(
+        client, [exp.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and " + _tag_filter(S.TAG_ROLE, S.ROLE_TRIAL),
+        order_by=["attributes.start_time DESC"],
+    )
+    trials = []
+    for run in children:
+        tags = run.data.tags
+        try:
+            number = int(tags[S.TAG_TRIAL_NUMBER])
+        except (KeyError, ValueError):
+            log.warning("run %s has no valid %s tag; ignored", run.info.run_id, S.TAG_TRIAL_NUMBER)
+            continue
+        feasible = tags.get(S.TAG_FEASIBLE)
+        trials.append(TrialRecord(
+            run_id=run.info.run_id, number=number, state=tags.get(S.TAG_STATE, run.info.status),
+            on_front=tags.get(S.TAG_PARETO, "false").lower() == "true", baseline=tags.get(S.TAG_BASELINE) or None,
+            metrics=dict(run.data.metrics), tags=dict(tags), fail_reason=tags.get(S.TAG_FAIL_REASON) or "",
+            energy_source=tags.get(S.TAG_ENERGY_SOURCE), feasible=None if feasible is None else feasible == "true",
+            retry_of=int(tags[S.TAG_RETRY_OF]) if tags.get(S.TAG_RETRY_OF, "").isdigit() else None,
+        ))
+    # Keep the latest run per trial number (children are newest first), then order by number.
+    seen: dict[int, TrialRecord] = {}
+    for t in trials:
+        seen.setdefault(t.number, t)
+    return StudyRecord(experiment_id=exp.experiment_id, experiment_name=exp.name,
+                       study=parent.data.tags.get(S.TAG_STUDY, ""), parent_run_id=parent.info.run_id,
+                       parent_tags=dict(parent.data.tags), trials=sorted(seen.values(), key=lambda t: t.number))
 
-    x, y, colour = _plot_axes(objectives)
-    done = [r for r in records if r.state == "COMPLETE"]
-    fig = go.Figure()
-    if x is not None and done:
-        groups = [
-            ("trials", [r for r in done if not r.on_front and r.feasible is not False], dict(size=8, opacity=0.6)),
-            ("infeasible", [r for r in done if r.feasible is False], dict(size=8, symbol="x", opacity=0.6)),
-            ("Pareto front", sorted([r for r in done if r.on_front], key=lambda r: r.values[x.name]),
-             dict(size=13, line=dict(color="red", width=2))),
-        ]
-        for name, rs, marker in groups:
-            if not rs:
-                continue
-            if colour:
-                marker = {**marker, "color": [r.values[colour.name] for r in rs], "colorscale": "Viridis",
-                          "showscale": name == "Pareto front", "colorbar": dict(title=colour.label)}
-            fig.add_trace(go.Scatter(
-                x=[r.values[x.name] for r in rs], y=[r.values[y.name] for r in rs],
-                mode="markers+text" if name != "infeasible" else "markers", name=name, marker=marker,
-                text=[(r.baseline or "").replace("uniform-", "all ") + (" (knee)" if r.knee else "") for r in rs],
-                textposition="top right",
-                hovertext=[f"trial {r.number} {r.baseline or ''}<br>{r.plan_summary}<br>"
-                           + "<br>".join(f"{o.label}: {r.values[o.name]:.6g}" for o in objectives) for r in rs],
-                hoverinfo="text",
-            ))
-        fig.update_layout(xaxis_title=x.label, yaxis_title=y.label)
-    fig.update_layout(title=title, template="plotly_white")
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+
+def run_artifact_text(client, run_id: str, path: str) -> str | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception:  # noqa: BLE001 - absent artifact: MlflowException or OSError by store
+            return None
+        return Path(local).read_text()
+
+
+def trial_result(client, t: TrialRecord) -> dict[str, Any] | None:
+    """The trial's ``result.json`` (a ``TrialResult`` as JSON), or None when it was not logged."""
+    text = run_artifact_text(client, t.run_id, S.ARTIFACT_RESULT)
+    return json.loads(text) if text else None
+
+
+def run_has_artifact_dir(client, run_id: str, path: str) -> bool:
+    try:
+        return bool(client.list_artifacts(run_id, path))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def find_logged_model(client, study: StudyRecord, t: TrialRecord):
+    """The trial's ONNX logged model (``mlflow.onnx.log_model(name="candidate")``), checked to hold its files."""
+    from mlflow.exceptions import MlflowException
+
+    if t.tags.get(S.TAG_MODEL_MISSING):
+        raise RecordError(f"trial {t.number} has no logged model: {t.tags[S.TAG_MODEL_MISSING]}")
+    model = None
+    uri = t.tags.get(S.TAG_MODEL_URI, "")
+    if uri.startswith("models:/m-"):
+        try:
+            model = client.get_logged_model(uri[len("models:/"):])
+        except MlflowException:
+            model = None
+    if model is None:
+        models = client.search_logged_models(
+            experiment_ids=[study.experiment_id],
+            filter_string=f"source_run_id = '{t.run_id}' AND name = '{S.ARTIFACT_MODEL}'",
+        )
+        if not models:
+            raise RecordError(f"trial {t.number} has no logged model {S.ARTIFACT_MODEL!r} (run {t.run_id}); "
+                              "its artifact was never uploaded, so there is nothing to register")
+        model = max(models, key=lambda m: m.creation_timestamp or 0)
+    files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
+    if "MLmodel" not in files or not any(p.endswith(".onnx") for p in files):
+        raise RecordError(f"trial {t.number}: logged model {model.model_id} is incomplete (files: {sorted(files)}); "
+                          "the upload was interrupted; rerun the trial")
+    return model

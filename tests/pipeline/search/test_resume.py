@@ -18,7 +18,7 @@ import mlflow
 import optuna
 import pytest
 
-from pipeline import tracking_schema as S
+from pipeline.tracking import schema as S
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,12 @@ import onnx
 import pytest
 import yaml
 
-from pipeline import tracking_schema as S
+from pipeline.tracking import schema as S
 from pipeline.plan import QuantPlan
-from pipeline.study import ObjectiveInfo, TrialRecord
-from pipeline.tracking import StudyTracker, default_tracking_uri, front_csv, plot_front_html, plot_front_png
+from pipeline.objectives import ObjectiveInfo
+from pipeline.search.records import TrialRecord
+from pipeline.tracking.plots import front_csv, plot_front_html, plot_front_png
+from pipeline.tracking.record import StudyTracker, default_tracking_uri
 
 
 @pytest.fixture(scope="module")

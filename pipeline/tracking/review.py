@@ -27,16 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking_schema as S
 from pipeline.formats import ALL_FORMATS
-from pipeline.registry import (
-    FP32_BASELINE,
-    StudyRecord,
-    TrialRecord,
-    accuracy_drop,
-    study_from_parent,
-    trial_result,
-)
+from pipeline.search.records import FP32_BASELINE, StudyRecord, TrialRecord, accuracy_drop, pct, saving
+from pipeline.search.storage import T_DUPLICATE_OF
+from pipeline.tracking import schema as S
+from pipeline.tracking.record import study_from_parent, trial_result
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +91,6 @@ class Review:
 
 
 # --------------------------------------------------------------------------- precision energy table
-def _energy_label(t: TrialRecord) -> str:
-    src = t.energy_source
-    if t.metric("joules_per_inference") is None or not src:
-        return "not measured"
-    return "estimated" if src == "estimated" else f"metered ({src})"
-
-
-def _saving(ref: float | None, val: float | None) -> float | None:
-    if ref is None or val is None or ref <= 0:
-        return None
-    return 100.0 * (ref - val) / ref
-
-
 def _plan_label(t: TrialRecord, result: dict | None) -> str:
     if t.baseline:
         return t.baseline
@@ -138,11 +120,11 @@ def energy_table(study: StudyRecord, results: dict[int, dict | None], *, higher_
             accuracy=acc, accuracy_delta=(acc - ref_acc) if acc is not None and ref_acc is not None else None,
             accuracy_drop=accuracy_drop(study, t, higher_is_better) if t.complete else None,
             latency_ms_p50=t.metric("latency_ms_p50"),
-            latency_saving_pct=_saving(ref("latency_ms_p50"), t.metric("latency_ms_p50")),
+            latency_saving_pct=saving(ref("latency_ms_p50"), t.metric("latency_ms_p50")),
             joules_per_inference=t.metric("joules_per_inference"),
-            energy_saving_pct=_saving(ref("joules_per_inference"), t.metric("joules_per_inference")),
-            energy=_energy_label(t), size_bytes=t.metric("size_bytes"),
-            size_saving_pct=_saving(ref("size_bytes"), t.metric("size_bytes")),
+            energy_saving_pct=saving(ref("joules_per_inference"), t.metric("joules_per_inference")),
+            energy=t.energy_label, size_bytes=t.metric("size_bytes"),
+            size_saving_pct=saving(ref("size_bytes"), t.metric("size_bytes")),
             execution=t.tags.get(S.TAG_EXECUTION, ""), backend=t.tags.get(S.TAG_BACKEND, ""),
             device=t.tags.get(S.TAG_DEVICE, ""),
         )
@@ -189,10 +171,6 @@ def _num(v: float | None, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:+.1f} %"
-
-
 def energy_table_csv(rows: list[EnergyRow]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -223,10 +201,10 @@ def energy_table_markdown(rows: list[EnergyRow], study: StudyRecord, metric_name
         lines.append(
             f"| {'**' + r.plan + '**' if r.kind == 'fp32' else r.plan} | {r.trial} | {'yes' if r.on_front else 'no'} | "
             f"{_num(r.accuracy, '.4f')} | {_num(r.accuracy_delta, '+.4f')} | {_num(r.latency_ms_p50, '.4g')} | "
-            f"{_pct(r.latency_saving_pct)} | "
+            f"{pct(r.latency_saving_pct)} | "
             f"{_num(None if r.joules_per_inference is None else r.joules_per_inference * 1e3, '.4g')} | "
-            f"{_pct(r.energy_saving_pct)} | {r.energy} | {_num(None if r.size_bytes is None else r.size_bytes / 1e6, '.4g')} | "
-            f"{_pct(r.size_saving_pct)} | {r.execution or 'n/a'} |"
+            f"{pct(r.energy_saving_pct)} | {r.energy} | {_num(None if r.size_bytes is None else r.size_bytes / 1e6, '.4g')} | "
+            f"{pct(r.size_saving_pct)} | {r.execution or 'n/a'} |"
         )
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -355,8 +333,6 @@ def param_importances(study, metric_index: int) -> dict[str, float]:
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    from pipeline.study import T_DUPLICATE_OF
-
     sign = -1.0 if study.directions[metric_index] == StudyDirection.MAXIMIZE else 1.0
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     measured = [t for t in trials if t.user_attrs.get(T_DUPLICATE_OF) is None]
@@ -474,3 +450,16 @@ def review_summary(review: Review) -> dict[str, Any]:
     """JSON-friendly summary (for ``--json`` outputs and logs)."""
     return {"parent_run_id": review.parent_run_id, "artifacts": review.artifacts, "notes": review.notes,
             "rows": [r.__dict__ for r in review.energy_table], "importance": review.importance}
+
+
+def review_finisher(config):
+    """The review as a finisher of :class:`pipeline.search.runner.StudyRunner`: written on the parent run
+    when the study ends (``pipeline.cli.search`` hands it in with the tracker)."""
+
+    def finish(tracker, study) -> None:
+        write_review(tracker.client, tracker.parent_run_id, study=study, metric_name=config.metric.name,
+                     higher_is_better=config.metric.higher_is_better, objectives=list(config.search.objectives),
+                     max_accuracy_drop=config.search.max_accuracy_drop)
+
+    finish.__name__ = "write_review"
+    return finish

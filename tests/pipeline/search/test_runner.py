@@ -13,24 +13,14 @@ import mlflow
 import optuna
 import pytest
 
-from pipeline import tracking_schema as S
+from pipeline.tracking import schema as S
 from pipeline.config import ConfigError
 from pipeline.results import EnergyReport, Measurement, TrialResult
-from pipeline.study import (
-    SearchOptions,
-    TrialRecord,
-    build_records,
-    config_hash,
-    decide_energy_mode,
-    front_summary,
-    hypervolume_box,
-    make_sampler,
-    objective_infos,
-    objective_values,
-    open_study,
-    run_search,
-    study_objectives,
-)
+from pipeline.cli.search import run_search
+from pipeline.objectives import decide_energy_mode, objective_infos, objective_values
+from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box, study_objectives
+from pipeline.search.runner import SearchOptions
+from pipeline.search.storage import config_hash, make_sampler, open_study
 from tests.conftest import ROOT
 
 
@@ -282,7 +272,7 @@ def test_open_study_names_the_missing_study(make_config):
 
 
 def test_a_changed_config_does_not_resume_an_old_study(mlp_config):
-    from pipeline.study import default_storage
+    from pipeline.search.storage import default_storage
 
     old = optuna.create_study(study_name="changed-config", storage=default_storage(mlp_config),
                               directions=["maximize"] * 3)
@@ -299,7 +289,7 @@ def _node(cpus, gpus=0, alive=True):
 
 
 def test_resources_per_trial_follow_backend_threads_and_parallel(make_config):
-    from pipeline.study import plan_resources
+    from pipeline.search.ray_exec import plan_resources
 
     cpu = make_config("digits_mlp.yaml")  # backend auto, threads 0
     one_node = [_node(2)]
@@ -382,7 +372,7 @@ def _nvml_available() -> bool:
 def test_a_pinned_meter_missing_on_the_worker_fails_the_trial_instead_of_switching(ray_local, mlflow_uri, make_config):
     if _nvml_available():
         pytest.skip("NVML works here: a study pinned to it would measure normally")
-    from pipeline.study import default_storage
+    from pipeline.search.storage import default_storage
 
     cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32"], "search.trials": 1})
     # a study that a GPU node pinned to NVML, resumed on a node without NVML
@@ -401,7 +391,7 @@ def test_a_pinned_meter_missing_on_the_worker_fails_the_trial_instead_of_switchi
 
 
 def test_a_trial_metered_by_another_source_is_refused_whatever_the_studys_source():
-    from pipeline.study import energy_source_mismatch
+    from pipeline.objectives import energy_source_mismatch
 
     for study_source, trial_source in (("estimated", "rapl"), ("estimated", "nvml"), ("rapl", "estimated"),
                                        ("nvml", "rapl")):
@@ -415,7 +405,7 @@ def test_a_trial_metered_by_another_source_is_refused_whatever_the_studys_source
 # -- duplicate proposals -------------------------------------------------------------------------
 def test_plan_key_ignores_knobs_that_do_not_change_the_artifact():
     from pipeline.plan import QuantPlan
-    from pipeline.study import plan_key
+    from pipeline.search.plans import plan_key
 
     names = ["fc1", "fc2"]
     fp32 = QuantPlan(layers={"fc1": "fp32", "fc2": "fp32"})
@@ -493,7 +483,7 @@ def test_search_json_output_is_one_json_document(ray_local, mlflow_uri, tmp_path
 
 
 def test_the_accuracy_slot_is_shown_under_the_task_metrics_name():
-    from pipeline.study import objective_infos
+    from pipeline.objectives import objective_infos
 
     custom = objective_infos(["accuracy", "size"], "mypkg.metrics:r2", True, None)
     assert [o.header for o in custom] == ["r2", "size bytes"]

@@ -43,7 +43,7 @@ TAG_RAY = "precision_search.ray"  # where trials ran, in words
 TAG_STOPPED_EARLY = "precision_search.stopped_early"  # why the search ended before --trials
 TAG_ALIAS_PREFIX = "precision_search.alias."  # + alias: "<registered model>/<version> (trial N)"
 
-# Registered model / model version tags (pipeline.registry).
+# Registered model / model version tags (pipeline.promotion).
 TAG_EXPERIMENT = "precision_search.experiment"  # registered model: the experiment its versions come from
 VTAG_RUN_ID = "precision_search.run_id"
 VTAG_PLAN = "precision_search.plan"  # plan YAML (also the logged ONNX model's metadata key)
@@ -51,7 +51,7 @@ VTAG_PLAN_SUMMARY = "precision_search.plan_summary"
 VTAG_POLICY = "precision_search.policy"
 VTAG_ENGINE = "precision_search.tensorrt_engine"
 
-# Child-run params and metrics written by pipeline.tracking.
+# Child-run params and metrics written by pipeline.tracking.record.
 PARAM_PLAN = "plan"  # plan summary
 PARAM_LAYER_PREFIX = "layer."  # + layer name: its format
 METRIC_TRIAL_SECONDS = "trial_seconds"

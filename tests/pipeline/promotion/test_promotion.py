@@ -1,6 +1,6 @@
 """Promotion into the MLflow Model Registry: policies, refusals, idempotence, model card, load round trip.
 
-The study record comes from a real tiny search (pipeline.study.run_search: Optuna,
+The study record comes from a real tiny search (pipeline.cli.search.run_search: Optuna,
 Ray, the ONNX quantizer, ONNX Runtime measurements, MLflow on SQLite) on the
 bundled digits MLP. Records the search would only write on rare failures (a
 failed trial, a model file gone before upload) are written with the search's own
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking_schema as S
+from pipeline.tracking import schema as S
 
 STUDY = "tiny"
 TRIALS = 7  # 3 uniform baselines (fp32, int8, int4) + 4 sampled plans
@@ -64,7 +64,8 @@ def tiny_search(root: Path, tracking_uri: str | None = None, study: str = STUDY)
     """Run (once per ``root``: later calls reuse the finished study) a real search of TRIALS trials."""
     from tests.conftest import _config
 
-    from pipeline.study import SearchOptions, run_search
+    from pipeline.cli.search import run_search
+    from pipeline.search.runner import SearchOptions
 
     marker = root / f"{study}.searched.json"
     if marker.exists():
@@ -95,16 +96,16 @@ def searched(tmp_path_factory) -> Searched:
 
 
 def _open(searched: Searched):
-    from pipeline.registry import open_study
+    from pipeline.tracking.record import read_study
 
     client = searched.client()
-    return client, open_study(client, searched.experiment, STUDY)
+    return client, read_study(client, searched.experiment, STUDY)
 
 
 def _tracker(searched: Searched):
     """The search's own writer, to add records a real search only writes when something goes wrong."""
-    from pipeline.study import config_hash
-    from pipeline.tracking import StudyTracker
+    from pipeline.search.storage import config_hash
+    from pipeline.tracking.record import StudyTracker
 
     cfg = searched.config()
     return StudyTracker(searched.experiment, STUDY, cfg.workdir, config_hash(cfg), searched.tracking_uri)
@@ -126,7 +127,8 @@ def test_study_record_matches_the_search(searched):
 
 # --------------------------------------------------------------------------- policies
 def test_min_energy_picks_the_cheapest_front_trial_within_the_drop(searched):
-    from pipeline.registry import Budget, accuracy_drop, choose
+    from pipeline.promotion.choose import Budget, choose
+    from pipeline.search.records import accuracy_drop
 
     _, study = _open(searched)
     limit = 0.02
@@ -144,13 +146,13 @@ def _mixed_sources(study, other: str = "rapl"):
 
     front = {t.number for t in study.front}
     first = min(front)
-    trials = [dataclasses.replace(t, tags={**t.tags, S.TAG_ENERGY_SOURCE: other})
+    trials = [t.model_copy(update={"tags": {**t.tags, S.TAG_ENERGY_SOURCE: other}, "energy_source": other})
               if t.number in front and t.number != first else t for t in study.trials]
     return dataclasses.replace(study, trials=trials), study.trial(first).energy_source
 
 
 def test_policies_comparing_energy_refuse_trials_metered_by_different_sources(searched):
-    from pipeline.registry import Budget, PromotionError, choose
+    from pipeline.promotion.choose import Budget, PromotionError, choose
 
     _, study = _open(searched)
     # The tiny search's front always holds several trials (uniform int4 is the smallest, others are faster
@@ -179,7 +181,7 @@ def test_policies_comparing_energy_refuse_trials_metered_by_different_sources(se
 
 
 def test_max_accuracy_respects_the_budget_and_needs_one(searched):
-    from pipeline.registry import Budget, PromotionError, choose
+    from pipeline.promotion.choose import Budget, PromotionError, choose
 
     _, study = _open(searched)
     latencies = sorted(t.metric("latency_ms_p50") for t in study.front)
@@ -196,7 +198,7 @@ def test_max_accuracy_respects_the_budget_and_needs_one(searched):
 
 
 def test_knee_is_the_knee_the_search_reported(searched):
-    from pipeline.registry import choose
+    from pipeline.promotion.choose import choose
 
     _, study = _open(searched)
     choice = choose(study, "knee", objectives=searched.config().search.objectives)
@@ -206,7 +208,7 @@ def test_knee_is_the_knee_the_search_reported(searched):
 
 
 def test_unknown_policy_and_min_energy_without_limit_are_refused(searched):
-    from pipeline.registry import Budget, PromotionError, choose
+    from pipeline.promotion.choose import Budget, PromotionError, choose
 
     _, study = _open(searched)
     with pytest.raises(PromotionError, match="unknown policy 'cheapest'"):
@@ -217,7 +219,9 @@ def test_unknown_policy_and_min_energy_without_limit_are_refused(searched):
 
 # --------------------------------------------------------------------------- refusals
 def test_failed_dominated_unknown_and_missing_model_trials_are_refused(searched):
-    from pipeline.registry import PromotionError, explicit_choice, open_study, promote, trial_result
+    from pipeline.promotion.choose import PromotionError, explicit_choice
+    from pipeline.promotion.publish import promote
+    from pipeline.tracking.record import read_study, trial_result
     from pipeline.results import TrialResult
 
     client, study = _open(searched)
@@ -240,7 +244,7 @@ def test_failed_dominated_unknown_and_missing_model_trials_are_refused(searched)
     client.set_tag(lost_id, S.TAG_PARETO, "true")  # as if it were on the front
     tracker.end()
     try:
-        study = open_study(client, searched.experiment, STUDY)
+        study = read_study(client, searched.experiment, STUDY)
         with pytest.raises(PromotionError, match="trial 900 .* is FAIL: unexpected error: RuntimeError: calibration"):
             explicit_choice(study, 900)
         with pytest.raises(PromotionError, match="trial 901 has no logged model: artifact .* no longer exists"):
@@ -253,7 +257,9 @@ def test_failed_dominated_unknown_and_missing_model_trials_are_refused(searched)
 
 # --------------------------------------------------------------------------- promotion
 def test_promote_registers_tags_card_alias_and_is_idempotent(searched, tmp_path):
-    from pipeline.registry import MODEL_CARD, VTAG_PLAN, choose, explicit_choice, promote, trial_result
+    from pipeline.promotion.choose import choose, explicit_choice
+    from pipeline.promotion.publish import MODEL_CARD, VTAG_PLAN, promote
+    from pipeline.tracking.record import trial_result
 
     client, study = _open(searched)
     name = "digits-promote"
@@ -283,7 +289,7 @@ def test_promote_registers_tags_card_alias_and_is_idempotent(searched, tmp_path)
     # the trial run's layer table artifact carries the same kernels
     import csv
 
-    from pipeline.tracking_schema import ARTIFACT_LAYERS
+    from pipeline.tracking.schema import ARTIFACT_LAYERS
 
     path = client.download_artifacts(choice.trial.run_id, ARTIFACT_LAYERS, str(tmp_path))
     rows = list(csv.DictReader(Path(path).read_text().splitlines()))
@@ -309,7 +315,8 @@ def test_promote_registers_tags_card_alias_and_is_idempotent(searched, tmp_path)
 
 
 def test_bad_alias_is_refused_before_registering(searched):
-    from pipeline.registry import PromotionError, explicit_choice, promote
+    from pipeline.promotion.choose import PromotionError, explicit_choice
+    from pipeline.promotion.publish import promote
 
     client, study = _open(searched)
     with pytest.raises(PromotionError, match="alias 'v3' is not usable"):
@@ -372,7 +379,8 @@ def test_documented_mlflow_calls_load_the_promoted_model(searched, tmp_path):
     import onnxruntime as ort
 
     from pipeline.examples.digits import mlp_eval
-    from pipeline.registry import explicit_choice, promote
+    from pipeline.promotion.choose import explicit_choice
+    from pipeline.promotion.publish import promote
 
     client, study = _open(searched)
     t = study.front[-1]
@@ -408,13 +416,17 @@ def test_tensorrt_engine_is_registered_with_the_model(tmp_path_factory, tmp_path
         ok, why = False, str(exc)
     if not ok:
         pytest.skip(f"TensorRT backend unavailable: {why}")
-    from pipeline.registry import ENGINE_IN_MODEL, VTAG_ENGINE, choose, load_registered, open_study, promote
+    from pipeline.promotion.choose import choose
+    from pipeline.promotion.load import load_registered
+    from pipeline.promotion.publish import ENGINE_IN_MODEL, VTAG_ENGINE, promote
+    from pipeline.tracking.record import read_study
 
     TINY_TRT = {**TINY, "search.formats": ["fp32", "bf16", "int8"], "search.int8_activations": ["static"],
                 "measure.backend": "tensorrt"}
     from tests.conftest import _config
 
-    from pipeline.study import SearchOptions, run_search
+    from pipeline.cli.search import run_search
+    from pipeline.search.runner import SearchOptions
 
     root = tmp_path_factory.mktemp("trt-search")
     cfg = _config("digits_mlp.yaml", root / "work", **TINY_TRT)
@@ -427,7 +439,7 @@ def test_tensorrt_engine_is_registered_with_the_model(tmp_path_factory, tmp_path
     finally:
         os.chdir(cwd)
     client = MlflowClient(uri, registry_uri=uri)
-    study = open_study(client, summary.experiment, "trt")
+    study = read_study(client, summary.experiment, "trt")
     choice = choose(study, "knee", objectives=cfg.search.objectives)
     assert client.list_artifacts(choice.trial.run_id, S.ARTIFACT_ENGINE), "the search logged no engine"
     done = promote(client, study, choice, registry_name="digits-trt")

@@ -1,0 +1,233 @@
+"""THE trial record and study record: what the front, the plots, ``front``, the review and ``promote`` show.
+
+One :class:`TrialRecord` whether it was read from the Optuna storage
+(:func:`build_records`, during and after a search) or from the MLflow record
+(:func:`pipeline.tracking.record.read_study`, for ``promote`` and the review), so
+the savings, the accuracy drop and the energy label are computed once, here, for
+both. Also the front's bookkeeping: Pareto membership, the knee, the fixed
+hypervolume box and the front summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from pipeline.objectives import ObjectiveInfo, energy_label, objective_infos
+from pipeline.pareto import knee_point, normalized_hypervolume
+from pipeline.results import TrialResult
+from pipeline.search import storage as A
+
+FP32_BASELINE = "uniform-fp32"  # the uniform FP32 baseline's label (search_spaces.space.uniform_baselines)
+
+
+# -- small helpers, defined once --------------------------------------------------------------------
+def saving(ref: float | None, val: float | None) -> float | None:
+    """Percent saved versus ``ref`` (>0 = better), or None when it cannot be computed."""
+    if ref is None or val is None or ref <= 0:
+        return None
+    return 100.0 * (ref - val) / ref
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.1f} %"
+
+
+def fmt(v: float | None, unit: str = "", digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}g}{unit}"
+
+
+class TrialRecord(BaseModel):
+    """One trial: its state, objective values, metrics and where its MLflow run is."""
+
+    number: int
+    state: str  # COMPLETE | FAIL | RUNNING | WAITING
+    baseline: str | None = None
+    values: dict[str, float] = {}  # objective slot -> the value Optuna was told (Optuna side)
+    metrics: dict[str, float] = {}  # TrialResult.flat_metrics() (and objective.<name> on the MLflow side)
+    feasible: bool | None = None
+    on_front: bool = False
+    knee: bool = False
+    run_id: str | None = None
+    plan_summary: str = ""
+    fail_reason: str = ""
+    orphaned: bool = False
+    retry_of: int | None = None
+    duplicate_of: int | None = None  # a proposal of an already measured plan: told that trial's values
+    energy_source: str | None = None  # nvml | rapl | estimated, from the trial's result
+    params: dict[str, Any] = {}
+    tags: dict[str, str] = {}  # the MLflow child run's tags (MLflow side only)
+
+    @property
+    def pareto(self) -> bool:
+        return self.on_front
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "COMPLETE"
+
+    @property
+    def label(self) -> str:
+        return f"#{self.number}" + (f" ({self.baseline})" if self.baseline else "")
+
+    @property
+    def energy_label(self) -> str:
+        return energy_label(self.energy_source, self.metric("joules_per_inference"))
+
+    def metric(self, name: str) -> float | None:
+        v = self.metrics.get(name)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+@dataclass
+class StudyRecord:
+    """A study's parent run and all of its trials (read from MLflow)."""
+
+    experiment_id: str
+    experiment_name: str
+    study: str
+    parent_run_id: str
+    parent_tags: dict[str, str]
+    trials: list[TrialRecord] = field(default_factory=list)
+
+    def trial(self, number: int) -> TrialRecord | None:
+        matches = [t for t in self.trials if t.number == number]
+        return matches[0] if matches else None
+
+    @property
+    def front(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.complete and t.pareto]
+
+    @property
+    def fp32_baseline(self) -> TrialRecord | None:
+        done = [t for t in self.trials if t.baseline == FP32_BASELINE and t.complete]
+        return done[0] if done else None
+
+    @property
+    def uniform_baselines(self) -> list[TrialRecord]:
+        return sorted((t for t in self.trials if t.baseline), key=lambda t: t.number)
+
+
+def accuracy_drop(study: StudyRecord, t: TrialRecord, higher_is_better: bool) -> float | None:
+    """The trial's logged drop, or one computed against the FP32 baseline of the same study."""
+    drop = t.metric("accuracy_drop")
+    if drop is not None:
+        return drop
+    ref = t.metric("reference_accuracy")
+    if ref is None and study.fp32_baseline is not None:
+        ref = study.fp32_baseline.metric("accuracy")
+    acc = t.metric("accuracy")
+    if ref is None or acc is None:
+        return None
+    return (ref - acc) if higher_is_better else (acc - ref)
+
+
+# -- from the Optuna storage ------------------------------------------------------------------------
+def study_objectives(study, metric: str | None = None) -> list[ObjectiveInfo]:
+    attrs = study.user_attrs
+    names = attrs.get(A.A_OBJECTIVES) or [f"objective_{i}" for i in range(len(study.directions))]
+    dirs = [d.name.lower() for d in study.directions]
+    acc_dir = dirs[names.index("accuracy")] if "accuracy" in names else "maximize"
+    return objective_infos(names, metric or attrs.get("metric", "accuracy"), acc_dir == "maximize",
+                           attrs.get(A.A_ENERGY_MODE), attrs.get(A.A_ENERGY_SOURCE, ""))
+
+
+def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
+    """Every trial of the study, with Pareto membership (feasible, non-dominated) and the knee."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    front_numbers = {t.number for t in study.best_trials}
+    records = []
+    for t in trials:
+        ua = t.user_attrs
+        result = ua.get(A.T_RESULT)
+        metrics = {}
+        energy_source = None
+        if result:
+            try:
+                parsed = TrialResult.model_validate(result)
+                metrics = parsed.flat_metrics()
+                energy_source = parsed.measurement.energy.source if parsed.measurement.energy else None
+            except Exception:  # noqa: BLE001 - a record from another version still shows its values
+                metrics = {}
+        duplicate_of = ua.get(A.T_DUPLICATE_OF)
+        feasible = None
+        if t.state == TrialState.COMPLETE and t.constraints:
+            feasible = all(v <= 0 for v in t.constraints.values())
+        records.append(TrialRecord(
+            number=t.number, state=t.state.name, baseline=ua.get(A.T_BASELINE),
+            values=dict(zip([o.name for o in infos], t.values)) if t.values else {},
+            metrics=metrics, feasible=feasible,
+            # a duplicate repeats its original's point: the front lists the measured trial once
+            on_front=t.number in front_numbers and duplicate_of is None,
+            run_id=ua.get(A.T_RUN_ID), plan_summary=ua.get(A.T_PLAN_SUMMARY, ""),
+            fail_reason=ua.get(A.T_FAIL_REASON, ""), orphaned=bool(ua.get(A.T_ORPHANED)),
+            retry_of=ua.get(A.T_RETRY_OF), duplicate_of=duplicate_of, energy_source=energy_source,
+            params=dict(t.params),
+        ))
+    front = [r for r in records if r.on_front]
+    if front:
+        pts = [[r.values[o.name] for o in infos] for r in front]
+        front[knee_point(pts, [o.direction for o in infos])].knee = True
+    return records
+
+
+def hypervolume_box(records: list[TrialRecord], infos: list[ObjectiveInfo], reference_accuracy: float | None,
+                    max_drop: float | None, baselines: bool = True) -> dict[str, list[float]] | None:
+    """The fixed box hypervolume is measured in, or None while it cannot be fixed yet.
+
+    Ideal point: the FP32 reference's accuracy at zero cost. Reference point: the
+    accuracy-drop limit, and for each cost the worst value among the uniform
+    baselines (so the box is "what one format everywhere spans"). It is fixed once
+    every baseline has finished (without baselines: the first five completed
+    trials) and stored with the study, so the hypervolume only ever grows as the
+    search finds better trade-offs, and a resumed study keeps the same box.
+    """
+    done = [r for r in records if r.state == "COMPLETE" and r.duplicate_of is None]
+    if baselines:
+        base = [r for r in records if r.baseline and not r.orphaned]
+        if not base or any(r.state in ("RUNNING", "WAITING") for r in base):
+            return None
+        box_trials = [r for r in base if r.state == "COMPLETE"]
+    else:
+        box_trials = sorted(done, key=lambda r: r.number)[:5]
+        if len(box_trials) < 5:
+            return None
+    if not box_trials:
+        return None
+    ref_point, ideal = [], []
+    for o in infos:
+        vals = [r.values[o.name] for r in box_trials]
+        if o.name == "accuracy":
+            best = max(vals) if o.direction == "maximize" else min(vals)
+            ref_acc = reference_accuracy if reference_accuracy is not None else best
+            sign = 1.0 if o.direction == "maximize" else -1.0
+            floor = ref_acc - sign * max_drop if max_drop else (min(vals) if sign > 0 else max(vals))
+            ideal.append(float(ref_acc))
+            ref_point.append(float(floor))
+        else:
+            ideal.append(0.0)
+            ref_point.append(float(max(vals)))
+    return {"reference": ref_point, "ideal": ideal}
+
+
+def front_summary(records: list[TrialRecord], infos: list[ObjectiveInfo],
+                  box: dict[str, list[float]] | None) -> dict[str, float]:
+    """front_size, trial counts and (once the box is fixed) the normalised hypervolume of the feasible trials."""
+    done = [r for r in records if r.state == "COMPLETE" and r.duplicate_of is None]
+    out = {
+        "front_size": float(sum(r.on_front for r in records)),
+        "trials_complete": float(len(done)),
+        "trials_failed": float(sum(r.state == "FAIL" and not r.orphaned for r in records)),
+        "trials_duplicate": float(sum(r.duplicate_of is not None for r in records)),
+    }
+    feasible = [r for r in done if r.feasible is not False]
+    if box is None or not feasible:
+        return out
+    pts = [[r.values[o.name] for o in infos] for r in feasible]
+    out["hypervolume"] = normalized_hypervolume(pts, [o.direction for o in infos], box["reference"], box["ideal"])
+    return out

@@ -1,0 +1,520 @@
+"""The search driver: an Optuna multi-objective study asked and told here, trials run as Ray tasks.
+
+The driver is the only process that talks to Optuna and to the recorder (MLflow).
+It asks Optuna for candidates (ask/tell), runs each as a Ray task
+(:mod:`pipeline.search.ray_exec`, :func:`pipeline.search.worker.run_trial`), keeps
+``parallel`` trials in flight, and tells Optuna the measured objectives, with the
+accuracy-drop limit as an Optuna *constraint* (``trial.set_constraint``, <= 0
+feasible), never as a penalty on the objectives.
+
+Resume (:class:`pipeline.search.storage.Resume`): running the same command again
+continues the study. Duplicates (:class:`pipeline.search.plans.Duplicates`): a
+plan already measured is told its original's values, not measured again.
+
+Objectives (:mod:`pipeline.objectives`): ``search.objectives`` (default accuracy,
+energy, size). The energy slot holds joules per inference when a meter measured
+it, else latency p50 (:func:`pipeline.objectives.energy.decide_energy_mode`),
+decided from the first finished trial and fixed for the study.
+
+One energy source per study: the first finished trial's source (or an explicit
+``measure.energy.meter``) is pinned, every later trial runs with that meter
+explicitly (a worker without it fails the trial with the meter's reason), and a
+trial that still arrives metered otherwise is FAILED, naming both sources.
+
+Recording goes through a :class:`pipeline.search.observers.Recorder` handed in by
+the caller (``pipeline.cli.search`` gives the MLflow tracker and the review).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from pipeline.config import ConfigError, SearchConfig
+from pipeline.objectives import (
+    METERS,
+    ObjectiveInfo,
+    decide_energy_mode,
+    energy_source_mismatch,
+    objective_infos,
+    objective_values,
+)
+from pipeline.results import TrialResult
+from pipeline.search import ray_exec
+from pipeline.search.observers import Finisher, NullRecorder, RecorderFactory
+from pipeline.search.plans import Duplicates, knobs, layer_tags, plan_key
+from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box
+from pipeline.search.storage import (
+    A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
+    A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
+    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, Resume, StudyLock,
+    config_hash, default_storage, make_sampler, measured_count, set_metric_names, validate_study_name,
+)
+from pipeline.search.worker import TrialTask
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_DUPLICATES = 25  # proposals in a row that were all measured already: the sampler has converged
+
+
+@dataclass
+class SearchOptions:
+    trials: int | None = None  # total finished trials wanted in the study (default: search.trials)
+    study: str | None = None  # default: the config's name
+    parallel: int | None = None  # trials in flight (default: what the Ray cluster holds)
+    storage: str | None = None  # Optuna storage URL (default: sqlite:///<workdir>/<name>/optuna.db)
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db
+    ray_address: str | None = None  # default: RAY_ADDRESS, else a local Ray started here
+    progress: str = "auto"  # auto (live panel on a terminal, else lines) | lines | off
+    verbose: bool = False
+    plot_every_s: float = 15.0  # front plots refresh at most this often (and at the end)
+    energy: bool = True
+    # Stop asking after this many proposals in a row were plans the study already measured.
+    max_consecutive_duplicates: int = MAX_CONSECUTIVE_DUPLICATES
+
+
+class SearchSummary(BaseModel):
+    study: str
+    storage: str
+    trials_complete: int
+    trials_failed: int
+    front: list[TrialRecord]
+    objectives: list[ObjectiveInfo]
+    energy_note: str
+    hypervolume: float | None
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    ui_hint: str
+    wall_seconds: float
+    parallel: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    orphans_recovered: int
+    tracking_errors: list[str] = []
+    trials_duplicate: int = 0  # proposals of already measured plans (told their original's values, not counted)
+    energy_meter_pinned: str = ""  # nvml | rapl | estimated once the study pinned measure.energy.meter
+    stopped_early: str = ""  # why the search ended before --trials (the sampler kept proposing duplicates)
+
+
+@dataclass
+class _InFlight:
+    trial: Any  # optuna.trial.Trial
+    run_id: str | None
+    t0: float
+    label: str | None
+    out_dir: Path
+
+
+class StudyRunner(Resume, Duplicates):
+    """One invocation of ``search``: sets up the study, the recorder and Ray, then runs the loop."""
+
+    def __init__(self, config: SearchConfig, opts: SearchOptions, recorder: RecorderFactory | None = None,
+                 finishers: tuple[Finisher, ...] = ()):
+        self.config = config
+        self.opts = opts
+        self.recorder_factory = recorder or NullRecorder
+        self.finishers = tuple(finishers)
+        self.study_name = validate_study_name(opts.study or config.name)
+        self.work = config.work_path.resolve()
+        self.study_dir = self.work / "studies" / self.study_name
+        self.target = opts.trials or config.search.trials
+        self.max_drop = config.search.max_accuracy_drop
+        self.tracking_errors: list[str] = []
+        self.orphans = 0
+        self.run_ids: dict[int, str] = {}  # trial number -> MLflow child run
+        self.pinned_meter: str | None = None  # measure.energy.meter every dispatched trial runs with
+        self._plan_key_cache: dict[int, str] = {}  # trial number -> plan_key
+        self.duplicates: dict[int, list[int]] = {}  # measured trial -> later proposals of the same plan
+        self.consecutive_duplicates = 0
+        self.stopped_early = ""
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        import optuna
+        import yaml
+
+        from pipeline.backends import quant_target_for
+        from pipeline.models import get_adapter
+        from search_spaces.space import SearchSpace
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        cfg = self.config
+        self.reference = get_adapter(cfg).export_reference(self.work)  # cached; workers reuse the file
+        self.layer_names = self.reference.layer_table.names
+        self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend))
+        self.hash = config_hash(cfg)
+        self.storage = self.opts.storage or default_storage(cfg)
+        names = list(cfg.search.objectives)
+        self.infos = objective_infos(names, cfg.metric.name, bool(cfg.metric.higher_is_better), None)
+        self.study = optuna.create_study(
+            study_name=self.study_name, storage=self.storage, sampler=make_sampler(cfg),
+            directions=[o.direction for o in self.infos], load_if_exists=True,
+        )
+        held = len(self.study.get_trials(deepcopy=False))
+        if held:
+            self.study.sampler = make_sampler(cfg, offset=held)
+        attrs = self.study.user_attrs
+        if A_CONFIG_HASH in attrs and attrs[A_CONFIG_HASH] != self.hash:
+            raise ConfigError(
+                f"--study: study {self.study_name!r} in {self.storage} was created from a different config "
+                f"(model, data, metric, measure or search settings changed); its trials are not comparable. "
+                f"Use --study NEW_NAME (trial count, tracking and workdir may change freely)"
+            )
+        if A_CONFIG_HASH not in attrs:
+            for k, v in {A_CONFIG_HASH: self.hash, A_OBJECTIVES: names, A_MAX_DROP: self.max_drop,
+                         "metric": cfg.metric.name, "config_name": cfg.name}.items():
+                self.study.set_user_attr(k, v)
+            set_metric_names(self.study, names)
+        self._refresh_infos()
+        self.tracker = self.recorder_factory(self.study_name, self.hash)
+        self.study.set_user_attr(A_PARENT_RUN, self.tracker.parent_run_id)
+        self.study.set_user_attr(A_TRACKING_URI, self.tracker.uri)
+        s = cfg.search
+        self.tracker.log_study(
+            params={
+                "sampler": s.sampler, "seed": s.seed, "objectives": ",".join(names),
+                "directions": ",".join(o.direction for o in self.infos), "max_accuracy_drop": self.max_drop,
+                "formats": ",".join(f.value for f in s.formats), "methods": ",".join(s.methods),
+                "space": self.space.describe(), "layers": len(self.layer_names),
+                "params_quantizable": self.reference.layer_table.total_params(),
+                "params_left_fp32": self.reference.layer_table.unquantized_params(), "optuna_storage": self.storage,
+                "metric": cfg.metric.name, "backend": cfg.measure.backend, "batch_size": cfg.measure.batch_size,
+                "reference_onnx": self.reference.onnx_path, "baselines": s.baselines,
+            },
+            config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+        )
+
+    def _refresh_infos(self) -> None:
+        attrs = self.study.user_attrs
+        self.energy_mode = attrs.get(A_ENERGY_MODE)
+        self.energy_note = attrs.get(A_ENERGY_NOTE, "")
+        self.infos = objective_infos(list(self.config.search.objectives), self.config.metric.name,
+                                     bool(self.config.metric.higher_is_better), self.energy_mode,
+                                     attrs.get(A_ENERGY_SOURCE, ""))
+        pin = attrs.get(A_ENERGY_PIN) or {}
+        source = attrs.get(A_ENERGY_SOURCE)
+        explicit = self.config.measure.energy.meter
+        if pin.get("meter") in METERS:
+            self.pinned_meter = pin["meter"]
+        elif source in METERS:  # a study from before pinning: pin to what it measured
+            self.pinned_meter = source
+        elif explicit in METERS:  # the user's choice pins the study from its first trial
+            self.pinned_meter = explicit
+        else:
+            self.pinned_meter = None
+
+    def _decide_energy(self, result: TrialResult, number: int) -> None:
+        """Fix the study's energy source (and, with an energy objective, what fills that slot).
+
+        The first finished trial decides. From then on every dispatched trial runs
+        with ``measure.energy.meter`` pinned to that source (:meth:`_task_config`): a
+        worker without it fails the trial with the meter's reason instead of quietly
+        measuring another kind of joule. Trials already in flight are checked on
+        arrival (:func:`energy_source_mismatch`).
+        """
+        e = result.measurement.energy
+        attrs = self.study.user_attrs
+        fields: dict[str, str] = {}
+        if e is not None and attrs.get(A_ENERGY_SOURCE) in (None, "none"):
+            self.study.set_user_attr(A_ENERGY_SOURCE, e.source)
+            self.study.set_user_attr(A_ENERGY_METER, e.meter)
+            fields.update(source=e.source, meter=e.meter)
+        if e is not None and e.source in METERS and not attrs.get(A_ENERGY_PIN):
+            explicit = self.config.measure.energy.meter
+            by = ("measure.energy.meter in the config" if explicit == e.source
+                  else f"trial {number}, the first to finish (measure.energy.meter: {explicit})")
+            self.study.set_user_attr(A_ENERGY_PIN, {"meter": e.source, "by": by})
+            fields.update(pinned=e.source, pin_note=(
+                f"every later trial runs with measure.energy.meter={e.source} (pinned by {by}); "
+                f"a worker without {e.source} fails its trial instead of switching source"))
+        if self.energy_mode is None and "energy" in self.config.search.objectives:
+            mode, note = decide_energy_mode(result, list(self.config.search.objectives))
+            self.study.set_user_attr(A_ENERGY_MODE, mode)
+            self.study.set_user_attr(A_ENERGY_NOTE, note)
+            if e is None and A_ENERGY_SOURCE not in attrs:
+                self.study.set_user_attr(A_ENERGY_SOURCE, "none")
+                self.study.set_user_attr(A_ENERGY_METER, "")
+                fields.update(source="none", meter="")
+            names = ["latency_ms_p50" if (n == "energy" and mode == "latency") else n
+                     for n in self.config.search.objectives]
+            set_metric_names(self.study, names)
+            fields.update(objective=mode, note=note)
+        self._refresh_infos()
+        if fields:
+            self._track(self.tracker.log_energy, **fields)
+
+    def _track(self, fn, *args, **kwargs):
+        """Recorder writes never stop the study; failures are reported and reconciled on the next run."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            msg = f"MLflow {getattr(fn, '__name__', 'call')} failed: {type(exc).__name__}: {exc}"
+            log.warning(msg)
+            self.tracking_errors.append(msg)
+            return None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _finished(self) -> int:
+        return measured_count(self.study)
+
+    def _task_config(self, res: ray_exec.Resources) -> dict[str, Any]:
+        cfg = self.config.model_dump(mode="json")
+        cfg["measure"]["threads"] = int(res.cpus)  # ORT threads = CPUs the task holds
+        pinned = getattr(self, "pinned_meter", None)
+        if pinned:  # the study's energy source: an explicit meter fails loudly where it is missing
+            cfg["measure"]["energy"]["meter"] = pinned
+        return cfg
+
+    def _dispatch(self, dispatcher: ray_exec.Dispatcher, res: ray_exec.Resources) -> None:
+        from optuna.trial import TrialState
+
+        trial = self.study.ask()
+        label = trial.user_attrs.get(T_BASELINE)
+        retry_of = trial.user_attrs.get(T_RETRY_OF)
+        try:
+            plan = self.space.suggest(trial)
+        except Exception as exc:  # noqa: BLE001 - a bad enqueued param set fails one trial
+            reason = f"could not build a plan from the parameters: {type(exc).__name__}: {exc}"
+            trial.set_user_attr(T_FAIL_REASON, reason)
+            self.study.tell(trial, state=TrialState.FAIL)
+            run_id = self._start_run(trial.number, trial.params, label, retry_of)
+            if run_id:
+                self._track(self.tracker.fail_trial, run_id, reason)
+            self.progress.trial_finished(trial.number, "FAIL", reason)
+            return
+        summary = plan.summary(self.layer_names)
+        key = plan_key(plan, self.layer_names)
+        if label is None and retry_of is None:  # baselines and orphan retries are always measured
+            original = self._measured_plans().get(key)
+            if original is not None:
+                self._tell_duplicate(trial, original, summary)
+                self.consecutive_duplicates += 1
+                return
+        self.consecutive_duplicates = 0
+        trial.set_user_attr(T_PLAN_SUMMARY, summary)
+        trial.set_user_attr(T_PLAN_KEY, key)
+        self._plan_key_cache[trial.number] = key
+        run_id = self._track(self.tracker.start_trial, trial.number, label, plan.to_yaml(), summary,
+                             layer_tags(plan, self.layer_names), knobs(plan, trial.params), retry_of)
+        if run_id:
+            trial.set_user_attr(T_RUN_ID, run_id)
+            self.run_ids[trial.number] = run_id
+        out_dir = self.study_dir / "trials" / f"{trial.number:04d}"
+        task = TrialTask(study=self.study_name, number=trial.number, config=self._task_config(res),
+                         base_dir=str(self.config.base_dir.resolve()),
+                         cwd=os.getcwd(), plan_yaml=plan.to_yaml(), out_dir=str(out_dir), energy=self.opts.energy,
+                         driver_node_id=self.driver_node)
+        ref = dispatcher.submit(task, f"{self.study_name}-trial-{trial.number}")
+        self.in_flight[ref] = _InFlight(trial, run_id, time.monotonic(), label, out_dir)
+
+    def _handle(self, ref, dispatcher: ray_exec.Dispatcher) -> None:
+        from optuna.trial import TrialState
+
+        fl = self.in_flight.pop(ref)
+        outcome = dispatcher.collect(ref, fl.trial.number, fl.t0)
+        values = None
+        if outcome.status == "complete" and outcome.result is not None:
+            result = outcome.result
+            if outcome.files:  # ran on another node: keep the artifact next to the driver's record
+                fl.out_dir.mkdir(parents=True, exist_ok=True)
+                for name, blob in outcome.files.items():
+                    (fl.out_dir / name).write_bytes(blob)
+                result.artifact_path = str(fl.out_dir / Path(result.artifact_path).name)
+            self._decide_energy(result, fl.trial.number)
+            try:
+                mismatch = energy_source_mismatch(self.study.user_attrs.get(A_ENERGY_SOURCE), result)
+                if mismatch:
+                    raise ValueError(mismatch)
+                values = objective_values(result, self.infos)
+            except ValueError as exc:
+                outcome.status, outcome.reason = "fail", str(exc)
+        elif outcome.status == "fail" and self.pinned_meter and "MeterUnavailable" in outcome.reason:
+            pin = self.study.user_attrs.get(A_ENERGY_PIN) or {}
+            outcome.reason += (f"\n(this study's energy meter is pinned to {self.pinned_meter}"
+                               + (f" by {pin['by']}" if pin.get("by") else "")
+                               + " so that all its trials are metered alike; run the search where "
+                               f"{self.pinned_meter} is available, or start a new study with --study NEW)")
+        if values is not None:
+            feasible = None
+            drop = outcome.result.measurement.accuracy_drop
+            if self.max_drop is not None and drop is not None:
+                excess = float(drop) - float(self.max_drop)
+                fl.trial.set_constraint(CONSTRAINT, excess)
+                feasible = excess <= 0
+            if outcome.result.measurement.reference_accuracy is not None \
+                    and A_REFERENCE_ACCURACY not in self.study.user_attrs:
+                self.study.set_user_attr(A_REFERENCE_ACCURACY, outcome.result.measurement.reference_accuracy)
+            fl.trial.set_user_attr(T_RESULT, outcome.result.model_dump(mode="json"))
+            fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
+            self.study.tell(fl.trial, values)
+            if fl.run_id:
+                self._track(self.tracker.finish_trial, fl.run_id, outcome.result,
+                            dict(zip([o.name for o in self.infos], values)), feasible, outcome.seconds)
+            text = "  ".join(f"{o.shown}={v:.4g}" for o, v in zip(self.infos, values))
+            flag = "" if feasible is not False else "  [infeasible: accuracy drop]"
+            self.progress.trial_finished(fl.trial.number, "COMPLETE",
+                                         f"{fl.label or ''} {text}{flag}  | {fl.trial.user_attrs.get(T_PLAN_SUMMARY, '')}".strip())
+        else:
+            fl.trial.set_user_attr(T_FAIL_REASON, outcome.reason)
+            fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
+            self.study.tell(fl.trial, state=TrialState.FAIL)
+            if fl.run_id:
+                self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds)
+            self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip())
+
+    def _refresh_front(self, force_plots: bool = False) -> dict[str, float]:
+        records = build_records(self.study, self.infos)
+        for r in records:
+            r.run_id = r.run_id or self.run_ids.get(r.number)
+        attrs = self.study.user_attrs
+        box = attrs.get(A_HV_BOX)
+        if box is None:
+            box = hypervolume_box(records, self.infos, attrs.get(A_REFERENCE_ACCURACY), self.max_drop,
+                                  self.config.search.baselines)
+            if box is not None:
+                self.study.set_user_attr(A_HV_BOX, box)
+                self._track(self.tracker.log_study, {"hypervolume_reference": box["reference"],
+                                                     "hypervolume_ideal": box["ideal"]})
+        summary = front_summary(records, self.infos, box)
+        plots = force_plots or self.tracker.seconds_since_plot() >= self.opts.plot_every_s
+        self._track(self.tracker.update_front, records, self.infos, summary, int(summary["trials_complete"]
+                    + summary["trials_failed"]), plots)
+        self.records = records
+        return summary
+
+    def _state(self, summary: dict[str, float], res: ray_exec.Resources):
+        from pipeline.progress import ProgressState
+
+        st = self._pstate or ProgressState(study=self.study_name, target=self.target)
+        st.complete = int(summary.get("trials_complete", 0))
+        st.failed = int(summary.get("trials_failed", 0))
+        st.running = len(self.in_flight)
+        st.parallel = self.parallel
+        st.front_size = int(summary.get("front_size", 0))
+        st.hypervolume = summary.get("hypervolume")
+        st.objective_note = ", ".join(f"{o.direction[:3]} {o.label}" for o in self.infos)
+        st.where = res.where
+        self._pstate = st
+        return st
+
+    def run(self) -> SearchSummary:
+        from rich.markup import escape
+
+        from pipeline.progress import SearchProgress
+
+        t_start = time.monotonic()
+        with StudyLock(self.study_dir / "driver.lock"):
+            self.progress = SearchProgress(mode=self.opts.progress)
+            self._pstate = None
+            self.in_flight: dict[Any, _InFlight] = {}
+            status = "FAILED"
+            started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose)
+            try:
+                res = ray_exec.cluster_resources(self.config, self.opts.parallel)
+                self.parallel = max(1, self.opts.parallel or res.capacity)
+                self.driver_node = ray_exec.driver_node()
+                # Workers import the runtimes and load the datasets while this process exports the
+                # reference and opens Optuna and MLflow (cold workers take seconds). Their results are
+                # not needed: a problem there shows up again, with its reason, in the first trials.
+                _warm = ray_exec.warm(self.parallel, res, self._task_config(res),
+                                      str(self.config.base_dir.resolve()), os.getcwd())
+                self._setup()
+                self._recover()
+                self._enqueue_baselines()
+                dispatcher = ray_exec.Dispatcher(res)
+                # tags, not params: a resumed study may run with another --parallel
+                self._track(self.tracker.log_resources, self.parallel, res.cpus, res.gpus, res.where,
+                            self.pinned_meter)
+                self.progress.message(escape(
+                    f"study {self.study_name}: {self.space.describe()}; target {self.target} trials, "
+                    f"{self._finished()} already finished; {res.where}; optuna {self.storage}"))
+                if self.orphans:
+                    self.progress.message(f"resumed: {self.orphans} orphaned trial(s) marked failed and re-queued")
+                with self.progress:
+                    summary = self._refresh_front()
+                    self.progress.update(self._state(summary, res))
+                    while True:
+                        finished = self._finished()
+                        while (not self.stopped_early and len(self.in_flight) < self.parallel
+                               and finished + len(self.in_flight) < self.target):
+                            self._dispatch(dispatcher, res)
+                            if self.consecutive_duplicates >= self.opts.max_consecutive_duplicates:
+                                self.stopped_early = (
+                                    f"stopped asking for new trials: the sampler proposed "
+                                    f"{self.consecutive_duplicates} plans in a row that this study had already "
+                                    f"measured (the space looks exhausted or the sampler has converged); the study "
+                                    f"holds {self._finished()} measured trial(s) of the {self.target} asked for")
+                                self.progress.message(self.stopped_early)
+                                self._track(self.tracker.log_stopped_early, self.stopped_early)
+                                break
+                            finished = self._finished()
+                        if not self.in_flight:
+                            break
+                        ready = dispatcher.wait(list(self.in_flight), timeout=0.5)
+                        for ref in ready:
+                            self._handle(ref, dispatcher)
+                        if ready:
+                            summary = self._refresh_front()
+                        self.progress.update(self._state(summary, res))
+                    summary = self._refresh_front(force_plots=True)
+                    self.progress.update(self._state(summary, res))
+                    for finish in self.finishers:
+                        self._track(finish, self.tracker, self.study)
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                self._abandon("interrupted (Ctrl-C / SIGTERM): candidate re-queued for the next run")
+                raise
+            finally:
+                if hasattr(self, "tracker"):
+                    self._track(self.tracker.end, status)
+                if started:
+                    ray_exec.shutdown()
+        return self._summary(summary, res, time.monotonic() - t_start)
+
+    def _summary(self, summary: dict[str, float], res: ray_exec.Resources, wall: float) -> SearchSummary:
+        front = [r for r in self.records if r.on_front]
+        first = self.infos[0]
+        front.sort(key=lambda r: r.values[first.name], reverse=first.direction == "maximize")
+        return SearchSummary(
+            study=self.study_name, storage=self.storage,
+            trials_complete=int(summary["trials_complete"]), trials_failed=int(summary["trials_failed"]),
+            front=front, objectives=self.infos, energy_note=self.energy_note or "",
+            hypervolume=summary.get("hypervolume"), tracking_uri=self.tracker.uri,
+            experiment=self.tracker.experiment_name, experiment_id=self.tracker.experiment_id,
+            parent_run_id=self.tracker.parent_run_id, ui_hint=self.tracker.ui_hint(), wall_seconds=wall,
+            parallel=self.parallel, cpus_per_trial=res.cpus, gpus_per_trial=res.gpus,
+            orphans_recovered=self.orphans, tracking_errors=self.tracking_errors,
+            trials_duplicate=int(summary.get("trials_duplicate", 0)), energy_meter_pinned=self.pinned_meter or "",
+            stopped_early=self.stopped_early,
+        )
+
+
+def run_search(config: SearchConfig, opts: SearchOptions | None = None, recorder: RecorderFactory | None = None,
+               finishers: tuple[Finisher, ...] = ()) -> SearchSummary:
+    """Run (or resume) a study until it holds ``opts.trials`` finished trials."""
+    opts = opts or SearchOptions()
+    previous = None
+    if hasattr(signal, "SIGTERM"):
+        try:
+            previous = signal.signal(signal.SIGTERM, _sigterm)
+        except ValueError:  # not the main thread
+            previous = None
+    try:
+        return StudyRunner(config, opts, recorder, finishers).run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
