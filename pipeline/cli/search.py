@@ -52,25 +52,10 @@ def stdout_to_stderr(active: bool) -> Iterator[None]:
         yield
 
 
-def run_search(config, opts=None):
-    """Run (or resume) a study with its MLflow record and, at the end, the review on the parent run.
-
-    The wiring of the layers: the runner (pipeline.search) is handed the tracker and the review
-    (pipeline.tracking) as observers, so the search never imports them.
-    """
-    from pipeline.search.runner import SearchOptions
-    from pipeline.search.runner import run_search as run_study
-    from pipeline.tracking.record import StudyTracker
-    from pipeline.tracking.review import review_finisher
-
-    opts = opts or SearchOptions()
-    return run_study(config, opts, recorder=StudyTracker.factory(config, opts.tracking_uri),
-                     finishers=(review_finisher(config),))
-
-
 def run(args) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.search.runner import SearchOptions
+    from pipeline.tracking.search import run_search
 
     if args.trials is not None and args.trials < 1:
         raise ConfigError("--trials: must be at least 1")

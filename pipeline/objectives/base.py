@@ -52,14 +52,11 @@ def register(obj: Objective) -> Objective:
     return obj
 
 
-def _load() -> None:
-    # The built-in objectives register on import; importing them here keeps the registry complete
-    # for whoever asks first (config validation, the runner, promote).
-    from pipeline.objectives import accuracy, carbon, energy, latency, peak_memory, size  # noqa: F401, I001
+# The built-in objectives register when the package is imported (pipeline/objectives/__init__.py
+# imports each module), which Python does before any of its modules is used.
 
 
 def get(name: str) -> Objective:
-    _load()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -67,10 +64,8 @@ def get(name: str) -> Objective:
 
 
 def names() -> list[str]:
-    _load()
     return list(_REGISTRY)
 
 
 def all_objectives() -> list[Objective]:
-    _load()
     return list(_REGISTRY.values())

@@ -44,17 +44,14 @@ def plan_key(plan, layer_names: list[str]) -> str:
 
 
 def layer_tags(plan, layer_names: list[str]) -> dict[str, str]:
-    """layer -> "int8(dyn)", "int4(b32)", ... (the notation of QuantPlan.summary)."""
-    from pipeline.formats import Format, Int8Activations
-
-    out = {}
-    for name, c in plan.resolve(layer_names).items():
-        tag = c.format.value
-        if c.format is Format.INT8 and c.int8_activations is Int8Activations.DYNAMIC:
-            tag += "(dyn)"
-        if c.format is Format.INT4:
-            tag += f"(b{c.int4_block_size})"
-        out[name] = tag
+    """layer -> "int8(dyn)", "int4(b32)", ...: read from :meth:`QuantPlan.summary`, the one writer of that
+    notation (``fc1=int8(dyn) fc2=int4(b32)``; a tag holds no space, a layer name might)."""
+    names = list(plan.resolve(layer_names))
+    text, out = plan.summary(layer_names), {}
+    for i, name in enumerate(names):
+        text = text.removeprefix(f"{name}=")
+        cut = text.index(f" {names[i + 1]}=") if i + 1 < len(names) else len(text)
+        out[name], text = text[:cut], text[cut + 1:]
     return out
 
 

@@ -1,6 +1,6 @@
 """Promotion into the MLflow Model Registry: policies, refusals, idempotence, model card, load round trip.
 
-The study record comes from a real tiny search (pipeline.cli.search.run_search: Optuna,
+The study record comes from a real tiny search (pipeline.tracking.search.run_search: Optuna,
 Ray, the ONNX quantizer, ONNX Runtime measurements, MLflow on SQLite) on the
 bundled digits MLP. Records the search would only write on rare failures (a
 failed trial, a model file gone before upload) are written with the search's own
@@ -64,7 +64,7 @@ def tiny_search(root: Path, tracking_uri: str | None = None, study: str = STUDY)
     """Run (once per ``root``: later calls reuse the finished study) a real search of TRIALS trials."""
     from tests.conftest import _config
 
-    from pipeline.cli.search import run_search
+    from pipeline.tracking.search import run_search
     from pipeline.search.runner import SearchOptions
 
     marker = root / f"{study}.searched.json"
@@ -425,7 +425,7 @@ def test_tensorrt_engine_is_registered_with_the_model(tmp_path_factory, tmp_path
                 "measure.backend": "tensorrt"}
     from tests.conftest import _config
 
-    from pipeline.cli.search import run_search
+    from pipeline.tracking.search import run_search
     from pipeline.search.runner import SearchOptions
 
     root = tmp_path_factory.mktemp("trt-search")

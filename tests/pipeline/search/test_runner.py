@@ -15,9 +15,8 @@ import pytest
 
 from pipeline.tracking import schema as S
 from pipeline.config import ConfigError
-from pipeline.results import EnergyReport, Measurement, TrialResult
-from pipeline.cli.search import run_search
-from pipeline.objectives import decide_energy_mode, objective_infos, objective_values
+from pipeline.tracking.search import run_search
+from pipeline.objectives import objective_infos
 from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box, study_objectives
 from pipeline.search.runner import SearchOptions
 from pipeline.search.storage import config_hash, make_sampler, open_study
@@ -183,39 +182,6 @@ def test_failing_trials_are_recorded_and_the_study_completes(ray_local, mlflow_u
 
 
 # -- pure parts: objectives, hypervolume box, config identity ------------------------------------
-def _result(energy_source: str | None, accuracy=0.95, latency=2.0, size=1000) -> TrialResult:
-    energy = None if energy_source is None else EnergyReport(
-        source=energy_source, meter=f"{energy_source} meter", joules_per_inference=0.5,
-        joules_per_1k_inferences=500.0, average_power_w=10.0, gco2e_per_1m_inferences=1.0,
-        grid_intensity_g_per_kwh=473.0)
-    m = Measurement(backend="ort-cpu", device="cpu", metric="accuracy", accuracy=accuracy, reference_accuracy=0.97,
-                    accuracy_drop=0.97 - accuracy, batch_size=8, latency_ms_p50=latency, latency_ms_p95=latency,
-                    throughput_per_s=1.0, size_bytes=size, effective_bits_per_weight=8.0, energy=energy)
-    return TrialResult(plan_yaml="", plan_summary="", method="ptq", layers=[], measurement=m, artifact_path="x.onnx")
-
-
-def test_energy_slot_is_metered_energy_or_latency_and_says_which():
-    names = ["accuracy", "energy", "size"]
-    mode, note = decide_energy_mode(_result("rapl"), names)
-    assert mode == "energy" and "rapl" in note
-    mode, note = decide_energy_mode(_result("estimated"), names)
-    assert mode == "latency" and "estimated" in note
-    assert decide_energy_mode(_result(None), names)[0] == "latency"
-    # latency already an objective: keep the estimate in the energy slot rather than duplicate latency
-    assert decide_energy_mode(_result("estimated"), ["accuracy", "energy", "latency"])[0] == "energy"
-
-    infos = objective_infos(names, "accuracy", True, "latency")
-    assert [o.source for o in infos] == ["accuracy", "latency", "size"]
-    assert [o.direction for o in infos] == ["maximize", "minimize", "minimize"]
-    assert objective_values(_result("estimated"), infos) == [0.95, 2.0, 1000.0]
-    infos = objective_infos(names, "accuracy", True, "energy")
-    assert objective_values(_result("nvml"), infos) == [0.95, 0.5, 1000.0]
-    with pytest.raises(ValueError, match="did not measure"):
-        objective_values(_result(None), infos)
-    # a lower-is-better metric (mse) is minimised
-    assert objective_infos(["accuracy"], "mse", False, None)[0].direction == "minimize"
-
-
 def _rec(n, acc, cost, size, baseline=None, state="COMPLETE", feasible=True):
     return TrialRecord(number=n, state=state, baseline=baseline, feasible=feasible,
                        values={} if state != "COMPLETE" else {"accuracy": acc, "energy": cost, "size": size})
@@ -390,18 +356,6 @@ def test_a_pinned_meter_missing_on_the_worker_fails_the_trial_instead_of_switchi
     assert children[0].data.tags[S.TAG_FAIL_REASON] == reason[:5000]
 
 
-def test_a_trial_metered_by_another_source_is_refused_whatever_the_studys_source():
-    from pipeline.objectives import energy_source_mismatch
-
-    for study_source, trial_source in (("estimated", "rapl"), ("estimated", "nvml"), ("rapl", "estimated"),
-                                       ("nvml", "rapl")):
-        why = energy_source_mismatch(study_source, _result(trial_source))
-        assert why and study_source in why and trial_source in why
-    assert energy_source_mismatch("estimated", _result("estimated")) is None
-    assert energy_source_mismatch(None, _result("rapl")) is None  # nothing pinned yet: this trial decides
-    assert energy_source_mismatch("rapl", _result(None)) is None  # energy not measured this run
-
-
 # -- duplicate proposals -------------------------------------------------------------------------
 def test_plan_key_ignores_knobs_that_do_not_change_the_artifact():
     from pipeline.plan import QuantPlan
@@ -421,6 +375,17 @@ def test_plan_key_ignores_knobs_that_do_not_change_the_artifact():
     dyn = dict(layers={"fc1": "int8", "*": "fp32"}, int8_activations="dynamic")
     assert plan_key(QuantPlan(**dyn), names) == plan_key(QuantPlan(**dyn, calibration="percentile"), names)
     assert plan_key(QuantPlan(**dyn), names) != plan_key(QuantPlan(**dyn, method="qat"), names)
+
+
+def test_layer_tags_use_the_plan_summarys_notation():
+    from pipeline.plan import QuantPlan
+    from pipeline.search.plans import layer_tags
+
+    names = ["fc1", "block 2.fc", "fc3"]  # a layer name may hold a space; a tag never does
+    plan = QuantPlan(layers={"fc1": "int8", "block 2.fc": "int4", "*": "fp32"}, int8_activations="dynamic",
+                     int4_block_size=64)
+    assert layer_tags(plan, names) == {"fc1": "int8(dyn)", "block 2.fc": "int4(b64)", "fc3": "fp32"}
+    assert " ".join(f"{n}={t}" for n, t in layer_tags(plan, names).items()) == plan.summary(names)
 
 
 @pytest.mark.slow
@@ -480,13 +445,3 @@ def test_search_json_output_is_one_json_document(ray_local, mlflow_uri, tmp_path
         sys.stdout.write("🏃 View run trial-000 at: http://127.0.0.1:5000/#/experiments/1/runs/x\n")
     captured = capsys.readouterr()
     assert captured.out == "" and "View run trial-000" in captured.err
-
-
-def test_the_accuracy_slot_is_shown_under_the_task_metrics_name():
-    from pipeline.objectives import objective_infos
-
-    custom = objective_infos(["accuracy", "size"], "mypkg.metrics:r2", True, None)
-    assert [o.header for o in custom] == ["r2", "size bytes"]
-    assert custom[0].column == "accuracy"  # machine-readable keys (CSV, MLflow) stay stable
-    assert objective_infos(["accuracy"], "accuracy", True, None)[0].header == "accuracy"
-    assert objective_infos(["accuracy"], "spearman", True, None)[0].header == "spearman"
