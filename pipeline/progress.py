@@ -68,15 +68,18 @@ class SearchProgress:
         if self._live is not None:
             self._live.update(self._render(state))
 
-    def trial_finished(self, number: int, state: str, text: str) -> None:
-        """Called once per finished trial; in log mode this prints the line."""
+    def trial_finished(self, number: int, state: str, text: str, counts=None) -> None:
+        """Called once per finished trial; in log mode this prints the line.
+
+        ``counts`` (a :class:`pipeline.search.storage.StudyCounts`) are the storage's counts after
+        this trial was told: the counter never runs past its target or backwards on resume, and a
+        duplicate proposal (not measured, not counted) leaves it where it was.
+        """
         s = self._state
         if s is not None:
             s.recent.append((number, state, text))
-            if state == "COMPLETE":
-                s.complete += 1
-            else:
-                s.failed += 1
+            if counts is not None:
+                s.complete, s.failed = counts.complete, counts.failed
         if self.enabled and not self.live_mode:
             count = f"[{s.done}/{s.target}] " if s else ""
             style = "green" if state == "COMPLETE" else "red"

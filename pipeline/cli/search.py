@@ -30,6 +30,9 @@ def register(sub) -> None:
                         "sqlite:///<workdir>/<name>/optuna.db)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="stop proposing trials after this long (e.g. 20m, 90s, 1h, 1h30m; counted from the first "
+                        "proposal); trials in flight finish, and the study ends with the front of what it measured")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no live view (one line per trial is still logged)")
     p.add_argument("--quiet", action="store_true", help="print only the final front")
@@ -54,6 +57,7 @@ def stdout_to_stderr(active: bool) -> Iterator[None]:
 
 def run(args) -> int:
     from pipeline.config import ConfigError, load_config
+    from pipeline.search.budget import parse_duration
     from pipeline.search.runner import SearchOptions
     from pipeline.tracking.search import run_search
 
@@ -61,12 +65,18 @@ def run(args) -> int:
         raise ConfigError("--trials: must be at least 1")
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError("--parallel: must be at least 1")
+    budget = None
+    if args.time_budget is not None:
+        try:
+            budget = parse_duration(args.time_budget)
+        except ValueError as exc:
+            raise ConfigError(f"--time-budget: {exc}") from None
     cfg = load_config(args.config, overrides=parse_overrides(args.set))
     opts = SearchOptions(
         trials=args.trials, study=args.study, parallel=args.parallel, storage=args.storage,
         tracking_uri=args.tracking_uri, ray_address=args.ray_address,
         progress="off" if (args.quiet or args.json) else ("lines" if args.no_progress else "auto"),
-        verbose=getattr(args, "verbose", False),
+        verbose=getattr(args, "verbose", False), time_budget_s=budget,
     )
     with stdout_to_stderr(args.json):
         summary = run_search(cfg, opts)
@@ -83,7 +93,9 @@ def print_summary(summary, config_path: str = "<config>") -> None:
     console.print()
     print_front(summary.front, summary.objectives,
                 title=f"Pareto front of study {summary.study}: {len(summary.front)} trial(s) "
-                      f"({summary.trials_complete} complete, {summary.trials_failed} failed)",
+                      f"({summary.trials_complete} complete, {summary.trials_failed} failed"
+                      + (f", {summary.trials_orphaned} orphaned by a stopped driver and retried"
+                         if summary.trials_orphaned else "") + ")",
                 energy_source=summary.energy_meter_pinned or None)
     hv = "-" if summary.hypervolume is None else f"{summary.hypervolume:.4f}"
     console.print(f"hypervolume {hv} (normalised: the share of the box from the accuracy-drop limit and the worst "

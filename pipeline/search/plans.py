@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline.search.storage import T_DUPLICATE_OF, T_PLAN_KEY, T_PLAN_SUMMARY, T_RUN_ID
+from pipeline.search.storage import T_DUPLICATE_OF, T_PLAN_KEY, T_PLAN_SUMMARY, T_RUN_ID, study_counts
 
 
 def plan_key(plan, layer_names: list[str]) -> str:
@@ -114,7 +114,7 @@ class Duplicates:
             self._track(self.tracker.mark_duplicates, run_id, self.duplicates[original.number])
         self.progress.trial_finished(trial.number, "COMPLETE",
                                      f"duplicate of trial {original.number} (plan already measured; "
-                                     f"its values reused, not measured again)")
+                                     f"its values reused, not measured again)", counts=study_counts(self.study))
 
     def _start_run(self, number: int, params: dict, label: str | None, retry_of: int | None) -> str | None:
         try:

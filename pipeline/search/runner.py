@@ -48,6 +48,7 @@ from pipeline.objectives import (
 )
 from pipeline.results import TrialResult
 from pipeline.search import ray_exec
+from pipeline.search.budget import format_duration
 from pipeline.search.observers import Finisher, NullRecorder, RecorderFactory
 from pipeline.search.plans import Duplicates, knobs, layer_tags, plan_key
 from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box
@@ -55,7 +56,7 @@ from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
     A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
     T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, Resume, StudyLock,
-    config_hash, default_storage, make_sampler, measured_count, set_metric_names, validate_study_name,
+    config_hash, default_storage, make_sampler, measured_count, set_metric_names, study_counts, validate_study_name,
 )
 from pipeline.search.worker import TrialTask
 
@@ -78,6 +79,9 @@ class SearchOptions:
     energy: bool = True
     # Stop asking after this many proposals in a row were plans the study already measured.
     max_consecutive_duplicates: int = MAX_CONSECUTIVE_DUPLICATES
+    # Stop proposing once this many seconds have passed since the first proposal; trials in flight
+    # then finish, and the study ends with the front of what it measured (None: no time limit).
+    time_budget_s: float | None = None
 
 
 class SearchSummary(BaseModel):
@@ -102,7 +106,8 @@ class SearchSummary(BaseModel):
     tracking_errors: list[str] = []
     trials_duplicate: int = 0  # proposals of already measured plans (told their original's values, not counted)
     energy_meter_pinned: str = ""  # nvml | rapl | estimated once the study pinned measure.energy.meter
-    stopped_early: str = ""  # why the search ended before --trials (the sampler kept proposing duplicates)
+    stopped_early: str = ""  # why the search ended before --trials (duplicates only, or the time budget spent)
+    trials_orphaned: int = 0  # FAIL in the storage because a driver stopped while they ran (their plans retried)
 
 
 @dataclass
@@ -289,7 +294,7 @@ class StudyRunner(Resume, Duplicates):
             run_id = self._start_run(trial.number, trial.params, label, retry_of)
             if run_id:
                 self._track(self.tracker.fail_trial, run_id, reason)
-            self.progress.trial_finished(trial.number, "FAIL", reason)
+            self.progress.trial_finished(trial.number, "FAIL", reason, counts=study_counts(self.study))
             return
         summary = plan.summary(self.layer_names)
         key = plan_key(plan, self.layer_names)
@@ -362,14 +367,16 @@ class StudyRunner(Resume, Duplicates):
             text = "  ".join(f"{o.shown}={v:.4g}" for o, v in zip(self.infos, values))
             flag = "" if feasible is not False else "  [infeasible: accuracy drop]"
             self.progress.trial_finished(fl.trial.number, "COMPLETE",
-                                         f"{fl.label or ''} {text}{flag}  | {fl.trial.user_attrs.get(T_PLAN_SUMMARY, '')}".strip())
+                                         f"{fl.label or ''} {text}{flag}  | {fl.trial.user_attrs.get(T_PLAN_SUMMARY, '')}".strip(),
+                                         counts=study_counts(self.study))
         else:
             fl.trial.set_user_attr(T_FAIL_REASON, outcome.reason)
             fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
             self.study.tell(fl.trial, state=TrialState.FAIL)
             if fl.run_id:
                 self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds)
-            self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip())
+            self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip(),
+                                         counts=study_counts(self.study))
 
     def _refresh_front(self, force_plots: bool = False) -> dict[str, float]:
         records = build_records(self.study, self.infos)
@@ -442,10 +449,13 @@ class StudyRunner(Resume, Duplicates):
                 with self.progress:
                     summary = self._refresh_front()
                     self.progress.update(self._state(summary, res))
+                    self._budget_t0 = time.monotonic()  # the budget counts the search, not the one-off setup
                     while True:
                         finished = self._finished()
                         while (not self.stopped_early and len(self.in_flight) < self.parallel
                                and finished + len(self.in_flight) < self.target):
+                            if self._budget_spent():
+                                break
                             self._dispatch(dispatcher, res)
                             if self.consecutive_duplicates >= self.opts.max_consecutive_duplicates:
                                 self.stopped_early = (
@@ -481,6 +491,19 @@ class StudyRunner(Resume, Duplicates):
                     ray_exec.shutdown()
         return self._summary(summary, res, time.monotonic() - t_start)
 
+    def _budget_spent(self) -> bool:
+        """True once ``--time-budget`` has run out (and says so once: progress, MLflow, the summary)."""
+        budget = self.opts.time_budget_s
+        if budget is None or time.monotonic() - self._budget_t0 < budget:
+            return False
+        self.stopped_early = (
+            f"stopped proposing trials: the time budget of {format_duration(budget)} is spent; "
+            f"{len(self.in_flight)} trial(s) in flight were finished, and the study holds {self._finished()} "
+            f"measured trial(s) of the {self.target} asked for (run the command again to continue it)")
+        self.progress.message(self.stopped_early)
+        self._track(self.tracker.log_stopped_early, self.stopped_early)
+        return True
+
     def _summary(self, summary: dict[str, float], res: ray_exec.Resources, wall: float) -> SearchSummary:
         front = [r for r in self.records if r.on_front]
         first = self.infos[0]
@@ -495,7 +518,7 @@ class StudyRunner(Resume, Duplicates):
             parallel=self.parallel, cpus_per_trial=res.cpus, gpus_per_trial=res.gpus,
             orphans_recovered=self.orphans, tracking_errors=self.tracking_errors,
             trials_duplicate=int(summary.get("trials_duplicate", 0)), energy_meter_pinned=self.pinned_meter or "",
-            stopped_early=self.stopped_early,
+            stopped_early=self.stopped_early, trials_orphaned=study_counts(self.study).orphaned,
         )
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, SearchConfig
@@ -113,12 +114,49 @@ def open_study(config: SearchConfig, study_name: str | None = None, storage: str
                           f"--study {name}` first") from None
 
 
-def measured_count(study) -> int:
-    """Finished trials that count toward ``--trials``: not orphaned, not duplicates (read from the storage)."""
+@dataclass(frozen=True)
+class StudyCounts:
+    """The study's trials by kind, counted in the storage (the one truth, whatever this session saw)."""
+
+    complete: int = 0  # measured and COMPLETE
+    failed: int = 0  # FAIL, not orphaned
+    orphaned: int = 0  # FAIL because a driver stopped while they ran (their plans were retried)
+    duplicates: int = 0  # proposals of a measured plan, told its values
+    running: int = 0  # RUNNING (in flight, or orphaned until the next run sweeps them)
+    waiting: int = 0  # WAITING: enqueued (baselines, retries) and not asked for yet
+
+    @property
+    def measured(self) -> int:
+        """What counts toward ``--trials``: finished, not orphaned, not duplicates."""
+        return self.complete + self.failed
+
+
+def study_counts(study) -> StudyCounts:
     from optuna.trial import TrialState
 
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-               if not t.user_attrs.get(T_ORPHANED) and t.user_attrs.get(T_DUPLICATE_OF) is None)
+    complete = failed = orphaned = duplicates = running = waiting = 0
+    for t in study.get_trials(deepcopy=False):
+        ua = t.user_attrs
+        if t.state == TrialState.COMPLETE:
+            if ua.get(T_DUPLICATE_OF) is not None:
+                duplicates += 1
+            else:
+                complete += 1
+        elif t.state == TrialState.FAIL:
+            if ua.get(T_ORPHANED):
+                orphaned += 1
+            elif ua.get(T_DUPLICATE_OF) is None:
+                failed += 1
+        elif t.state == TrialState.RUNNING:
+            running += 1
+        elif t.state == TrialState.WAITING:
+            waiting += 1
+    return StudyCounts(complete, failed, orphaned, duplicates, running, waiting)
+
+
+def measured_count(study) -> int:
+    """Finished trials that count toward ``--trials``: not orphaned, not duplicates (read from the storage)."""
+    return study_counts(study).measured
 
 
 class StudyLock:

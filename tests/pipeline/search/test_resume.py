@@ -122,6 +122,8 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     second = subprocess.run(_command(work), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=420)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed:" in second.stdout
+    # the summary counts the storage's FAIL trials the orphans became, not "0 failed"
+    assert f"{len(orphans)} orphaned by a stopped driver and retried" in second.stdout
 
     after = {t.number: t for t in optuna.load_study(study_name="digits-mlp", storage=storage).get_trials()}
     # nothing finished is lost or changed

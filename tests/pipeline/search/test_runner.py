@@ -445,3 +445,39 @@ def test_search_json_output_is_one_json_document(ray_local, mlflow_uri, tmp_path
         sys.stdout.write("🏃 View run trial-000 at: http://127.0.0.1:5000/#/experiments/1/runs/x\n")
     captured = capsys.readouterr()
     assert captured.out == "" and "View run trial-000" in captured.err
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_proposing_finishes_in_flight_trials_and_keeps_the_front(
+        ray_local, mlflow_uri, make_config, capsys):
+    import re
+
+    from pipeline.search.storage import study_counts
+
+    cfg = make_config("digits_mlp.yaml", **{"search.trials": 12})
+    opts = SearchOptions(study="budget", parallel=2, progress="lines", tracking_uri=mlflow_uri, time_budget_s=1.0)
+    summary = run_search(cfg, opts)
+    out = capsys.readouterr().out
+    assert "time budget of 1s is spent" in summary.stopped_early
+    study = open_study(cfg, "budget")
+    counts = study_counts(study)
+    assert counts.running == 0  # what was in flight when the budget ran out finished
+    assert 1 <= counts.measured < 12
+    assert (summary.trials_complete, summary.trials_failed) == (counts.complete, counts.failed)
+    feasible_best = {t.number for t in study.best_trials}
+    assert summary.front and {r.number for r in summary.front} == feasible_best
+    parent, _ = _children(summary, "budget")
+    assert "time budget" in parent.data.tags[S.TAG_STOPPED_EARLY]
+    # the counter is the storage's: never past its target, never backwards
+    counters = [(int(d), int(t)) for d, t in re.findall(r"\[(\d+)/(\d+)\] trial", out)]
+    assert counters and all(t == 12 for _, t in counters)
+    assert [d for d, _ in counters] == sorted(d for d, _ in counters) and counters[-1][0] == counts.measured
+
+    # resumed without a budget for one more trial: the counter starts from what the storage holds
+    more = SearchOptions(study="budget", trials=counts.measured + 1, parallel=1, progress="lines",
+                         tracking_uri=mlflow_uri)
+    again = run_search(cfg, more)
+    out = capsys.readouterr().out
+    counters = [(int(d), int(t)) for d, t in re.findall(r"\[(\d+)/(\d+)\] trial", out)]
+    assert counters == [(counts.measured + 1, counts.measured + 1)]
+    assert not again.stopped_early and again.trials_complete + again.trials_failed == counts.measured + 1

@@ -1,0 +1,36 @@
+"""The time budget of a search (``--time-budget 20m``): written like people write durations.
+
+The runner stops proposing once the budget is spent, counted from its first proposal (the
+one-off setup before it, Ray start and the reference export, is not counted); trials in flight
+then finish and the study ends with the front of everything it measured.
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """"20m", "90s", "1h", "1h30m", "1.5h" or plain seconds ("600") -> seconds (> 0)."""
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        seconds = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", s)
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", s).strip():
+            raise ValueError(f"{text!r} is not a duration: use e.g. 20m, 90s, 1h or 1h30m")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: the time budget must be more than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 60 == 0:
+        h, m = divmod(int(seconds) // 60, 60)
+        return f"{h}h{m:02d}m" if m else f"{h}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds) // 60}m"
+    return f"{seconds:g}s"
