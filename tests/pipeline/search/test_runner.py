@@ -481,3 +481,16 @@ def test_a_time_budget_stops_proposing_finishes_in_flight_trials_and_keeps_the_f
     counters = [(int(d), int(t)) for d, t in re.findall(r"\[(\d+)/(\d+)\] trial", out)]
     assert counters == [(counts.measured + 1, counts.measured + 1)]
     assert not again.stopped_early and again.trials_complete + again.trials_failed == counts.measured + 1
+
+
+@pytest.mark.slow
+def test_the_runner_needs_no_mlflow(ray_local, make_config):
+    """pipeline.search on its own (no recorder handed in): the study runs, nothing is written to MLflow."""
+    from pipeline.search.runner import run_search as run_study
+
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"], "search.trials": 2})
+    summary = run_study(cfg, SearchOptions(study="no-mlflow", parallel=2, progress="off"))
+    assert summary.trials_complete == 2 and summary.front
+    assert summary.parent_run_id == "" and not summary.tracking_errors
+    assert not list(cfg.work_path.resolve().parent.rglob("mlflow.db"))
+    assert open_study(cfg, "no-mlflow").user_attrs["mlflow_parent_run_id"] == ""
