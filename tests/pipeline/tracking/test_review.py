@@ -1,4 +1,4 @@
-"""Review artifacts on a study's parent run, from a real tiny search (shared with test_registry)."""
+"""Review artifacts on a study's parent run, from a real tiny search (shared with promotion/test_promotion)."""
 
 from __future__ import annotations
 
