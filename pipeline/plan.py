@@ -88,8 +88,9 @@ class QuantPlan(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "QuantPlan":
-        from pipeline.config import ConfigError, format_validation_error
         from pydantic import ValidationError
+
+        from pipeline.errors import ConfigError, format_validation_error
 
         text = Path(path).read_text()
         try:
