@@ -403,7 +403,7 @@ def _check_loads(path: Path, planned: Sequence[_Planned] = (), optimized: bool =
     """
     import onnxruntime as ort
 
-    from pipeline.backends.ort_cpu import session_options
+    from exporters.ort_options import session_options
 
     optimized_error = None
     if optimized:

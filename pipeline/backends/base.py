@@ -43,6 +43,8 @@ class ObservedKernel(NamedTuple):
 
 class Backend(ABC):
     name: str  # e.g. "ort-cpu"
+    # Place in ``auto``'s preference, lower first (pipeline.backends.registry.auto_order); None: never auto.
+    auto_rank: int | None = None
     needs_gpu: bool = False
     install_hint: str = ""  # e.g. "pip install -e '.[gpu]'"
     # The graph forms the quantizer writes for this backend (pipeline.formats.QuantTarget).

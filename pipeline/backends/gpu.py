@@ -1,7 +1,9 @@
-"""GPU backends: ONNX Runtime CUDA EP, ONNX Runtime TensorRT EP, native TensorRT.
+"""GPU facts and probes shared by the GPU backends (ORT CUDA EP, ORT TensorRT EP, native TensorRT).
 
-Imported by :func:`pipeline.backends.registry._load_optional` on every
-``get_backend``/``resolve_backend`` call, so this module imports nothing heavy
+The plugins themselves live in :mod:`pipeline.backends.ort.cuda` and
+:mod:`pipeline.backends.tensorrt.plugin`; this module holds the GPU itself (name, sm,
+FP8 capability), the ORT provider probes and :class:`GpuBackend`, their shared base.
+Imported whenever the registry lists its plugins, so this module imports nothing heavy
 and nothing GPU-only at import time: ``onnxruntime``, ``tensorrt`` and
 ``torch`` are imported inside the methods that need them. Without the GPU
 packages every backend here reports ``available() == (False, reason + install
@@ -33,10 +35,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.backends.base import Backend, BackendUnavailable, Session
-from pipeline.backends.native import describe, execution
-from pipeline.backends.registry import register
-from pipeline.formats import Format, QuantTarget
+from pipeline.backends.base import Backend, BackendUnavailable
+from pipeline.backends.native import execution
+from pipeline.formats import Format
 from pipeline.results import Execution
 
 log = logging.getLogger(__name__)
@@ -309,30 +310,7 @@ def _probe_in_child(provider: str) -> tuple[bool, str]:
     return bool(ok), str(why)
 
 
-class OrtGpuSession(Session):
-    """An ORT session that is known to run on the requested GPU provider."""
-
-    def __init__(self, onnx_path: str | Path, providers: list, threads: int, expect: str, backend: str):
-        from pipeline.backends.ort_cpu import OrtSession
-
-        inner = OrtSession(onnx_path, providers, threads)
-        if not inner.providers or inner.providers[0] != expect:
-            raise BackendUnavailable(
-                f"backend {backend!r}: onnxruntime did not start {expect} for {onnx_path} "
-                f"(got {inner.providers}); refusing to measure a CPU run as {backend}"
-            )
-        self._inner = inner
-        self.input_names = inner.input_names
-        self.output_names = inner.output_names
-        self.providers = inner.providers
-        self.onnx_path = str(onnx_path)
-
-    def run(self, feeds):
-        # Host arrays in, host arrays out: ORT copies and synchronises inside run().
-        return self._inner.run(feeds)
-
-
-class _GpuBackend(Backend):
+class GpuBackend(Backend):
     needs_gpu = True
     install_hint = GPU_EXTRA
     device_id = 0
@@ -349,160 +327,3 @@ class _GpuBackend(Backend):
 
     def execution(self, fmt: Format, realisation: str = "") -> Execution:
         return execution(self.name, fmt, realisation, self.fp8_capable())
-
-
-@register
-class OrtCudaBackend(_GpuBackend):
-    """ONNX Runtime with the CUDA execution provider (onnxruntime-gpu)."""
-
-    name = "ort-cuda"
-    provider = "CUDAExecutionProvider"
-
-    def available(self) -> tuple[bool, str]:
-        return _ort_provider_status(self.provider)
-
-    def provider_options(self) -> dict[str, str]:
-        # use_tf32 (CUDA EP option, onnxruntime/core/providers/cuda/cuda_execution_provider_info.cc):
-        # "0" keeps fp32 MatMul/Conv in IEEE fp32 on Ampere and newer.
-        return {"device_id": str(self.device_id), "use_tf32": "0"}
-
-    def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
-        self.require()
-        _prepare_ort_process(self.provider)
-        providers = [(self.provider, self.provider_options()), "CPUExecutionProvider"]
-        return OrtGpuSession(onnx_path, providers, threads, self.provider, self.name)
-
-    def runtime_version(self) -> str:
-        import onnxruntime
-
-        return f"onnxruntime-gpu {onnxruntime.__version__} (CUDA EP)"
-
-
-@register
-class OrtTrtBackend(_GpuBackend):
-    """ONNX Runtime with the TensorRT execution provider (CUDA EP for what TensorRT does not take).
-
-    The graph gets the same preparation as the native TensorRT build (Cast-pair
-    BF16 layers promoted to bf16 compute); engines are cached next to the model.
-    """
-
-    name = "ort-trt"
-    provider = "TensorrtExecutionProvider"
-    builder_optimization_level = 3
-
-    def available(self) -> tuple[bool, str]:
-        ok, why = _ort_provider_status("CUDAExecutionProvider")
-        if not ok:
-            return False, why
-        return _ort_provider_status(self.provider)
-
-    def provider_options(self, cache: Path) -> dict[str, str]:
-        """TensorRT EP options (names from ORT's tensorrt_execution_provider_info.cc; booleans are
-        parsed as "0"/"1"/"True"/"False"). fp16 and int8 stay off on purpose: the EP creates the
-        network strongly typed only when neither is set (``network_flags |= fp16_enable_ ||
-        int8_enable_ ? 0 : 1U << kSTRONGLY_TYPED``), and strong typing is what makes TensorRT
-        honour the graph's QDQ and bf16 layers as written (TensorRT 11 has no weak typing at all).
-        They are written out so that ORT_TENSORRT_*_ENABLE environment variables cannot turn them on.
-        """
-        return {
-            "device_id": str(self.device_id),
-            "trt_fp16_enable": "False",
-            "trt_int8_enable": "False",
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": str(cache),
-            "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": str(cache),
-            "trt_builder_optimization_level": str(self.builder_optimization_level),
-        }
-
-    def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
-        from exporters.tensorrt import prepare_for_tensorrt
-
-        self.require()
-        _prepare_ort_process(self.provider)
-        prepared = prepare_for_tensorrt(onnx_path, suffix=".ort-trt.onnx")
-        cache = Path(onnx_path).parent / "trt-ep-cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        providers = [(self.provider, self.provider_options(cache)),
-                     ("CUDAExecutionProvider", {"device_id": str(self.device_id), "use_tf32": "0"}),
-                     "CPUExecutionProvider"]
-        session = OrtGpuSession(prepared.path, providers, threads, self.provider, self.name)
-        session.prepared = prepared  # type: ignore[attr-defined]
-        return session
-
-    def runtime_version(self) -> str:
-        import onnxruntime
-
-        return f"onnxruntime-gpu {onnxruntime.__version__} (TensorRT EP)"
-
-
-# --------------------------------------------------------------------------------------
-# Native TensorRT
-# --------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _tensorrt_status() -> tuple[bool, str]:
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, f"the TensorRT Python package is not installed: {GPU_EXTRA}"
-    ok, why = gpu_status(0)
-    if not ok:
-        return False, why
-    if importlib.util.find_spec("torch") is None:
-        return False, "torch is not installed: pip install torch==2.13.0 (CUDA build)"
-    try:
-        import torch
-    except Exception as exc:  # noqa: BLE001
-        return False, f"torch failed to import: {exc}"
-    if torch.version.cuda is None:  # a CPU build; checked without initialising CUDA in this process
-        return False, (
-            f"torch {torch.__version__} is a CPU build; the tensorrt backend uses torch CUDA "
-            "tensors, streams and events: install the CUDA build of torch==2.13.0"
-        )
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - missing libnvinfer etc.
-        return False, f"tensorrt failed to import: {type(exc).__name__}: {exc}"
-    return True, ""
-
-
-@register
-class TensorRTBackend(_GpuBackend):
-    """TensorRT engines built from the QDQ ONNX (exporters.tensorrt), timed with CUDA events.
-
-    The engine is built on the first ``run`` (input shapes are known then) and
-    serialised next to the ONNX file; ``session.engine_path`` names it.
-    """
-
-    name = "tensorrt"
-    quant_target = QuantTarget.TENSORRT  # standard-ONNX QDQ forms only (see pipeline.formats)
-    max_batch = 256  # optimisation profile: batch dimension 1..max(first batch, max_batch)
-    builder_optimization_level = 3
-    allow_tf32 = False
-
-    def available(self) -> tuple[bool, str]:
-        return _tensorrt_status()
-
-    def execution(self, fmt: Format, realisation: str = "") -> Execution:
-        return execution(self.name, fmt, realisation, self.fp8_capable())
-
-    def supports(self, realisation: str) -> bool:
-        """False for what TensorRT cannot build here (see pipeline.backends.native.describe)."""
-        return describe(self.name, realisation, self.fp8_capable()) != "unsupported"
-
-    def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
-        from exporters.tensorrt import TrtSession
-
-        self.require()
-        return TrtSession(
-            onnx_path,
-            device=self.device_id,
-            max_batch=self.max_batch,
-            allow_tf32=self.allow_tf32,
-            builder_optimization_level=self.builder_optimization_level,
-        )
-
-    def runtime_version(self) -> str:
-        import tensorrt
-
-        return f"tensorrt {tensorrt.__version__}"

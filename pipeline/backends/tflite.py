@@ -13,7 +13,7 @@ quantizes float feeds with the model's input scale/zero point (rounding half
 away from zero, as TFLite's QUANTIZE kernel does) and dequantizes the outputs,
 so callers always see float in, float out, as with an ONNX session.
 
-Nothing heavy is imported at module import (the registry imports this module).
+Nothing heavy is imported at module import (the registry imports this module to read its declarations).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import numpy as np
 
 from pipeline.backends.base import Backend, BackendUnavailable, Session
 from pipeline.backends.native import execution
-from pipeline.backends.ort_cpu import cpu_model_name
-from pipeline.backends.registry import register
+from pipeline.backends.ort.cpu import cpu_model_name
 from pipeline.formats import Format
 from pipeline.results import Execution
 
@@ -78,7 +77,6 @@ class TFLiteSession(Session):
         return out
 
 
-@register
 class TFLiteBackend(Backend):
     name = "tflite"
     needs_gpu = False
@@ -113,3 +111,6 @@ class TFLiteBackend(Backend):
             except PackageNotFoundError:
                 continue
         return ""
+
+
+BACKENDS = (TFLiteBackend,)

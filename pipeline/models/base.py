@@ -47,16 +47,3 @@ class ModelAdapter(ABC):
     def export_model(self, model: Any, out_path: Path) -> ReferenceModel:
         """Export a (possibly fine-tuned) framework model the same way as the reference,
         so its layer table maps identically. Used by QAT."""
-
-
-def get_adapter(config: Any) -> ModelAdapter:
-    fw = config.model.framework
-    if fw == "torch":
-        from pipeline.models.torch_adapter import TorchAdapter
-
-        return TorchAdapter(config)
-    if fw == "keras":
-        from pipeline.models.keras_adapter import KerasAdapter
-
-        return KerasAdapter(config)
-    raise ValueError(f"unknown framework {fw!r}")

@@ -181,7 +181,7 @@ def test_ort_runs_the_int4_qdq_form_with_int8_activations_unless_told_otherwise(
     written = _run(q.path, ids, BASIC)
     default = _run(q.path, ids)
     assert np.abs(default - written).max() > 1e-4 * np.abs(written).max()  # int8 activations show
-    from pipeline.backends.ort_cpu import OrtSession
+    from pipeline.backends.ort.session import OrtSession
 
     fp32_acts = OrtSession(q.path, ["CPUExecutionProvider"]).run({"ids": ids})[0]  # the backend's session
     np.testing.assert_allclose(fp32_acts, written, rtol=1e-5, atol=1e-5 * np.abs(written).max())

@@ -245,7 +245,7 @@ SEQ_PLANS = {
 
 def _backend_session(path, out=None, disabled=()):
     """The options the ORT CPU backend measures with."""
-    from pipeline.backends.ort_cpu import session_options
+    from pipeline.backends.ort.session import session_options
 
     opts = session_options()
     if out is not None:

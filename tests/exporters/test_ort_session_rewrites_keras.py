@@ -24,7 +24,7 @@ pytestmark = pytest.mark.keras
 pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install -e '.[keras]'")
 
 from exporters.onnx_quant import quantize_model  # noqa: E402
-from pipeline.backends.ort_cpu import session_options  # noqa: E402
+from pipeline.backends.ort.session import session_options  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models.keras_adapter import KerasAdapter  # noqa: E402
 from pipeline.plan import QuantPlan  # noqa: E402

@@ -12,16 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from exporters.tensorrt import (
-    TensorRTBuildError,
-    TensorRTUnavailable,
-    build_engine,
-    layer_precisions,
-    prepare_for_tensorrt,
-    profile_for,
-    promote_bf16_layers,
-    tensorrt_problems,
-)
+from exporters.tensorrt import layer_precisions, prepare_for_tensorrt, promote_bf16_layers, tensorrt_problems
+from pipeline.backends.tensorrt.engine import TensorRTBuildError, TensorRTUnavailable, build_engine, profile_for
 
 OPSET = 21
 RNG = np.random.default_rng(0)
@@ -284,7 +276,7 @@ def test_build_without_tensorrt_says_how_to_install(tmp_path):
 def _gpu_ready() -> tuple[bool, str]:
     if not HAS_TRT:
         return False, "TensorRT is not installed (pip install -e '.[gpu]')"
-    from pipeline.backends.gpu import TensorRTBackend
+    from pipeline.backends.tensorrt.plugin import TensorRTBackend
 
     return TensorRTBackend().available()
 
@@ -298,7 +290,7 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType
 
-    from exporters.tensorrt import TrtSession
+    from pipeline.backends.tensorrt.engine import TrtSession
 
     m = _static(tmp_path, "int8trt", per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
@@ -452,7 +444,7 @@ def test_network_flags_ask_for_strong_typing_by_the_flags_own_value():
     """TensorRT 10 numbers STRONGLY_TYPED 1 (EXPLICIT_BATCH is 0); TensorRT 11 keeps only STRONGLY_TYPED, as 0."""
     from types import SimpleNamespace
 
-    from exporters.tensorrt import network_flags
+    from pipeline.backends.tensorrt.engine import network_flags
 
     trt10 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1))
     trt11 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0))

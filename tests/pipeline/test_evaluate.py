@@ -107,7 +107,7 @@ def test_the_backends_quantizer_target_reaches_the_artifact(tmp_path):
     import onnx
 
     from pipeline.backends import native
-    from pipeline.backends.ort_cpu import OrtCpuBackend
+    from pipeline.backends.ort.cpu import OrtCpuBackend
     from pipeline.formats import QuantTarget
     from pipeline.measure import TrialFailure
     from tests.conftest import _config

@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.backends import BackendUnavailable, available_backends, get_backend, resolve_backend
 from pipeline.backends import native
-from pipeline.backends.gpu import GpuInfo, OrtCudaBackend, OrtGpuSession, OrtTrtBackend, TensorRTBackend
+from pipeline.backends.gpu import GpuInfo
+from pipeline.backends.ort.cuda import OrtCudaBackend, OrtGpuSession, OrtTrtBackend
+from pipeline.backends.tensorrt.plugin import TensorRTBackend
 from pipeline.formats import Format
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -24,7 +26,7 @@ GPU_NAMES = ("ort-cuda", "ort-trt", "tensorrt")
 
 def test_importing_gpu_module_imports_nothing_heavy():
     code = (
-        "import sys, json, pipeline.backends.gpu, pipeline.backends.registry as r; r._load_optional(); "
+        "import sys, json, pipeline.backends.gpu, pipeline.backends.ort.cuda, pipeline.backends.tensorrt.plugin, pipeline.backends.registry as r; r.plugins(); "
         "print(json.dumps([m for m in ('onnxruntime', 'tensorrt', 'torch', 'pynvml') if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

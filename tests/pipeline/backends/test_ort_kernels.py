@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from pipeline.backends.base import Backend
-from pipeline.backends.ort_cpu import OrtCpuBackend
-from pipeline.backends.ort_kernels import INTEGER_KERNELS, observe_kernels, optimized_graph
+from pipeline.backends.ort.cpu import OrtCpuBackend
+from pipeline.backends.ort.kernels import INTEGER_KERNELS, observe_kernels, optimized_graph
 from pipeline.formats import Format
 from pipeline.plan import QuantPlan
 
@@ -275,7 +275,8 @@ def test_the_optimized_graph_is_built_with_the_measured_sessions_options(mlp, tm
 
 
 def test_only_ort_cpu_observes_its_kernels():
-    from pipeline.backends.gpu import OrtCudaBackend, OrtTrtBackend, TensorRTBackend
+    from pipeline.backends.ort.cuda import OrtCudaBackend, OrtTrtBackend
+    from pipeline.backends.tensorrt.plugin import TensorRTBackend
 
     assert OrtCpuBackend.observed_kernels is not Backend.observed_kernels
     for cls in (OrtCudaBackend, OrtTrtBackend, TensorRTBackend):  # GPU: static table, never guessed

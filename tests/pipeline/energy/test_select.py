@@ -3,8 +3,9 @@ else the estimate; an explicit choice that cannot work is an error naming the fi
 
 import pytest
 
-from pipeline.backends.gpu import OrtCudaBackend, TensorRTBackend
-from pipeline.backends.ort_cpu import OrtCpuBackend
+from pipeline.backends.ort.cpu import OrtCpuBackend
+from pipeline.backends.ort.cuda import OrtCudaBackend
+from pipeline.backends.tensorrt.plugin import TensorRTBackend
 from pipeline.config import EnergySpec
 from pipeline.energy import MeterUnavailable, nvml_status, rapl_status, select_meter
 from tests.pipeline.energy.test_rapl import zone

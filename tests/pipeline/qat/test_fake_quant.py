@@ -365,7 +365,7 @@ def _plan_choices(fmt: str, ref) -> dict[str, LayerChoice]:
 @pytest.mark.parametrize("name,fmt", CASES, ids=[f"{n}-{f}" for n, f in CASES])
 def test_fake_quantized_layer_equals_onnx_runtime(name, fmt, references, tmp_path):
     from exporters.onnx_quant import quantize_model
-    from pipeline.backends.ort_cpu import OrtSession
+    from pipeline.backends.ort.session import OrtSession
     from pipeline.qat.train import call_model, to_tensors
     from pipeline.qat.wrap import QATModel
 

@@ -135,7 +135,7 @@ def _run_both(path: str, feeds: dict) -> dict[str, np.ndarray]:
     runs it (``pipeline.backends.ort_cpu.session_options``: every default optimization on)."""
     import onnxruntime as ort
 
-    from pipeline.backends.ort_cpu import session_options
+    from pipeline.backends.ort.session import session_options
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

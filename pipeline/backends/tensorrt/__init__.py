@@ -1,0 +1,1 @@
+"""Native TensorRT: the plugin (``plugin``) and the engine build + timed session (``engine``)."""
