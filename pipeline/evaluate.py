@@ -182,7 +182,7 @@ class Evaluator:
 
         model, curve, extra = None, None, {}
         if plan.method == "qat":
-            from pipeline.qat.keras_qat import keras_qat
+            from pipeline.qat.keras_train import keras_qat
 
             model, curve = keras_qat(self.config, self.adapter, plan, self.reference, out_dir, progress=progress)
             extra["qat_note"] = "QAT trains ORT's symmetric grid; TFLite int8 uses asymmetric activations (close, not exact)"

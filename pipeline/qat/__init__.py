@@ -93,7 +93,7 @@ def run_qat(
 
     if adapter.framework == "keras":
         # Keras 3 has its own fake quantizers (same numerics, TensorFlow ops): pipeline.qat.keras_qat.
-        from pipeline.qat.keras_qat import run_keras_qat
+        from pipeline.qat.keras_train import run_keras_qat
 
         return run_keras_qat(config, adapter, plan, reference, out_dir, progress=progress)
     if adapter.framework != "torch":

@@ -24,7 +24,9 @@ from exporters import numerics  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.models.keras_adapter import KerasAdapter, import_tf, structure_inputs  # noqa: E402
 from pipeline.plan import QuantPlan  # noqa: E402
+from pipeline.qat import keras_fake_quant as kfq  # noqa: E402
 from pipeline.qat import keras_qat as kq  # noqa: E402
+from pipeline.qat import keras_train as kt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 THIS = "tests.pipeline.qat.test_keras_qat"
@@ -58,7 +60,7 @@ def values():
 def test_int8_weight_matches_numerics(values):
     tf, _ = import_tf()
     for axis in (0, 1, None):
-        got, scale = kq.fake_int8_weight(tf.constant(values), axis)
+        got, scale = kfq.fake_int8_weight(tf.constant(values), axis)
         s = numerics.int8_weight_scale(values, axis)
         want = numerics.int8_dequantize(numerics.int8_quantize(values, s, axis), s, axis)
         np.testing.assert_array_equal(scale.numpy(), s)
@@ -68,29 +70,29 @@ def test_int8_weight_matches_numerics(values):
 def test_fp8_int4_bf16_dynamic_match_numerics(values):
     tf, _ = import_tf()
     w = tf.constant(values)
-    s = kq.fp8_weight_scale(w).numpy()
+    s = kfq.fp8_weight_scale(w).numpy()
     assert abs(s - numerics.fp8_weight_scale(values)) <= np.spacing(s)  # numpy's float32 std: last bit may differ
-    np.testing.assert_array_equal(kq.fake_fp8(w, s, weight=True).numpy(), numerics.fp8_fake_quant(values, s))
+    np.testing.assert_array_equal(kfq.fake_fp8(w, s, weight=True).numpy(), numerics.fp8_fake_quant(values, s))
     big = values * 1e4  # saturates at +-448 instead of turning into NaN
-    np.testing.assert_array_equal(kq.fake_fp8(tf.constant(big), s, weight=True).numpy(), numerics.fp8_fake_quant(big, s))
+    np.testing.assert_array_equal(kfq.fake_fp8(tf.constant(big), s, weight=True).numpy(), numerics.fp8_fake_quant(big, s))
     for block in (32, 64):
-        np.testing.assert_array_equal(kq.fake_int4_blocks(tf.constant(values.T), block).numpy(),
+        np.testing.assert_array_equal(kfq.fake_int4_blocks(tf.constant(values.T), block).numpy(),
                                       numerics.int4_fake_quant(values.T, block, "half_up"))
-    np.testing.assert_array_equal(kq.fake_bf16(w).numpy(), numerics.bf16_round(values))
+    np.testing.assert_array_equal(kfq.fake_bf16(w).numpy(), numerics.bf16_round(values))
     q, scale, zp = numerics.dynamic_quantize_linear(values)
     want = ((q.astype(np.float32) - np.float32(zp)) * scale).astype(np.float32)
-    np.testing.assert_array_equal(kq.fake_int8_dynamic(w).numpy(), want)
+    np.testing.assert_array_equal(kfq.fake_int8_dynamic(w).numpy(), want)
     xs = np.float32(0.0123)
     want = numerics.int8_dequantize(numerics.int8_quantize(values, xs), xs)
-    np.testing.assert_array_equal(kq.fake_int8_static(w, xs).numpy(), want)
+    np.testing.assert_array_equal(kfq.fake_int8_static(w, xs).numpy(), want)
 
 
 def test_gradients_are_straight_through(values):
     tf, _ = import_tf()
     w = tf.Variable(values)
     with tf.GradientTape(persistent=True) as tape:
-        a = tf.reduce_sum(kq.fake_int8_weight(w, 1)[0])
-        b = tf.reduce_sum(kq.fake_int8_static(w, np.float32(0.001)))  # most values saturate
+        a = tf.reduce_sum(kfq.fake_int8_weight(w, 1)[0])
+        b = tf.reduce_sum(kfq.fake_int8_static(w, np.float32(0.001)))  # most values saturate
     np.testing.assert_array_equal(tape.gradient(a, w).numpy(), np.ones_like(values))
     gb = tape.gradient(b, w).numpy()
     inside = (values >= -128 * 0.001) & (values <= 127 * 0.001)
@@ -218,7 +220,7 @@ def test_qat_trains_and_exports_with_the_same_layer_table(setup):
 
     cfg, adapter, ref, _, _, work = setup
     plan = QuantPlan(method="qat", layers={"*": "int4"}, qat={"steps": 30, "learning_rate": 1e-3, "batch_size": 64})
-    out = kq.run_keras_qat(cfg, adapter, plan, ref, work / "qat-out", progress=False)
+    out = kt.run_keras_qat(cfg, adapter, plan, ref, work / "qat-out", progress=False)
     curve = out.loss_curve
     assert len(curve) == out.steps == 30 and all(np.isfinite(curve))
     assert np.mean(curve[-10:]) < np.mean(curve[:10])  # int4 error is trained away
@@ -253,17 +255,17 @@ def test_loss_resolution(setup):
     cfg, adapter, ref, _, _, _ = setup
     model = adapter.load_model()
     y = np.array([1, 2])
-    assert kq.resolve_loss(cfg, model, ref.output_names, y)[0].startswith("compiled")
+    assert kt.resolve_loss(cfg, model, ref.output_names, y)[0].startswith("compiled")
     uncompiled = KerasAdapter(cfg).load_model()
     uncompiled.compiled = False
-    assert kq.resolve_loss(cfg, uncompiled, ref.output_names, y)[0] == "cross_entropy"
-    name, fn = kq.resolve_loss(cfg.model_copy(update={"loss": f"{THIS}:custom_loss"}), model, ref.output_names, y)
+    assert kt.resolve_loss(cfg, uncompiled, ref.output_names, y)[0] == "cross_entropy"
+    name, fn = kt.resolve_loss(cfg.model_copy(update={"loss": f"{THIS}:custom_loss"}), model, ref.output_names, y)
     assert name.endswith("custom_loss")
     assert float(fn(np.full((2, 10), 2.0, np.float32), y)) == pytest.approx(4.0)
-    name, fn = kq.resolve_loss(cfg.model_copy(update={"loss": "mse"}), model, ref.output_names, y)
+    name, fn = kt.resolve_loss(cfg.model_copy(update={"loss": "mse"}), model, ref.output_names, y)
     assert name == "mse"
     with pytest.raises(ConfigError, match="loss"):
-        kq.resolve_loss(cfg.model_copy(update={"loss": "hinge"}), model, ref.output_names, y)
+        kt.resolve_loss(cfg.model_copy(update={"loss": "hinge"}), model, ref.output_names, y)
 
 
 def test_plan_with_unknown_layer_is_refused(setup):
