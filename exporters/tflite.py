@@ -43,9 +43,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from exporters.errors import UnsupportedPlan
-from pipeline.backends import native
+from pipeline.formats import realisations as native
 from pipeline.formats import Format, Int8Activations
-from pipeline.plan import LayerChoice
+from pipeline.plan import LayerChoice, resolved
 
 # TFLite ops that carry a layer's weight, and which input holds it.
 WEIGHT_OPS = {"CONV_2D": 1, "FULLY_CONNECTED": 1, "DEPTHWISE_CONV_2D": 1, "BATCH_MATMUL": 1,
@@ -403,6 +403,6 @@ def candidate(adapter, reference, plan, calibration_feeds: Sequence[dict[str, np
     model = model if model is not None else adapter.load_model()
     names = _layer_names(adapter, model)
     table = reference.layer_table.names
-    return convert(model, plan.resolve(table), calibration_feeds, out_path, reference.output_names,
+    return convert(model, resolved(plan, table), calibration_feeds, out_path, reference.output_names,
                    layer_names={n: names.get(n, names.get(n.split("#")[0], n)) for n in table},
                    structure=lambda m, f: adapter.model_inputs(m, f))

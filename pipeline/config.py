@@ -188,7 +188,9 @@ class MeasureSpec(_OmitNewDefaults):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        allowed = {"auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "tflite"}
+        from pipeline.backends.registry import AUTO, backend_names  # the plugins declare their names
+
+        allowed = {AUTO, *backend_names()}
         if v not in allowed:
             raise ValueError(f"backend must be one of {sorted(allowed)}, got {v!r}")
         return v
@@ -283,23 +285,12 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _backend_fits_model(self) -> "SearchConfig":
-        if self.measure.backend == "tflite":
-            if self.model.framework != "keras":
-                raise ValueError("measure.backend: tflite converts Keras models only; use ort-cpu for PyTorch models")
-            bad = [f.value for f in self.search.formats if f not in (Format.FP32, Format.INT8)]
-            if bad:
-                raise ValueError(f"search.formats: TFLite builds fp32 and int8 layers only; remove {bad} "
-                                 "(or measure on ort-cpu, which runs every format)")
-            if Int8Activations.DYNAMIC in self.search.int8_activations:
-                raise ValueError("search.int8_activations: TFLite mixes int8 and fp32 layers with static "
-                                 "activations only; set [static]")
-        if self.measure.backend == "tensorrt" and Int8Activations.DYNAMIC in self.search.int8_activations \
-                and "int8_activations" in self.search.model_fields_set:
-            # Left at its default the list is narrowed to [static] for TensorRT by the search space
-            # (search_spaces/space.py); written out by the user, it asks for something impossible.
-            raise ValueError("search.int8_activations: TensorRT builds int8 with static (calibrated) activations "
-                             "only - its ONNX parser has no DynamicQuantizeLinear; set [static] "
-                             "(or measure on ort-cpu, which runs both)")
+        """The chosen backend plugin checks what it cannot build (``Backend.check_config``)."""
+        from pipeline.backends.registry import plugins
+
+        plugin = plugins().get(self.measure.backend)
+        if plugin is not None:
+            plugin.check_config(self)
         return self
 
     def resolve_path(self, p: str) -> Path:

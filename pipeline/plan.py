@@ -3,13 +3,17 @@
 Plans are written by users (``plan.yaml``) and by the search. Layer keys are
 glob patterns matched in order, first match wins, so ``{"fc1": int4, "*": int8}``
 reads the way it looks. :meth:`QuantPlan.resolve` turns the patterns into one
-concrete :class:`LayerChoice` per layer of a model; everything downstream
-(quantizer, QAT, reports) consumes the resolved form only.
+:class:`ResolvedPlan` - a concrete :class:`LayerChoice` per layer of a model, plus the plan's
+method/calibration/QAT settings - once per evaluation; everything downstream (quantizer, QAT,
+TFLite, reports, the study's duplicate key) consumes that object and never resolves again.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal, Union
 
@@ -17,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.formats import INT4_BLOCK_SIZES, Calibration, Format, Int8Activations
+from pipeline.formats import registry as formats
 
 
 class LayerOverride(BaseModel):
@@ -111,8 +116,9 @@ class QuantPlan(BaseModel):
                 return pattern, self._choice(entry)
         return None
 
-    def resolve(self, layer_names: list[str], default: Format = Format.FP32) -> dict[str, LayerChoice]:
-        """One concrete choice per layer; layers matched by no pattern get ``default``.
+    def resolve(self, layer_names: list[str], default: Format = Format.FP32) -> "ResolvedPlan":
+        """One concrete choice per layer (a :class:`ResolvedPlan`, a mapping layer -> choice);
+        layers matched by no pattern get ``default``.
 
         Raises ValueError when a pattern matches no layer at all, since that is
         almost always a typo in a layer name and silently ignoring it would
@@ -143,7 +149,7 @@ class QuantPlan(BaseModel):
                 "wins; put broader patterns such as '*' last): "
                 + ", ".join(f"{p!r} (taken by {first[p]!r})" for p in shadowed)
             )
-        return out
+        return ResolvedPlan(self, out)
 
     def _choice(self, entry: Format | LayerOverride) -> LayerChoice:
         if isinstance(entry, LayerOverride):
@@ -159,13 +165,98 @@ class QuantPlan(BaseModel):
         )
 
     def summary(self, layer_names: list[str]) -> str:
-        """Compact one-line description, e.g. ``fc1=int4 fc2=int8(dyn)``."""
-        parts = []
-        for name, c in self.resolve(layer_names).items():
-            tag = c.format.value
-            if c.format is Format.INT8 and c.int8_activations is Int8Activations.DYNAMIC:
-                tag += "(dyn)"
-            if c.format is Format.INT4:
-                tag += f"(b{c.int4_block_size})"
-            parts.append(f"{name}={tag}")
-        return " ".join(parts)
+        """Compact one-line description, e.g. ``fc1=int4(b32) fc2=int8(dyn)`` (resolves; prefer
+        :meth:`ResolvedPlan.summary` where the plan is already resolved)."""
+        return self.resolve(layer_names).summary()
+
+
+class ResolvedPlan(Mapping[str, LayerChoice]):
+    """A plan applied to one model's layers: what one evaluation measures, resolved once.
+
+    A read-only mapping layer name -> :class:`LayerChoice` in layer-table order (so code written
+    for the plain dict ``resolve`` used to return keeps working), plus the plan it came from
+    (``method``, ``calibration``, ``qat``) and what the rest of the code derives from it:
+    :meth:`key` (the study's duplicate identity), :meth:`summary` and :meth:`tags` (reports,
+    MLflow), :attr:`calibrated` (THE calibrated rule, asked of the format registry).
+    """
+
+    __slots__ = ("plan", "choices")
+
+    def __init__(self, plan: QuantPlan, choices: dict[str, LayerChoice]):
+        self.plan = plan
+        self.choices = dict(choices)
+
+    # -- Mapping
+    def __getitem__(self, name: str) -> LayerChoice:
+        return self.choices[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.choices)
+
+    def __len__(self) -> int:
+        return len(self.choices)
+
+    def __repr__(self) -> str:
+        return f"ResolvedPlan({self.summary()!r}, method={self.method!r})"
+
+    def __reduce__(self):  # pickles as (plan, choices) for Ray workers
+        return (ResolvedPlan, (self.plan, self.choices))
+
+    # -- the plan's settings
+    @property
+    def names(self) -> list[str]:
+        return list(self.choices)
+
+    @property
+    def method(self) -> str:
+        return self.plan.method
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.plan.calibration
+
+    @property
+    def qat(self) -> QATSettings | None:
+        return self.plan.qat
+
+    @property
+    def calibrated(self) -> bool:
+        """Some layer needs activation ranges, so ``calibration`` changes the artifact."""
+        return formats.any_calibrated(self.choices.values())
+
+    def formats(self) -> dict[str, Format]:
+        return {n: c.format for n, c in self.choices.items()}
+
+    # -- derived identities and text
+    def key(self) -> str:
+        """Identity of what the plan measures: its per-layer choices, method, calibration and QAT settings.
+
+        Knobs that do not change the artifact are left out (int8 activation mode on a non-INT8
+        layer, INT4 block size on a non-INT4 layer, calibration when nothing is calibrated), so
+        two parameter sets building the same candidate get the same key.
+        """
+        layers = {name: {"format": c.format.value, **formats.family(c.format).key_knobs(c)}
+                  for name, c in self.choices.items()}
+        data = {"method": self.method, "layers": layers,
+                "calibration": self.calibration.value if self.calibrated else None,
+                "qat": self.qat.model_dump(mode="json") if self.qat is not None else None}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+    def tags(self) -> dict[str, str]:
+        """layer -> ``int8(dyn)``, ``int4(b32)``, ... (the notation of :meth:`summary`)."""
+        return {name: formats.tag(c) for name, c in self.choices.items()}
+
+    def summary(self) -> str:
+        """Compact one-line description, e.g. ``fc1=int4(b32) fc2=int8(dyn)``."""
+        return " ".join(f"{name}={t}" for name, t in self.tags().items())
+
+
+def resolved(plan: QuantPlan | ResolvedPlan, layer_names: list[str]) -> ResolvedPlan:
+    """``plan`` as resolved for ``layer_names``: a :class:`ResolvedPlan` is passed through as is
+    (the evaluator resolves once and hands it down), a :class:`QuantPlan` is resolved here
+    (callers that start from a user plan, such as tests and notebooks)."""
+    if isinstance(plan, ResolvedPlan):
+        if plan.names != list(layer_names):
+            raise ValueError("the resolved plan was resolved for other layers than this model's layer table")
+        return plan
+    return plan.resolve(layer_names)

@@ -29,7 +29,8 @@ from typing import Any
 
 from pipeline.config import ConfigError, SearchSpec
 from pipeline.formats import TARGET_INT8_ACTIVATIONS, Calibration, Format, Int8Activations, QuantTarget
-from pipeline.plan import QATSettings, QuantPlan
+from pipeline.formats import registry as format_registry
+from pipeline.plan import LayerChoice, QATSettings, QuantPlan
 
 LAYER_PREFIX = "layer:"
 P_METHOD = "method"
@@ -142,7 +143,8 @@ class SearchSpace:
             int8_act = Int8Activations(self._choose(get, P_INT8_ACT, [a.value for a in spec.int8_activations]))
 
         calibration = Calibration(spec.calibrations[0])
-        calibrated = Format.FP8 in used or (Format.INT8 in used and int8_act is Int8Activations.STATIC)
+        # THE calibrated rule (pipeline.formats): does any used format, with these knobs, need calibration?
+        calibrated = format_registry.any_calibrated(LayerChoice(format=f, int8_activations=int8_act) for f in used)
         if calibrated:
             calibration = Calibration(self._choose(get, P_CALIBRATION, [c.value for c in spec.calibrations]))
 

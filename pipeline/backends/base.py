@@ -1,19 +1,29 @@
-"""Backend and session interfaces."""
+"""Backend and session interfaces: what a backend plugin declares and what it owns.
+
+A plugin declares its ``name``, ``auto_rank``, ``needs_gpu``, ``quant_target`` (the graph forms
+the quantizer writes for it) and ``native_realisations`` (forms it runs natively beyond what the
+format families declare), and owns building its artifact (:meth:`Backend.build`: the shared ONNX
+build by default, :mod:`pipeline.backends.onnx_build`), its FP32 reference artifact and, where
+the artifact is not ONNX, its bits-per-weight accounting.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from pipeline.formats import Format, QuantTarget
-from pipeline.results import Execution
+from pipeline.formats.registry import is_native
+from pipeline.results import Execution, LayerReport
 
 if TYPE_CHECKING:
     from pipeline.layers import LayerTable
+    from pipeline.plan import ResolvedPlan
 
 
 class BackendUnavailable(RuntimeError):
@@ -41,6 +51,31 @@ class ObservedKernel(NamedTuple):
     execution: Execution
 
 
+@dataclass
+class BuildInputs:
+    """What a backend builds a candidate from (shared by all candidates of one evaluator).
+
+    ``source`` is what to quantize: the FP32 reference, or the export of a QAT fine-tune;
+    ``model`` a QAT-tuned framework model for backends that convert from the framework
+    (``builds_from = "framework"``); ``adapter`` the framework adapter that loads/exports it.
+    """
+
+    reference: Any  # pipeline.models.ReferenceModel
+    calibration_feeds: Sequence[dict[str, np.ndarray]]
+    source: Any = None  # ReferenceModel to quantize; None: the reference
+    adapter: Any = None
+    model: Any = None
+
+
+@dataclass
+class BuiltArtifact:
+    """A candidate artifact and its per-layer report."""
+
+    path: str
+    layers: list[LayerReport]
+    extra: dict = field(default_factory=dict)
+
+
 class Backend(ABC):
     name: str  # e.g. "ort-cpu"
     # Place in ``auto``'s preference, lower first (pipeline.backends.registry.auto_order); None: never auto.
@@ -53,6 +88,11 @@ class Backend(ABC):
     # uint8 activations, and ORT converts int8 pairs only when they have one reader. Not for ORT's
     # TensorRT EP (TensorRT takes signed, zero-point-0 Q/DQ only). See exporters.quant.ort_session_forms.
     uint8_activations: bool = False
+    # Realisations this backend runs natively besides what the format families declare for it.
+    native_realisations: frozenset[str] = frozenset()
+    # What QAT hands the build: "onnx" (the fine-tuned model exported to ONNX, then quantized) or
+    # "framework" (the fine-tuned framework model itself, for backends that convert from it).
+    builds_from: str = "onnx"
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:
@@ -62,9 +102,35 @@ class Backend(ABC):
     def device(self) -> str:
         """Human-readable device, e.g. 'AMD EPYC 9R14 (2 threads)'."""
 
-    @abstractmethod
-    def execution(self, fmt: Format) -> Execution:
-        """Whether ``fmt`` runs natively on this backend here, or is emulated."""
+    def fp8_capable(self) -> bool:
+        """Whether this device has FP8 kernels (GPU backends answer from the GPU)."""
+        return False
+
+    def execution(self, fmt: Format, realisation: str = "") -> Execution:
+        """Whether ``fmt`` written as ``realisation`` runs natively on this backend here, or is emulated
+        (THE native rule: :func:`pipeline.formats.registry.is_native`)."""
+        native = is_native(self.name, fmt, realisation, self.fp8_capable(), self.native_realisations)
+        return "native" if native else "emulated"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Refuse, at config load, what this backend can never build (raise ValueError("field.path: why; fix"))."""
+
+    # -- the build
+    def build(self, inputs: BuildInputs, plan: "ResolvedPlan", out_dir: Path, progress=None) -> BuiltArtifact:
+        """The candidate artifact for ``plan``: by default the shared ONNX build for this backend's target."""
+        from pipeline.backends.onnx_build import build_onnx
+
+        return build_onnx(self, inputs, plan, out_dir)
+
+    def reference_artifact(self, inputs: BuildInputs) -> str:
+        """The FP32 artifact this backend runs, against which accuracy drops are measured."""
+        return inputs.reference.onnx_path
+
+    def bits_per_weight(self, artifact: str | Path, reference_artifact: str | Path, quantizable_params: int) -> float | None:
+        """Storage bits per quantizable weight of a non-ONNX artifact; None: an ONNX artifact, which the
+        evaluator accounts for from its initializers."""
+        return None
 
     @abstractmethod
     def open(self, onnx_path: str | Path, threads: int = 0) -> Session:

@@ -36,9 +36,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.backends.base import Backend, BackendUnavailable
-from pipeline.backends.native import execution
-from pipeline.formats import Format
-from pipeline.results import Execution
 
 log = logging.getLogger(__name__)
 
@@ -325,5 +322,3 @@ class GpuBackend(Backend):
         info = gpu_info(self.device_id)
         return bool(info and info.fp8_capable)
 
-    def execution(self, fmt: Format, realisation: str = "") -> Execution:
-        return execution(self.name, fmt, realisation, self.fp8_capable())

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backends.base import Backend, BackendUnavailable, Session
-from pipeline.backends.native import execution
+from pipeline.backends.base import Backend, BackendUnavailable, BuildInputs, BuiltArtifact, Session
+from pipeline.formats import Format, Int8Activations
+from pipeline.results import LayerReport
 from pipeline.backends.ort.cpu import cpu_model_name
-from pipeline.formats import Format
-from pipeline.results import Execution
 
 INSTALL_HINT = "pip install -e '.[keras]'"
 
@@ -78,9 +77,51 @@ class TFLiteSession(Session):
 
 
 class TFLiteBackend(Backend):
+    """Builds its own artifacts: TFLite's converter on the Keras model (QAT-tuned when asked), never ONNX."""
+
     name = "tflite"
     needs_gpu = False
     install_hint = INSTALL_HINT
+    builds_from = "framework"  # QAT hands over the fine-tuned Keras model
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.model.framework != "keras":
+            raise ValueError("measure.backend: tflite converts Keras models only; use ort-cpu for PyTorch models")
+        bad = [f.value for f in config.search.formats if f not in (Format.FP32, Format.INT8)]
+        if bad:
+            raise ValueError(f"search.formats: TFLite builds fp32 and int8 layers only; remove {bad} "
+                             "(or measure on ort-cpu, which runs every format)")
+        if Int8Activations.DYNAMIC in config.search.int8_activations:
+            raise ValueError("search.int8_activations: TFLite mixes int8 and fp32 layers with static "
+                             "activations only; set [static]")
+
+    def build(self, inputs: BuildInputs, plan, out_dir: Path, progress=None) -> BuiltArtifact:
+        from exporters import tflite
+
+        extra: dict = {}
+        if plan.method == "qat":
+            extra["qat_note"] = "QAT trains ORT's symmetric grid; TFLite int8 uses asymmetric activations (close, not exact)"
+        art = tflite.candidate(inputs.adapter, inputs.reference, plan, inputs.calibration_feeds,
+                               Path(out_dir) / "candidate.tflite", model=inputs.model)
+        table = inputs.reference.layer_table
+        reports = [LayerReport(name=l.name, onnx_op=l.op, format=l.format, execution=self.execution(l.format, l.realisation),
+                               params=table[l.name].params, detail=l.detail) for l in art.layers]
+        extra["calibration_used"] = art.calibration_used
+        if art.notes:
+            extra["tflite_notes"] = art.notes
+        return BuiltArtifact(art.path, reports, extra)
+
+    def reference_artifact(self, inputs: BuildInputs) -> str:
+        """A float ``.tflite`` of the same Keras model, so accuracy drops compare like with like."""
+        from exporters import tflite
+
+        return tflite.reference_artifact(inputs.adapter, inputs.reference, inputs.calibration_feeds)
+
+    def bits_per_weight(self, artifact: str | Path, reference_artifact: str | Path, quantizable_params: int) -> float:
+        from exporters import tflite
+
+        return tflite.effective_bits_per_weight(artifact, reference_artifact, quantizable_params)
 
     def available(self) -> tuple[bool, str]:
         if importlib.util.find_spec("ai_edge_litert") is None and importlib.util.find_spec("tensorflow") is None:
@@ -90,8 +131,6 @@ class TFLiteBackend(Backend):
     def device(self) -> str:
         return f"{cpu_model_name()} ({os.cpu_count()} cores), TFLite XNNPACK"
 
-    def execution(self, fmt: Format, realisation: str = "") -> Execution:
-        return execution(self.name, fmt, realisation)
 
     def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
         path = Path(onnx_path)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from pipeline.backends.base import BackendUnavailable
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     try:
         return int(args.func(args) or 0)

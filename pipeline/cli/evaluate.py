@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
     from pipeline.measure import TrialFailure
     from pipeline.plan import QuantPlan
 
@@ -30,13 +30,13 @@ def run(args) -> int:
     out = Path(args.out) if args.out else cfg.work_path / "evaluate" / Path(args.plan).stem
     ev = Evaluator(cfg)
     try:
-        plan.resolve(ev.reference.layer_table.names)
+        choices = plan.resolve(ev.reference.layer_table.names)  # once: the evaluator takes it as is
     except ValueError as exc:
-        from pipeline.config import ConfigError
+        from pipeline.errors import ConfigError
 
         raise ConfigError(f"{args.plan}: {exc}") from None
     try:
-        result = ev.evaluate(plan, out, energy=not args.no_energy)
+        result = ev.evaluate(choices, out, energy=not args.no_energy)
     except TrialFailure as exc:
         console.print(f"[red]candidate failed:[/red] {exc}")
         return 1

@@ -36,7 +36,7 @@ from pipeline.config import ConfigError, SearchConfig
 from pipeline.data import CALIBRATION_BATCH, MAX_CALIBRATION_ROWS  # noqa: F401 - re-exported (keras_qat)
 from pipeline.formats import Calibration
 from pipeline.models.base import ModelAdapter, ReferenceModel
-from pipeline.plan import QATSettings, QuantPlan
+from pipeline.plan import QATSettings, QuantPlan, ResolvedPlan, resolved
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _calibration_batches(config: SearchConfig, input_names: list[str]) -> list[d
 def run_qat(
     config: SearchConfig,
     adapter: ModelAdapter,
-    plan: QuantPlan,
+    plan: QuantPlan | ResolvedPlan,
     reference: ReferenceModel,
     out_dir: str | Path,
     progress: Any = None,
@@ -105,7 +105,7 @@ def run_qat(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = reference.layer_table
-    choices = plan.resolve(table.names)
+    choices = resolved(plan, table.names)  # as is when the evaluator resolved it
     onnx_ops = {l.name: l.onnx_op for l in table}
 
     from pipeline.qat.train import seed_everything

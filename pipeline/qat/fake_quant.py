@@ -54,6 +54,7 @@ import math
 import numpy as np
 
 from pipeline.formats import Calibration, Format, Int8Activations
+from pipeline.formats import registry as formats
 from pipeline.plan import LayerChoice
 
 try:  # keep `import pipeline.qat.fake_quant` cheap to inspect; torch is needed to use it
@@ -318,7 +319,7 @@ class ActivationFakeQuant:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.kind in ("int8_static", "fp8")
+        return formats.qat_kind_calibrated(self.kind)
 
     def set_mode(self, mode: str) -> None:
         self.mode = mode
@@ -415,25 +416,15 @@ class ActivationFakeQuant:
 
 
 def input_quantizer(choice: LayerChoice, kind: str, calibration: Calibration, name: str = "") -> ActivationFakeQuant | None:
-    """The quantizer of a layer's input as deployed, or None (weight-only / embedding)."""
-    if kind == "embedding" or choice.format in (Format.FP32, Format.INT4):
-        return None
-    if choice.format is Format.BF16:
-        return ActivationFakeQuant("bf16", name=f"{name}:input")
-    if choice.format is Format.FP8:
-        return ActivationFakeQuant("fp8", name=f"{name}:input")
-    if choice.int8_activations is Int8Activations.DYNAMIC:
-        return ActivationFakeQuant("int8_dynamic", name=f"{name}:input")
-    return ActivationFakeQuant("int8_static", calibration, name=f"{name}:input")
+    """The quantizer of a layer's input as deployed, or None (weight-only / embedding); the kind
+    comes from the format's family (``pipeline.formats``: ``qat_input_kind``)."""
+    act = None if kind == "embedding" else formats.qat_input_kind(choice)
+    return None if act is None else ActivationFakeQuant(act, calibration, name=f"{name}:input")
 
 
 def output_quantizer(choice: LayerChoice, kind: str, calibration: Calibration, name: str = "") -> ActivationFakeQuant | None:
     """The quantizer of a layer's output as deployed: bf16 rounds it; static int8 Conv
-    outputs are quantized (ORT fuses a Conv into QLinearConv only then); others stay float."""
-    if kind == "embedding":
-        return None
-    if choice.format is Format.BF16:
-        return ActivationFakeQuant("bf16", name=f"{name}:output")
-    if choice.format is Format.INT8 and kind == "conv" and choice.int8_activations is Int8Activations.STATIC:
-        return ActivationFakeQuant("int8_static", calibration, name=f"{name}:output")
-    return None
+    outputs are quantized (ORT fuses a Conv into QLinearConv only then); others stay float
+    (the family's ``qat_output_kind``)."""
+    act = None if kind == "embedding" else formats.qat_output_kind(choice, "Conv" if kind == "conv" else kind)
+    return None if act is None else ActivationFakeQuant(act, calibration, name=f"{name}:output")

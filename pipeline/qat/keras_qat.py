@@ -62,6 +62,7 @@ import numpy as np
 
 from exporters import numerics
 from pipeline.formats import Calibration, Format, Int8Activations
+from pipeline.formats import registry as formats
 from pipeline.models.base import ReferenceModel
 from pipeline.plan import LayerChoice
 
@@ -84,7 +85,7 @@ class _ActQ:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.kind in ("int8_static", "fp8")
+        return formats.qat_kind_calibrated(self.kind)
 
     def apply(self, x, mode: str):
         if mode == "observe":
@@ -173,21 +174,11 @@ class _QLayer:
 
 
 def _input_kind(choice: LayerChoice) -> str | None:
-    if choice.format in (Format.FP32, Format.INT4):
-        return None
-    if choice.format is Format.BF16:
-        return "bf16"
-    if choice.format is Format.FP8:
-        return "fp8"
-    return "int8_dynamic" if choice.int8_activations is Int8Activations.DYNAMIC else "int8_static"
+    return formats.qat_input_kind(choice)
 
 
 def _output_kind(choice: LayerChoice, onnx_op: str) -> str | None:
-    if choice.format is Format.BF16:
-        return "bf16"
-    if choice.format is Format.INT8 and onnx_op == "Conv" and choice.int8_activations is Int8Activations.STATIC:
-        return "int8_static"
-    return None
+    return formats.qat_output_kind(choice, onnx_op)
 
 
 def _find_perm(kernel: np.ndarray, onnx_w: np.ndarray, preferred: tuple[int, ...] | None) -> tuple[int, ...] | None:

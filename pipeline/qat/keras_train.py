@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.models.base import ReferenceModel
-from pipeline.plan import QATSettings, QuantPlan
+from pipeline.plan import QATSettings, QuantPlan, ResolvedPlan, resolved
 
 from pipeline.qat.keras_qat import KerasQAT, _all_layers
 
@@ -95,7 +95,7 @@ def _datasets(config: SearchConfig, input_names: list[str]):
     return train, batches
 
 
-def train_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: ReferenceModel,
+def train_qat(config: SearchConfig, adapter, plan: QuantPlan | ResolvedPlan, reference: ReferenceModel,
               progress: Any = None) -> tuple[Any, KerasQATReport]:
     """Load the model, fine-tune it with fake quantization per ``plan``; quantizers removed after."""
     from pipeline.models.keras_adapter import structure_inputs
@@ -104,7 +104,7 @@ def train_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: Referen
 
     tf, keras = adapter.tf()
     settings = plan.qat or QATSettings()
-    choices = plan.resolve(reference.layer_table.names)
+    choices = resolved(plan, reference.layer_table.names)  # as is when the evaluator resolved it
     keras.utils.set_random_seed(settings.seed)
     model = adapter.load_model()
     names = reference.input_names
@@ -177,14 +177,14 @@ def train_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: Referen
     return model, KerasQATReport(curve, len(curve), seconds, loss_name, len(train_set), recal, layers)
 
 
-def keras_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: ReferenceModel,
+def keras_qat(config: SearchConfig, adapter, plan: QuantPlan | ResolvedPlan, reference: ReferenceModel,
               workdir: str | Path | None = None, progress: Any = None) -> tuple[Any, list[float]]:
     """The fine-tuned Keras model (quantizers removed, FP32 weights) and its loss per step."""
     model, report = train_qat(config, adapter, plan, reference, progress=progress)
     return model, report.loss_curve
 
 
-def run_keras_qat(config: SearchConfig, adapter, plan: QuantPlan, reference: ReferenceModel,
+def run_keras_qat(config: SearchConfig, adapter, plan: QuantPlan | ResolvedPlan, reference: ReferenceModel,
                   out_dir: str | Path, progress: Any = None):
     """:func:`pipeline.qat.run_qat` for Keras: fine-tune, export like the reference, return a QATOutcome."""
     from pipeline.qat import QATOutcome

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.backends.base import Backend, ObservedKernel, Session
-from pipeline.backends.native import execution
 from pipeline.backends.ort.kernels import observe_kernels
 from pipeline.backends.ort.session import OrtSession
 from pipeline.formats import Format
-from pipeline.results import Execution
 
 if TYPE_CHECKING:
     from pipeline.layers import LayerTable
@@ -47,8 +45,6 @@ class OrtCpuBackend(Backend):
     def device(self) -> str:
         return f"{cpu_model_name()} ({os.cpu_count()} cores)"
 
-    def execution(self, fmt: Format, realisation: str = "") -> Execution:
-        return execution(self.name, fmt, realisation)
 
     def open(self, onnx_path: str | Path, threads: int = 0) -> Session:
         return OrtSession(onnx_path, ["CPUExecutionProvider"], threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.backends.base import Session
 from pipeline.backends.gpu import GPU_EXTRA, GpuBackend, gpu_status
 from pipeline.backends.native import describe
-from pipeline.formats import QuantTarget
+from pipeline.formats import Int8Activations, QuantTarget
 
 
 @lru_cache(maxsize=1)
@@ -52,6 +52,15 @@ class TensorRTBackend(GpuBackend):
     max_batch = 256  # optimisation profile: batch dimension 1..max(first batch, max_batch)
     builder_optimization_level = 3
     allow_tf32 = False
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if Int8Activations.DYNAMIC in config.search.int8_activations and "int8_activations" in config.search.model_fields_set:
+            # Left at its default the list is narrowed to [static] for TensorRT by the search space
+            # (search_spaces/space.py); written out by the user, it asks for something impossible.
+            raise ValueError("search.int8_activations: TensorRT builds int8 with static (calibrated) activations "
+                             "only - its ONNX parser has no DynamicQuantizeLinear; set [static] "
+                             "(or measure on ort-cpu, which runs both)")
 
     def available(self) -> tuple[bool, str]:
         return _tensorrt_status()

@@ -19,7 +19,7 @@ from pipeline.plan import QuantPlan
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory):
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
     from tests.conftest import _config
 
     return Evaluator(_config("digits_mlp.yaml", tmp_path_factory.mktemp("kernels-mlp")))
@@ -200,7 +200,7 @@ def test_int4_matmulnbits_native_fp8_emulated_dynamic_int8_integer(mlp, tmp_path
 
 
 def test_cnn_int8_conv_is_qlinearconv_and_int4_conv_is_float_on_dequantized_int4(tmp_path):
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
     from tests.conftest import _config
 
     ev = Evaluator(_config("digits_cnn.yaml", tmp_path / "w"))

@@ -139,7 +139,7 @@ def test_module_called_twice_maps_each_call_and_dict_outputs_are_named():
 
 
 def test_reference_accuracy_follows_the_eval_rows(make_config):
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
 
     full = Evaluator(make_config("digits_mlp.yaml"))
     few = Evaluator(make_config("digits_mlp.yaml", **{"data.eval.limit": 7}))

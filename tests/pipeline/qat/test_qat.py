@@ -26,7 +26,7 @@ def test_qat_recovers_at_least_half_of_what_ptq_lost(make_config, tmp_path):
     artifact; QAT at the same plan must win back at least half (measured: ~117% with 300
     steps at lr 1e-3; the example model's training is seeded, so this is the same model on
     every machine)."""
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
 
     cfg = make_config("digits_mlp.yaml", **{"model.kwargs": {"hidden": 16}})
     ev = Evaluator(cfg)
@@ -55,7 +55,7 @@ def test_qat_calibrates_on_exactly_the_quantizers_feeds(mlp_config, tmp_path):
     quantizer calibrates on. The digits calibration set has 359 rows = 11 batches of 32 + 7;
     the Evaluator drops the short batch (ORT's histogram calibrators stack equal batches)."""
     from exporters.onnx_quant import quantize_model
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
     from pipeline.qat import _calibration_batches
     from pipeline.qat.train import call_model
     from pipeline.qat.wrap import QATModel
@@ -193,7 +193,7 @@ def test_attach_detach_leaves_the_users_model(encoder_config):
 def test_encoder_qat_end_to_end(encoder_config, tmp_path):
     """Embedding + MultiheadAttention (in_proj via the F.linear route) + Linear, trained and
     measured as an artifact; no data.train in this config: the calibration set is used."""
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
 
     ev = Evaluator(encoder_config)
     plan = QuantPlan(method="qat", layers={"head": "fp32", "*": "int8"}, qat=QATSettings(steps=10, batch_size=16))

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.evaluate import Evaluator
+from pipeline.evaluation import Evaluator
 from pipeline.formats import Format
 from pipeline.plan import QuantPlan
 
