@@ -10,16 +10,16 @@ the artifact is not ONNX, its bits-per-weight accounting.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from pipeline.backends.artifact import BuildInputs, BuiltArtifact
 from pipeline.formats import Format, QuantTarget
 from pipeline.formats.registry import is_native
-from pipeline.results import Execution, LayerReport
+from pipeline.results import Execution
 
 if TYPE_CHECKING:
     from pipeline.layers import LayerTable
@@ -49,31 +49,6 @@ class ObservedKernel(NamedTuple):
 
     kernel: str  # e.g. "QGemm", "FusedGemm(fp32 on dequantized int8)"
     execution: Execution
-
-
-@dataclass
-class BuildInputs:
-    """What a backend builds a candidate from (shared by all candidates of one evaluator).
-
-    ``source`` is what to quantize: the FP32 reference, or the export of a QAT fine-tune;
-    ``model`` a QAT-tuned framework model for backends that convert from the framework
-    (``builds_from = "framework"``); ``adapter`` the framework adapter that loads/exports it.
-    """
-
-    reference: Any  # pipeline.models.ReferenceModel
-    calibration_feeds: Sequence[dict[str, np.ndarray]]
-    source: Any = None  # ReferenceModel to quantize; None: the reference
-    adapter: Any = None
-    model: Any = None
-
-
-@dataclass
-class BuiltArtifact:
-    """A candidate artifact and its per-layer report."""
-
-    path: str
-    layers: list[LayerReport]
-    extra: dict = field(default_factory=dict)
 
 
 class Backend(ABC):

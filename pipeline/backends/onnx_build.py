@@ -9,18 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exporters.onnx_quant import quantize_model
+from pipeline.backends.artifact import BuildInputs, BuiltArtifact
 from pipeline.results import LayerReport
 
 if TYPE_CHECKING:
-    from pipeline.backends.base import Backend, BuildInputs, BuiltArtifact
+    from pipeline.backends.base import Backend
     from pipeline.plan import ResolvedPlan
 
 log = logging.getLogger(__name__)
 
 
-def build_onnx(backend: "Backend", inputs: "BuildInputs", plan: "ResolvedPlan", out_dir: Path) -> "BuiltArtifact":
-    from pipeline.backends.base import BuiltArtifact
-
+def build_onnx(backend: "Backend", inputs: BuildInputs, plan: "ResolvedPlan", out_dir: Path) -> BuiltArtifact:
     table = inputs.reference.layer_table
     source = inputs.source or inputs.reference
     extra: dict = {}

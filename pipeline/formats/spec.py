@@ -26,12 +26,6 @@ class Format(str, Enum):
     INT8 = "int8"
     INT4 = "int4"
 
-    @property
-    def weight_bits(self) -> int:
-        from pipeline.formats.registry import family  # the family declares it
-
-        return family(self).weight_bits
-
     def __str__(self) -> str:  # so f-strings print "int8", not "Format.INT8"
         return self.value
 
