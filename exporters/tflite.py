@@ -31,6 +31,8 @@ TensorFlow is imported only when a conversion runs.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import re
 import shutil
@@ -38,7 +40,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import numpy as np
 
@@ -46,6 +48,25 @@ from exporters.errors import UnsupportedPlan
 from pipeline.formats import realisations as native
 from pipeline.formats import Format, Int8Activations
 from pipeline.plan import LayerChoice, resolved
+
+@dataclass(frozen=True)
+class KerasTools:
+    """What the converter needs from the Keras side, handed in by its caller (the TFLite backend
+    passes the Keras adapter's: :func:`pipeline.backends.tflite.keras_tools`), so that exporters
+    never import the framework adapters.
+
+    ``import_tf() -> (tensorflow, keras)`` with quiet logs; ``quiet()`` silences TensorFlow's C++
+    stderr while it loads or converts; ``flatten_outputs(out)`` orders a model's outputs as the ONNX
+    export does; ``structure_inputs(model, feeds)`` is how a model is called with named feeds;
+    ``enumerate_layers(model, keras)`` the quantizable layers (rows with ``name``, ``layer_name``).
+    """
+
+    import_tf: Callable[[], tuple[Any, Any]]
+    quiet: Callable[[], ContextManager]
+    flatten_outputs: Callable[[Any], list]
+    structure_inputs: Callable[[Any, dict], Any]
+    enumerate_layers: Callable[[Any, Any], list]
+
 
 # TFLite ops that carry a layer's weight, and which input holds it.
 WEIGHT_OPS = {"CONV_2D": 1, "FULLY_CONNECTED": 1, "DEPTHWISE_CONV_2D": 1, "BATCH_MATMUL": 1,
@@ -146,23 +167,22 @@ def _layer_ops(weight_names: Sequence[str], keras_layers: Iterable[str]) -> dict
     return {l: sorted(i for i, o in owned.items() if o == l) for l in layers}
 
 
-def _interpreter(model_content: bytes | None = None, model_path: str | None = None, threads: int | None = None):
-    """The LiteRT interpreter (``ai_edge_litert``) where installed, else TensorFlow's ``tf.lite``."""
+def _interpreter(model_content: bytes | None = None, model_path: str | None = None, threads: int | None = None,
+                 tools: KerasTools | None = None):
+    """The LiteRT interpreter (``ai_edge_litert``) where installed, else TensorFlow's ``tf.lite``
+    (``tools``: TensorFlow imported and silenced the caller's way; default a plain import)."""
     kwargs: dict[str, Any] = {"num_threads": threads or None}
     if model_content is not None:
         kwargs["model_content"] = model_content
     else:
         kwargs["model_path"] = model_path
-    from pipeline.models.keras_adapter import _quiet_stderr  # light: imports no TensorFlow
-
+    quiet = tools.quiet if tools else contextlib.nullcontext
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
-        from pipeline.models.keras_adapter import import_tf
-
-        tf, _ = import_tf()
+        tf = tools.import_tf()[0] if tools else importlib.import_module("tensorflow")
         Interpreter = tf.lite.Interpreter  # noqa: N806 - deprecated in TF 2.21 but present
-    with warnings.catch_warnings(), _quiet_stderr():  # "Created TensorFlow Lite XNNPACK delegate" per load
+    with warnings.catch_warnings(), quiet():  # "Created TensorFlow Lite XNNPACK delegate" per load
         warnings.simplefilter("ignore")  # "tf.lite.Interpreter is deprecated"
         return Interpreter(**kwargs)
 
@@ -182,12 +202,12 @@ def _weight_ops(interp) -> list[tuple[str, str, Any, Any]]:
     return out
 
 
-def layer_realisations(model_content: bytes, layer_names: dict[str, str]) -> list[TFLiteLayer]:
+def layer_realisations(model_content: bytes, layer_names: dict[str, str], tools: KerasTools | None = None) -> list[TFLiteLayer]:
     """Per layer, what the converted model computes, read from the flatbuffer.
 
     ``layer_names`` maps table name -> Keras layer name (its TF name scope).
     """
-    interp = _interpreter(model_content=model_content)
+    interp = _interpreter(model_content=model_content, tools=tools)
     ops = _weight_ops(interp)
     owner = _layer_ops([o[1] for o in ops], layer_names.values())
     out = []
@@ -207,7 +227,8 @@ def layer_realisations(model_content: bytes, layer_names: dict[str, str]) -> lis
     return out
 
 
-def _float_node_names(model_content: bytes, keras_layers: Sequence[str], all_layers: Iterable[str]) -> list[str]:
+def _float_node_names(model_content: bytes, keras_layers: Sequence[str], all_layers: Iterable[str],
+                      tools: KerasTools | None = None) -> list[str]:
     """The quantizer's denylist keys for these layers: output tensor names of the ops holding their weights.
 
     ``model_content`` must be the *calibrated* float model that ``QuantizationDebugger`` hands
@@ -219,7 +240,7 @@ def _float_node_names(model_content: bytes, keras_layers: Sequence[str], all_lay
     op's own output is renamed (``StatefulPartitionedCall:01``), a key that matches nothing.
     ``all_layers``: every layer of the table, so ops are told apart as :func:`_layer_ops` does.
     """
-    interp = _interpreter(model_content=model_content)
+    interp = _interpreter(model_content=model_content, tools=tools)
     tensors = interp.get_tensor_details()
     weight_ops = []
     for op in interp._get_ops_details():  # noqa: SLF001
@@ -232,16 +253,14 @@ def _float_node_names(model_content: bytes, keras_layers: Sequence[str], all_lay
 
 
 def save_endpoint(model, feeds: dict[str, np.ndarray], output_names: list[str], folder: Path,
-                  structure: Callable[[Any, dict], Any]) -> None:
+                  structure: Callable[[Any, dict], Any], tools: KerasTools) -> None:
     """A SavedModel with one ``serving_default`` signature: named inputs -> dict of named outputs."""
-    from pipeline.models.keras_adapter import _flatten_outputs_tensors, import_tf
-
-    tf, keras = import_tf()
+    tf, keras = tools.import_tf()
     names = list(feeds)
     specs = [tf.TensorSpec((None,) + tuple(v.shape[1:]), tf.as_dtype(v.dtype), name=n) for n, v in feeds.items()]
 
     def serve(*args):
-        out = _flatten_outputs_tensors(model(structure(model, dict(zip(names, args))), training=False))
+        out = tools.flatten_outputs(model(structure(model, dict(zip(names, args))), training=False))
         if len(out) != len(output_names):
             raise ValueError(f"model gives {len(out)} outputs, expected {len(output_names)} ({output_names})")
         return dict(zip(output_names, out))
@@ -260,18 +279,18 @@ def convert(
     output_names: list[str],
     layer_names: dict[str, str] | None = None,
     structure: Callable[[Any, dict], Any] | None = None,
+    *,
+    tools: KerasTools,
 ) -> TFLiteModel:
     """Convert a Keras model to ``out_path`` (.tflite) as the plan asks.
 
     ``representative``: calibration batches (dicts named like the data, several rows
     each); ``layer_names``: table name -> Keras layer name (default: the same);
     ``structure(model, feeds)``: how the model is called with named feeds (default:
-    :func:`pipeline.models.keras_adapter.structure_inputs`).
+    ``tools.structure_inputs``); ``tools``: the Keras side (:class:`KerasTools`).
     """
-    from pipeline.models.keras_adapter import _quiet_stderr, import_tf, structure_inputs
-
-    tf, _ = import_tf()
-    structure = structure or structure_inputs
+    tf, _ = tools.import_tf()
+    structure = structure or tools.structure_inputs
     layer_names = layer_names or {n: n.split("#")[0] for n in choices}
     mode, fp32_layers = plan_mode(choices)
     batches = [dict(b) for b in representative]
@@ -289,7 +308,7 @@ def convert(
     tmpdir = Path(tempfile.mkdtemp(prefix="tflite-", dir=out_path.parent))
     notes: list[str] = []
     try:
-        save_endpoint(model, {k: v[:1] for k, v in batches[0].items()}, output_names, tmpdir / "saved", structure)
+        save_endpoint(model, {k: v[:1] for k, v in batches[0].items()}, output_names, tmpdir / "saved", structure, tools)
 
         def converter():
             c = tf.lite.TFLiteConverter.from_saved_model(str(tmpdir / "saved"))
@@ -299,7 +318,7 @@ def convert(
                 c.representative_dataset = rep
             return c
 
-        with warnings.catch_warnings(), _quiet_stderr():
+        with warnings.catch_warnings(), tools.quiet():
             warnings.simplefilter("ignore")
             if mode == MODE_FULL_INT8:
                 c = converter()
@@ -315,7 +334,7 @@ def convert(
                 # model, the one mlir_quantize matches them against (see _float_node_names).
                 dbg = tf.lite.experimental.QuantizationDebugger(converter=converter(), debug_dataset=rep)
                 deny = _float_node_names(dbg.calibrated_model, [layer_names[n] for n in fp32_layers],
-                                         layer_names.values())
+                                         layer_names.values(), tools)
                 dbg.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=deny)
                 content = dbg.get_nondebug_quantized_model()
                 notes.append("selective int8 (fp32 layers denylisted); float model inputs/outputs")
@@ -327,7 +346,7 @@ def convert(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
-    layers = layer_realisations(content, layer_names)
+    layers = layer_realisations(content, layer_names, tools)
     for l in layers:  # the file, not the plan, is what gets reported; say where they differ
         asked = choices[l.name].format
         if asked is not l.format:
@@ -338,13 +357,13 @@ def convert(
                        input_names=input_names, output_names=list(output_names), notes=notes)
 
 
-def constant_bytes(tflite_path: str | Path) -> int:
+def constant_bytes(tflite_path: str | Path, tools: KerasTools | None = None) -> int:
     """Bytes of constant tensors (weights, biases) plus their quantization parameters.
 
     The TFLite analogue of ``pipeline.measure.weight_bytes`` for ONNX: constants are
     tensors no op produces and that are not model inputs.
     """
-    interp = _interpreter(model_path=str(tflite_path))
+    interp = _interpreter(model_path=str(tflite_path), tools=tools)
     produced: set[int] = set()
     for op in interp._get_ops_details():  # noqa: SLF001
         produced.update(int(i) for i in op["outputs"])
@@ -364,45 +383,45 @@ def constant_bytes(tflite_path: str | Path) -> int:
     return total
 
 
-def effective_bits_per_weight(candidate: str | Path, reference: str | Path, quantizable_params: int) -> float:
+def effective_bits_per_weight(candidate: str | Path, reference: str | Path, quantizable_params: int,
+                              tools: KerasTools | None = None) -> float:
     """Storage bits per quantizable weight, as :func:`pipeline.measure.effective_bits_per_weight`
     computes it for ONNX: (candidate constants - non-layer constants of the float reference) * 8 / params."""
-    other = constant_bytes(reference) - 4 * quantizable_params
-    return max(constant_bytes(candidate) - other, 0) * 8.0 / max(quantizable_params, 1)
+    other = constant_bytes(reference, tools) - 4 * quantizable_params
+    return max(constant_bytes(candidate, tools) - other, 0) * 8.0 / max(quantizable_params, 1)
 
 
 # --------------------------------------------------------------------------- trial helpers
-def _layer_names(adapter, model) -> dict[str, str]:
+def _layer_names(adapter, model, tools: KerasTools) -> dict[str, str]:
     """Layer-table name -> Keras layer name (its TF name scope), ``name#k`` rows included."""
-    from pipeline.models.keras_adapter import enumerate_layers
-
     _, keras = adapter.tf()
-    return {kl.name: kl.layer_name for kl in enumerate_layers(model, keras)}
+    return {kl.name: kl.layer_name for kl in tools.enumerate_layers(model, keras)}
 
 
-def reference_artifact(adapter, reference, calibration_feeds: Sequence[dict[str, np.ndarray]]) -> str:
+def reference_artifact(adapter, reference, calibration_feeds: Sequence[dict[str, np.ndarray]], *,
+                       tools: KerasTools) -> str:
     """The float32 ``.tflite`` of the FP32 reference model, cached next to ``reference.onnx``:
     what accuracy drops on the tflite backend are measured against."""
     path = Path(reference.onnx_path).with_name("reference.tflite")
     if path.exists():
         return str(path)
     model = adapter.load_model()
-    names = _layer_names(adapter, model)
+    names = _layer_names(adapter, model, tools)
     table = reference.layer_table.names
     choices = {n: LayerChoice(format=Format.FP32) for n in table}
     convert(model, choices, list(calibration_feeds)[:1], path, reference.output_names,
             layer_names={n: names.get(n, names.get(n.split("#")[0], n)) for n in table},
-            structure=lambda m, f: adapter.model_inputs(m, f))
+            structure=lambda m, f: adapter.model_inputs(m, f), tools=tools)
     return str(path)
 
 
 def candidate(adapter, reference, plan, calibration_feeds: Sequence[dict[str, np.ndarray]], out_path: str | Path,
-              model=None) -> TFLiteModel:
+              model=None, *, tools: KerasTools) -> TFLiteModel:
     """A trial's ``.tflite`` artifact: ``plan`` applied to the Keras model (``model``: a QAT
     fine-tune; default the FP32 model), inputs/outputs named like the ONNX reference."""
     model = model if model is not None else adapter.load_model()
-    names = _layer_names(adapter, model)
+    names = _layer_names(adapter, model, tools)
     table = reference.layer_table.names
     return convert(model, resolved(plan, table), calibration_feeds, out_path, reference.output_names,
                    layer_names={n: names.get(n, names.get(n.split("#")[0], n)) for n in table},
-                   structure=lambda m, f: adapter.model_inputs(m, f))
+                   structure=lambda m, f: adapter.model_inputs(m, f), tools=tools)

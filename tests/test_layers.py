@@ -36,8 +36,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # config validation asks the backend plugins for their names and checks (lazy, inside validators;
     # the registry imports no config, so this is no circle).
     ("pipeline.config", "pipeline.backends.registry"): "backend names/checks come from the plugins",
-    # exporters/tflite converts a Keras model and borrows the Keras adapter's TF import and helpers.
-    ("exporters.tflite", "pipeline.models.keras_adapter"): "TFLite converter uses the Keras adapter's helpers",
     # the study split (another engineer): study <-> tracking <-> report <-> registry.
     ("pipeline.report", "pipeline.registry"): "study split in progress",
     ("pipeline.study", "pipeline.report"): "study split in progress",

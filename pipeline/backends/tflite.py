@@ -37,11 +37,21 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
+def keras_tools():
+    """The Keras side the TFLite converter needs (:class:`exporters.tflite.KerasTools`), from the
+    Keras adapter: passed in, so ``exporters`` never imports the adapters. Imports no TensorFlow."""
+    from exporters.tflite import KerasTools
+    from pipeline.models import keras_adapter as ka
+
+    return KerasTools(import_tf=ka.import_tf, quiet=ka._quiet_stderr, flatten_outputs=ka._flatten_outputs_tensors,
+                      structure_inputs=ka.structure_inputs, enumerate_layers=ka.enumerate_layers)
+
+
 class TFLiteSession(Session):
     def __init__(self, path: str | Path, threads: int = 0):
         from exporters.tflite import _interpreter
 
-        self._interp = _interpreter(model_path=str(path), threads=threads or None)
+        self._interp = _interpreter(model_path=str(path), threads=threads or None, tools=keras_tools())
         sigs = self._interp.get_signature_list()
         if not sigs:
             raise BackendUnavailable(f"{path}: the .tflite file has no signature; build it with exporters.tflite")
@@ -103,7 +113,7 @@ class TFLiteBackend(Backend):
         if plan.method == "qat":
             extra["qat_note"] = "QAT trains ORT's symmetric grid; TFLite int8 uses asymmetric activations (close, not exact)"
         art = tflite.candidate(inputs.adapter, inputs.reference, plan, inputs.calibration_feeds,
-                               Path(out_dir) / "candidate.tflite", model=inputs.model)
+                               Path(out_dir) / "candidate.tflite", model=inputs.model, tools=keras_tools())
         table = inputs.reference.layer_table
         reports = [LayerReport(name=l.name, onnx_op=l.op, format=l.format, execution=self.execution(l.format, l.realisation),
                                params=table[l.name].params, detail=l.detail) for l in art.layers]
@@ -116,12 +126,12 @@ class TFLiteBackend(Backend):
         """A float ``.tflite`` of the same Keras model, so accuracy drops compare like with like."""
         from exporters import tflite
 
-        return tflite.reference_artifact(inputs.adapter, inputs.reference, inputs.calibration_feeds)
+        return tflite.reference_artifact(inputs.adapter, inputs.reference, inputs.calibration_feeds, tools=keras_tools())
 
     def bits_per_weight(self, artifact: str | Path, reference_artifact: str | Path, quantizable_params: int) -> float:
         from exporters import tflite
 
-        return tflite.effective_bits_per_weight(artifact, reference_artifact, quantizable_params)
+        return tflite.effective_bits_per_weight(artifact, reference_artifact, quantizable_params, keras_tools())
 
     def available(self) -> tuple[bool, str]:
         if importlib.util.find_spec("ai_edge_litert") is None and importlib.util.find_spec("tensorflow") is None:

@@ -23,6 +23,7 @@ from exporters.tflite import (
     UnsupportedPlan,
     plan_mode,
 )
+from pipeline.backends.tflite import keras_tools
 from pipeline.plan import QuantPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ def test_tflite_modules_do_not_import_tensorflow():
 
 def test_backend_is_registered_and_reports_native_int8_only():
     from pipeline.backends import available_backends
-    from pipeline.backends.native import DYNAMIC_INT8, FP32, QDQ_FP8, QDQ_INT8
+    from pipeline.formats.realisations import DYNAMIC_INT8, FP32, QDQ_FP8, QDQ_INT8
     from pipeline.backends.tflite import TFLiteBackend
     from pipeline.formats import Format
 
@@ -100,7 +101,7 @@ def converted(trained):
         "mix": QuantPlan(layers={"fc1": "fp32", "*": "int8"}),
         "dyn": QuantPlan(layers={"*": "int8"}, int8_activations="dynamic"),
     }
-    return {k: convert(model, p.resolve(NAMES), reps, out / f"{k}.tflite", ["output"]) for k, p in plans.items()}
+    return {k: convert(model, p.resolve(NAMES), reps, out / f"{k}.tflite", ["output"], tools=keras_tools()) for k, p in plans.items()}
 
 
 def _accuracy(session, x, y) -> float:
@@ -129,7 +130,7 @@ def test_full_integer_int8(trained, converted):
     r = converted["int8"]
     assert r.mode == MODE_FULL_INT8 and r.calibration_used.startswith("tflite min/max")
     assert [(l.name, l.format.value, l.realisation) for l in r.layers] == [(n, "int8", "qdq-int8") for n in NAMES]
-    interp = _interpreter(model_path=r.path)
+    interp = _interpreter(model_path=r.path, tools=keras_tools())
     assert interp.get_input_details()[0]["dtype"] == np.int8  # full integer: int8 in, int8 out
     assert interp.get_output_details()[0]["dtype"] == np.int8
     backend = get_backend("tflite")
@@ -141,9 +142,9 @@ def test_full_integer_int8(trained, converted):
     np.testing.assert_array_equal(sess.run({"input": x[3:4]})[0], full[3:4])
     # int8 weights: about 8 bits per quantizable weight (plus per-channel scales), 4x smaller
     params = sum(int(np.prod(l.kernel.shape)) for l in trained[0].layers if hasattr(l, "kernel"))
-    bits = effective_bits_per_weight(r.path, converted["fp32"].path, params)
+    bits = effective_bits_per_weight(r.path, converted["fp32"].path, params, keras_tools())
     assert 8.0 <= bits < 9.5
-    assert constant_bytes(r.path) * 3 < constant_bytes(converted["fp32"].path)
+    assert constant_bytes(r.path, keras_tools()) * 3 < constant_bytes(converted["fp32"].path, keras_tools())
 
 
 @needs_tf
@@ -196,11 +197,11 @@ def test_trial_helpers_plug_into_measurement(tmp_path):
     adapter = KerasAdapter(cfg)
     ref = adapter.export_reference(tmp_path)
     feeds = list(load_dataset(cfg.data.calibration, cfg, "data.calibration").batches(32))
-    ref_path = reference_artifact(adapter, ref, feeds)
+    ref_path = reference_artifact(adapter, ref, feeds, tools=keras_tools())
     assert Path(ref_path).parent == Path(ref.onnx_path).parent
-    assert reference_artifact(adapter, ref, feeds) == ref_path  # cached
+    assert reference_artifact(adapter, ref, feeds, tools=keras_tools()) == ref_path  # cached
     plan = QuantPlan(layers={"conv1": "fp32", "*": "int8"})
-    art = candidate(adapter, ref, plan, feeds, tmp_path / "trial" / "candidate.tflite")
+    art = candidate(adapter, ref, plan, feeds, tmp_path / "trial" / "candidate.tflite", tools=keras_tools())
     assert [l.name for l in art.layers] == ref.layer_table.names
     assert {l.name: l.format.value for l in art.layers} == {n: c.format.value for n, c in plan.resolve(NAMES).items()}
     backend = get_backend("tflite")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from exporters.tflite import MODE_SELECTIVE_INT8, WEIGHT_OPS, _layer_ops
+from pipeline.backends.tflite import keras_tools
 from pipeline.plan import QuantPlan
 
 NAMES = ["conv1", "conv2", "conv3", "fc1", "fc2"]
@@ -28,7 +29,7 @@ def _weight_dtypes(path: str) -> list[str]:
     """Weight dtype of each weight-carrying op, in the order the interpreter runs them."""
     from exporters.tflite import _interpreter
 
-    interp = _interpreter(model_path=path)
+    interp = _interpreter(model_path=path, tools=keras_tools())
     tensors = interp.get_tensor_details()
     out = []
     for op in interp._get_ops_details():  # noqa: SLF001
@@ -84,7 +85,7 @@ def test_every_fp32_layer_stays_float(digits, label, fp32):
 
     model, reps, out = digits
     choices = QuantPlan(layers={**{n: "fp32" for n in fp32}, "*": "int8"}).resolve(NAMES)
-    r = convert(model, choices, reps, out / f"{label}.tflite", ["output"])
+    r = convert(model, choices, reps, out / f"{label}.tflite", ["output"], tools=keras_tools())
     _check(r, choices, NAMES)
 
 
@@ -97,8 +98,8 @@ def test_last_layer_fp32_output_comes_from_the_float_layer(digits):
 
     model, reps, out = digits
     choices = QuantPlan(layers={"fc2": "fp32", "*": "int8"}).resolve(NAMES)
-    r = convert(model, choices, reps, out / "last-out.tflite", ["output"])
-    interp = _interpreter(model_path=r.path)
+    r = convert(model, choices, reps, out / "last-out.tflite", ["output"], tools=keras_tools())
+    interp = _interpreter(model_path=r.path, tools=keras_tools())
     out_idx = interp.get_output_details()[0]["index"]
     producer = [op["op_name"] for op in interp._get_ops_details() if out_idx in op["outputs"]]  # noqa: SLF001
     assert producer == ["FULLY_CONNECTED"]
@@ -128,4 +129,4 @@ def test_auto_named_dense_layers_map_to_their_own_ops(tmp_path):
     reps = [{"input": x[:32]}, {"input": x[32:]}]
     for k, fp32 in enumerate(([names[1]], [names[0], names[2]])):
         choices = QuantPlan(layers={**{n: "fp32" for n in fp32}, "*": "int8"}).resolve(names)
-        _check(convert(model, choices, reps, tmp_path / f"m{k}.tflite", ["output"]), choices, names)
+        _check(convert(model, choices, reps, tmp_path / f"m{k}.tflite", ["output"], tools=keras_tools()), choices, names)
