@@ -74,7 +74,7 @@ from exporters.quant.graph import (
     node,
     remove_unused_initializers,
 )
-from pipeline.formats import realisations as native
+from pipeline.formats import names as native
 from pipeline.formats import TARGET_INT8_ACTIVATIONS, Calibration, Format, Int8Activations, QuantTarget
 from pipeline.layers import Layer, LayerTable
 from pipeline.plan import LayerChoice

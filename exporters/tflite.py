@@ -45,7 +45,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 import numpy as np
 
 from exporters.errors import UnsupportedPlan
-from pipeline.formats import realisations as native
+from pipeline.formats import names as native
 from pipeline.formats import Format, Int8Activations
 from pipeline.plan import LayerChoice, resolved
 

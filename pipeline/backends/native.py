@@ -16,7 +16,7 @@ although the form could be native.
 from __future__ import annotations
 
 from pipeline.formats import Format
-from pipeline.formats.realisations import *  # noqa: F401,F403 - the realisation names, for old imports
+from pipeline.formats.names import *  # noqa: F401,F403 - the realisation names, for old imports
 from pipeline.formats.registry import is_native, is_unsupported, realisations
 from pipeline.results import Execution
 

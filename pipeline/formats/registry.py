@@ -51,8 +51,19 @@ def by_name(name: str) -> Format:
     raise ValueError(f"unknown format {name!r}; known: {', '.join(f.value for f in Format)}")
 
 
-def needs_calibration(choice: "LayerChoice") -> bool:
-    """THE calibrated rule: this layer choice needs activation ranges from calibration data."""
+WEIGHT_ONLY_OPS = frozenset({"Gather"})
+"""Ops whose quantized form is weight-only in every family (an embedding table is looked up, not
+multiplied with an activation), so they never need calibration."""
+
+
+def needs_calibration(choice: "LayerChoice", op: str | None = None) -> bool:
+    """THE calibrated rule: this layer choice needs activation ranges from calibration data.
+
+    ``op`` (the layer's ONNX op, where known): embedding lookups (:data:`WEIGHT_ONLY_OPS`) never do.
+    Without it the answer is the plan-level one (the study's duplicate key, the search space).
+    """
+    if op in WEIGHT_ONLY_OPS:
+        return False
     return family(choice.format).calibrated(choice)
 
 

@@ -65,7 +65,7 @@ def test_tflite_modules_do_not_import_tensorflow():
 
 def test_backend_is_registered_and_reports_native_int8_only():
     from pipeline.backends import available_backends
-    from pipeline.formats.realisations import DYNAMIC_INT8, FP32, QDQ_FP8, QDQ_INT8
+    from pipeline.formats.names import DYNAMIC_INT8, FP32, QDQ_FP8, QDQ_INT8
     from pipeline.backends.tflite import TFLiteBackend
     from pipeline.formats import Format
 

@@ -77,3 +77,8 @@ def test_resolved_plan_key_matches_study_plan_key():
 
     for plan in (QuantPlan(layers={"a": "int8", "*": "fp8"}), QuantPlan.uniform("int4", int4_block_size=128, method="qat")):
         assert plan.resolve(["a", "b"]).key() == plan_key(plan, ["a", "b"])
+
+
+def test_embedding_lookups_are_never_calibrated():
+    int8 = LayerChoice(format=Format.INT8)
+    assert needs_calibration(int8) and needs_calibration(int8, "MatMul") and not needs_calibration(int8, "Gather")
