@@ -165,3 +165,21 @@ def test_new_data_metric_measure_fields_leave_old_configs_dumps_unchanged():
     assert dumped["metric"]["k"] == 2
     again = parse_config(dumped)  # and parses back to the same settings (what Ray workers receive)
     assert (again.data, again.metric, again.measure) == (cfg.data, cfg.metric, cfg.measure)
+
+
+def test_backend_names_come_from_the_plugins():
+    """measure.backend accepts exactly the registry's names (plus auto), and the error lists them."""
+    from pipeline.backends.registry import backend_names
+
+    for name in ("auto", *backend_names()):
+        if name == "tflite":
+            continue  # Keras models only (its plugin's check_config)
+        assert parse_config(_with(measure__backend=name)).measure.backend == name
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with(measure__backend="openvino"))
+    assert all(n in str(err.value) for n in backend_names())
+
+
+def test_tflite_plugin_refuses_torch_models_at_load():
+    with pytest.raises(ConfigError, match="measure.backend: tflite converts Keras models only"):
+        parse_config(_with(measure__backend="tflite"))
