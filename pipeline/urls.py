@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import re
 
-from pipeline.config import ConfigError  # pipeline.errors after the layering change
+from pipeline.errors import ConfigError
 
 _PG_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 _DRIVER_MODULE = {"psycopg": "psycopg", "psycopg2": "psycopg2"}

@@ -20,15 +20,15 @@ PACKAGES = ("pipeline", "exporters", "search_spaces")
 LAYERS: list[tuple[str, ...]] = [
     ("pipeline", "pipeline.formats", "pipeline.layers", "pipeline.plan", "pipeline.results", "pipeline.errors",
      "pipeline.importing"),
-    ("exporters", "pipeline.objectives", "pipeline.config", "pipeline.data", "pipeline.metrics", "pipeline.pareto",
-     "pipeline.tracking_schema", "pipeline.urls"),
+    ("exporters", "pipeline.objectives", "pipeline.config", "pipeline.data", "pipeline.data_check", "pipeline.metrics",
+     "pipeline.pareto", "pipeline.urls"),
     ("search_spaces",),
     ("pipeline.backends", "pipeline.qat", "pipeline.energy", "pipeline.models", "pipeline.sources",
      "pipeline.measure"),
     ("pipeline.evaluation", "pipeline.evaluate", "pipeline.examples"),
-    ("pipeline.search", "pipeline.study", "pipeline.trial", "pipeline.progress"),
-    ("pipeline.tracking", "pipeline.report"),
-    ("pipeline.promotion", "pipeline.registry", "pipeline.api"),
+    ("pipeline.search", "pipeline.study", "pipeline.progress"),
+    ("pipeline.tracking",),
+    ("pipeline.promotion", "pipeline.api"),
     ("pipeline.cli",),
 ]
 
@@ -37,15 +37,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     # config validation asks the backend plugins for their names and checks (lazy, inside validators;
     # the registry imports no config, so this is no circle).
     ("pipeline.config", "pipeline.backends.registry"): "backend names/checks come from the plugins",
-    # the study split (another engineer): study <-> tracking <-> report <-> registry.
-    ("pipeline.report", "pipeline.registry"): "study split in progress",
-    ("pipeline.study", "pipeline.report"): "study split in progress",
-    ("pipeline.study", "pipeline.tracking"): "study split in progress",
 }
 # Circles allowed for now (sets of modules), same rule: each must still exist.
-ALLOWED_CIRCLES: list[set[str]] = [
-    {"pipeline.registry", "pipeline.report", "pipeline.study", "pipeline.tracking"},  # study split in progress
-]
+ALLOWED_CIRCLES: list[set[str]] = []
 
 
 def _module_name(path: Path) -> str:

@@ -9,50 +9,19 @@ row the search stops asking and says why.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from pipeline.search.storage import T_DUPLICATE_OF, T_PLAN_KEY, T_PLAN_SUMMARY, T_RUN_ID, study_counts
 
 
 def plan_key(plan, layer_names: list[str]) -> str:
-    """Identity of what a plan measures: its resolved per-layer choices, method, calibration and QAT settings.
-
-    Knobs that do not change the artifact are left out (int8 activation mode on a
-    non-INT8 layer, INT4 block size on a non-INT4 layer, calibration when nothing is
-    calibrated), so two parameter sets building the same candidate get the same key.
-    """
-    from pipeline.formats import Format, Int8Activations
-
-    resolved = plan.resolve(layer_names)
-    layers: dict[str, dict[str, Any]] = {}
-    calibrated = False
-    for name, c in resolved.items():
-        entry: dict[str, Any] = {"format": c.format.value}
-        if c.format is Format.INT8:
-            entry["int8_activations"] = c.int8_activations.value
-            calibrated |= c.int8_activations is Int8Activations.STATIC
-        if c.format is Format.INT4:
-            entry["int4_block_size"] = int(c.int4_block_size)
-        calibrated |= c.format is Format.FP8
-        layers[name] = entry
-    data = {"method": plan.method, "layers": layers,
-            "calibration": plan.calibration.value if calibrated else None,
-            "qat": plan.qat.model_dump(mode="json") if plan.qat is not None else None}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+    """Identity of what a plan measures (:meth:`pipeline.plan.ResolvedPlan.key`)."""
+    return plan.resolve(layer_names).key()
 
 
 def layer_tags(plan, layer_names: list[str]) -> dict[str, str]:
-    """layer -> "int8(dyn)", "int4(b32)", ...: read from :meth:`QuantPlan.summary`, the one writer of that
-    notation (``fc1=int8(dyn) fc2=int4(b32)``; a tag holds no space, a layer name might)."""
-    names = list(plan.resolve(layer_names))
-    text, out = plan.summary(layer_names), {}
-    for i, name in enumerate(names):
-        text = text.removeprefix(f"{name}=")
-        cut = text.index(f" {names[i + 1]}=") if i + 1 < len(names) else len(text)
-        out[name], text = text[:cut], text[cut + 1:]
-    return out
+    """layer -> "int8(dyn)", "int4(b32)", ... (:meth:`pipeline.plan.ResolvedPlan.tags`)."""
+    return plan.resolve(layer_names).tags()
 
 
 def knobs(plan, params: dict) -> dict[str, Any]:

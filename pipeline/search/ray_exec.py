@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends.registry import AUTO, needs_gpu
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.search.worker import TrialOutcome, TrialTask, run_trial, warm_worker
-
-GPU_BACKENDS = {"ort-cuda", "ort-trt", "tensorrt"}
-
 
 @dataclass
 class Resources:
@@ -78,7 +76,7 @@ def plan_resources(config: SearchConfig, parallel: int | None, total: dict[str, 
     alive = [n for n in nodes if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
     node_cpus = min(int(n["Resources"]["CPU"]) for n in alive) if alive else 1
     backend = config.measure.backend
-    if backend in GPU_BACKENDS or (backend == "auto" and gpus > 0):
+    if (backend != AUTO and needs_gpu(backend)) or (backend == AUTO and gpus > 0):
         if gpus == 0:
             raise ConfigError(f"measure.backend: {backend} needs a GPU, but the Ray cluster has none "
                               "(set RAY_ADDRESS to a GPU cluster, or use backend: ort-cpu)")

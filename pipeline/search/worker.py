@@ -1,6 +1,6 @@
 """The body of one trial, as it runs inside a Ray task (or inline, for tests and debugging).
 
-A worker process keeps one :class:`~pipeline.evaluate.Evaluator` per config
+A worker process keeps one :class:`~pipeline.evaluation.Evaluator` per config
 (keyed by the config's hash), so the FP32 reference, datasets and the
 reference accuracy are loaded once per worker, not once per trial.
 
@@ -63,7 +63,7 @@ def config_key(config: dict[str, Any], base_dir: str, cwd: str) -> str:
 
 def _evaluator(task: TrialTask):
     from pipeline.config import parse_config
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation import Evaluator
 
     key = config_key(task.config, task.base_dir, task.cwd)
     ev = _EVALUATORS.get(key)

@@ -72,11 +72,33 @@ def test_resolved_plan_is_resolved_once_and_keys_like_the_study():
     assert dyn.resolve(["a"]).key() == dyn.model_copy(update={"calibration": Calibration.ENTROPY}).resolve(["a"]).key()
 
 
-def test_resolved_plan_key_matches_study_plan_key():
-    from pipeline.study import plan_key
+def _stored_key(plan, names):
+    """The plan key studies stored before ResolvedPlan existed (the old search code, frozen here): a resumed
+    study finds its measured plans by this hash, so ResolvedPlan.key() must reproduce it bit for bit."""
+    import hashlib
+    import json
 
-    for plan in (QuantPlan(layers={"a": "int8", "*": "fp8"}), QuantPlan.uniform("int4", int4_block_size=128, method="qat")):
-        assert plan.resolve(["a", "b"]).key() == plan_key(plan, ["a", "b"])
+    layers, calibrated = {}, False
+    for name, c in plan.resolve(names).items():
+        entry = {"format": c.format.value}
+        if c.format is Format.INT8:
+            entry["int8_activations"] = c.int8_activations.value
+            calibrated |= c.int8_activations.value == "static"
+        if c.format is Format.INT4:
+            entry["int4_block_size"] = int(c.int4_block_size)
+        calibrated |= c.format is Format.FP8
+        layers[name] = entry
+    data = {"method": plan.method, "layers": layers, "calibration": plan.calibration.value if calibrated else None,
+            "qat": plan.qat.model_dump(mode="json") if plan.qat is not None else None}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def test_resolved_plan_key_matches_the_key_studies_stored():
+    from pipeline.search.plans import plan_key
+
+    for plan in (QuantPlan(layers={"a": "int8", "*": "fp8"}), QuantPlan.uniform("int4", int4_block_size=128, method="qat"),
+                 QuantPlan(layers={"a": "int8", "*": "int4"}, int8_activations="dynamic", calibration="percentile")):
+        assert plan.resolve(["a", "b"]).key() == _stored_key(plan, ["a", "b"]) == plan_key(plan, ["a", "b"])
 
 
 def test_embedding_lookups_are_never_calibrated():
