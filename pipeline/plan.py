@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.formats import INT4_BLOCK_SIZES, Calibration, Format, Int8Activations
 from pipeline.formats import registry as formats
+from pipeline.hints import command
 
 
 class LayerOverride(BaseModel):
@@ -130,7 +131,7 @@ class QuantPlan(BaseModel):
             raise ValueError(
                 f"plan pattern(s) {unused} match no quantizable layer; "
                 f"layers are: {layer_names[:20]}{' ...' if len(layer_names) > 20 else ''} "
-                "(run `precision-search layers --config ...` to list them)"
+                f"(list them: {command('layers', '--config', 'CONFIG.yaml')})"
             )
         out: dict[str, LayerChoice] = {}
         winners: set[str] = set()

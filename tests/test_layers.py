@@ -19,7 +19,7 @@ PACKAGES = ("pipeline", "exporters", "search_spaces")
 # __init__ only, so a new module must be placed here explicitly).
 LAYERS: list[tuple[str, ...]] = [
     ("pipeline", "pipeline.formats", "pipeline.layers", "pipeline.plan", "pipeline.results", "pipeline.errors",
-     "pipeline.importing"),
+     "pipeline.importing", "pipeline.hints"),
     ("exporters", "pipeline.objectives", "pipeline.config", "pipeline.data", "pipeline.data_check", "pipeline.metrics",
      "pipeline.pareto", "pipeline.urls"),
     ("search_spaces",),

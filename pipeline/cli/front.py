@@ -12,10 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.hints import command
 from pipeline.cli.common import add_config_arg, load
 
 # Wide enough for per-layer plans when the output is a log file (rich assumes 80 columns there).
-console = Console(width=None if Console().is_terminal else 200)
+console = Console(width=None if Console().is_terminal else 400)  # logs and pipes get the full table
 
 
 def register(sub) -> None:
@@ -57,7 +58,8 @@ def run(args) -> int:
         return 0
     print_front(shown, infos, title=f"study {study.study_name}: "
                 + (f"all {len(shown)} trials" if args.all else f"Pareto front ({len(shown)} of {len(records)} trials)"),
-                energy_source=attrs.get(A_ENERGY_SOURCE))
+                energy_source=attrs.get(A_ENERGY_SOURCE),
+                promote=command("promote", "--config", args.config, "--study", study.study_name, "--policy", "knee"))
     if pin.get("meter"):
         console.print(escape(f"energy meter pinned to {pin['meter']} ({pin.get('by', '')})"))
     note = attrs.get(A_ENERGY_NOTE)
@@ -77,7 +79,9 @@ def energy_sources(records) -> dict[str, list[int]]:
     return out
 
 
-def print_front(records, infos, title: str, energy_source: str | None = None) -> None:
+def print_front(records, infos, title: str, energy_source: str | None = None, promote: str | None = None) -> None:
+    """The front as a table, with its notes; ``promote`` is the command that promotes the knee (a hint that
+    runs verbatim, :func:`pipeline.hints.command`)."""
     """The table; the energy column names its source, and a mix of sources is called out."""
     sources = energy_sources(records)
     if not energy_source or energy_source == "none":
@@ -121,7 +125,8 @@ def print_front(records, infos, title: str, energy_source: str | None = None) ->
                       f"({escape(listing)}): their energy values are not comparable")
     notes = [f"{o.column}: {o.label}" for o in infos if o.source != o.name]
     if any(r.knee for r in records):
-        notes.append("* knee point (balanced trade-off; `make promote POLICY=knee` picks it)")
+        notes.append("* knee point (balanced trade-off; "
+                     + (f"promote it: {promote}" if promote else "`promote --policy knee` picks it") + ")")
     notes.append("MLflow child runs are named <baseline|trial>-<trial number>; --json gives their run ids")
     for n in notes:
         console.print(escape(n))
