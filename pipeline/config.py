@@ -201,6 +201,29 @@ class MeasureSpec(_OmitNewDefaults):
         return self.eval_batch_size or self.batch_size
 
 
+class SensitivitySpec(_Strict):
+    """Per-layer sensitivity (``precision-search sensitivity``; ``pipeline.sensitivity``).
+
+    ``eval_limit`` caps the eval rows each single-layer candidate is measured on (the report
+    labels the drops as measured on that subset); ``seed``: seed the search with the solver's
+    plans and prune per-layer formats whose single-layer drop exceeds ``search.max_accuracy_drop``;
+    ``bits_budgets``: average weight bits per quantizable weight the solver plans for.
+    """
+
+    seed: bool = False
+    eval_limit: int | None = Field(512, ge=1)
+    bits_budgets: list[float] = Field(default_factory=lambda: [4.5, 6.0, 8.0, 12.0])
+    greedy_plans: int = Field(3, ge=0)
+
+    @field_validator("bits_budgets")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        bad = [b for b in v if not 1 <= b <= 32]
+        if bad:
+            raise ValueError(f"bits budgets are average bits per weight between 1 and 32, got {bad}")
+        return v
+
+
 class SearchSpec(_Strict):
     """The search space and the study's settings."""
 
@@ -221,6 +244,13 @@ class SearchSpec(_Strict):
     seed: int = 0
     trials: int = Field(30, ge=1)
     baselines: bool = True
+    # Formats the backend only emulates (bf16/fp8 on ORT CPU: stored, computed in fp32) are left
+    # out of the searched choices unless this is true (search_spaces/space.py says which, once).
+    include_emulated: bool = False
+    # Search one format per group of layers: "layer" (none), "block" (same name up to the last
+    # numeric index, e.g. encoder.layer.3.*), "role" (same name with indices wildcarded).
+    group_layers: Literal["layer", "block", "role"] = "layer"
+    sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
 
     @field_validator("formats")
     @classmethod

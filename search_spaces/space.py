@@ -11,7 +11,8 @@ Parameters (conditional ones only exist when they change the artifact, so the
 sampler does not waste its model on knobs that do nothing):
 
 - ``layer:<name>``: categorical over ``search.formats``, one per searched layer
-  (layers matched by ``search.pin`` are fixed, ``search.exclude`` stay FP32);
+  (layers matched by ``search.pin`` are fixed, ``search.exclude`` stay FP32); with
+  ``search.group_layers`` one ``group:<key>`` per group of layers instead;
 - ``method``: ptq | qat, when the config allows more than one;
 - ``int8_activations``: when some layer is int8;
 - ``calibration``: when some layer has calibrated activations (static int8, fp8);
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,8 @@ from pipeline.config import ConfigError, SearchSpec
 from pipeline.formats import TARGET_INT8_ACTIVATIONS, Calibration, Format, Int8Activations, QuantTarget
 from pipeline.formats import registry as format_registry
 from pipeline.plan import LayerChoice, QATSettings, QuantPlan
+from search_spaces.pruning import GROUP_PREFIX, LAYER_PREFIX, LayerChoices, layer_choices  # noqa: F401 - re-exported
 
-LAYER_PREFIX = "layer:"
 P_METHOD = "method"
 P_INT8_ACT = "int8_activations"
 P_CALIBRATION = "calibration"
@@ -62,15 +63,25 @@ class SearchSpace:
     excluded: tuple[str, ...]  # layers kept FP32 (search.exclude)
     target: QuantTarget = QuantTarget.ORT  # the quantizer's graph forms (the backend's)
     narrowed: tuple[str, ...] = ()  # what the target removed from the config's choices, for describe()
+    # Per searched parameter (a layer, or a group of layers), its formats after leaving out the
+    # backend's emulated ones and the sensitivity-pruned ones (search_spaces/pruning.py).
+    choices: LayerChoices | None = None
 
     @classmethod
     def build(cls, spec: SearchSpec, layer_names: Sequence[str],
-              target: QuantTarget | str = QuantTarget.ORT) -> "SearchSpace":
+              target: QuantTarget | str = QuantTarget.ORT, *,
+              emulated: Mapping[str, set[Format]] | None = None,
+              allowed: Mapping[str, Sequence[Format]] | None = None) -> "SearchSpace":
         """Check pins/excludes against the real layers; errors name the field and the layers.
 
         ``target`` (the backend's :attr:`~pipeline.backends.base.Backend.quant_target`) removes
         choices its graph forms cannot express, so the sampler never proposes a plan that can only
         fail: for TensorRT, int8 with dynamic activations.
+
+        ``emulated`` (layer -> formats the backend only emulates for it, from
+        :func:`pipeline.sensitivity.emulated_formats`) leaves those out unless
+        ``search.include_emulated``; ``allowed`` (layer -> formats, from
+        :func:`pipeline.sensitivity.prune_formats`) narrows each layer further.
         """
         target = QuantTarget(target)
         narrowed: list[str] = []
@@ -118,21 +129,23 @@ class SearchSpace:
                 "search.pin / search.exclude: every layer is pinned or excluded, nothing is left to search; "
                 "remove some patterns or use `precision-search evaluate` for a fixed plan"
             )
+        choices = layer_choices(spec, searched, emulated=emulated, allowed=allowed)
         return cls(spec=spec, layer_names=tuple(names), searched=tuple(searched), pinned=pinned,
-                   excluded=tuple(excluded), target=target, narrowed=tuple(narrowed))
+                   excluded=tuple(excluded), target=target, narrowed=tuple(narrowed), choices=choices)
 
     # -- the one definition of the space -------------------------------------
     def _build(self, get: Getter) -> QuantPlan:
         spec = self.spec
-        formats = [f.value for f in spec.formats]
         fmt: dict[str, Format] = {}
         for n in self.layer_names:
             if n in self.excluded:
                 fmt[n] = Format.FP32
             elif n in self.pinned:
                 fmt[n] = self.pinned[n]
-            else:
-                fmt[n] = Format(get(LAYER_PREFIX + n, "categorical", formats))
+        for param, members in self._choices.groups.items():
+            options = [f.value for f in self._choices.formats[param]]
+            chosen = Format(get(param, "categorical", options))
+            fmt.update({n: chosen for n in members})
         used = set(fmt.values())
 
         methods = list(spec.methods)
@@ -167,6 +180,10 @@ class SearchSpace:
             layers={glob.escape(n): fmt[n] for n in self.layer_names},
             qat=qat,
         )
+
+    @property
+    def _choices(self) -> LayerChoices:
+        return self.choices or layer_choices(self.spec, self.searched)
 
     @staticmethod
     def _choose(get: Getter, name: str, choices: list) -> Any:
@@ -209,13 +226,7 @@ class SearchSpace:
         Knobs not given take the config's first choice, so a fixed trial is
         deterministic. Formats must be allowed by ``search.formats``.
         """
-        allowed = set(self.spec.formats)
-        values: dict[str, Any] = {}
-        for n in self.searched:
-            f = Format(layer_formats[n])
-            if f not in allowed:
-                raise ValueError(f"format {f.value} for layer {n!r} is not in search.formats {[a.value for a in allowed]}")
-            values[LAYER_PREFIX + n] = f.value
+        values: dict[str, Any] = self._choices.params_for(layer_formats)
         preferred = {
             P_METHOD: method or ("ptq" if "ptq" in self.spec.methods else self.spec.methods[0]),
             P_INT8_ACT: Int8Activations(int8_activations or self.spec.int8_activations[0]).value,
@@ -240,7 +251,7 @@ class SearchSpace:
         Pinned and excluded layers keep their fixed formats in every baseline:
         the baselines answer "one format for everything the search may touch".
         """
-        order = [f for f in Format if f in set(self.spec.formats)]
+        order = [f for f in Format if f in set(self.spec.formats) and self._choices.everywhere(f)]
         return {f"uniform-{f.value}": self.params_for({n: f for n in self.searched}) for f in order}
 
     def describe(self) -> str:
@@ -252,4 +263,5 @@ class SearchSpace:
             parts.append("excluded (fp32): " + ", ".join(self.excluded))
         if self.narrowed:
             parts.append("removed for the backend: " + ", ".join(self.narrowed))
+        parts += list(self._choices.notes)
         return "; ".join(parts)
