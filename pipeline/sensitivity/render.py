@@ -1,0 +1,144 @@
+"""The sensitivity table for people: a rich table, a heat map PNG, a CSV, and MLflow.
+
+Drops are shown in the metric's own units (``accuracy`` 0.012 = 1.2 points), sign-adjusted so
+that positive is worse whatever the metric's direction; the title carries the eval subset, the
+backend and where the latency share comes from, so no number travels without its label.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+from pipeline.sensitivity.table import SensitivityTable
+
+
+def _fmt_drop(v: float) -> str:
+    return "failed" if not math.isfinite(v) else f"{v:+.4f}"
+
+
+def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
+    title = (f"{t.model}: {t.metric} drop with only that layer quantized (> 0 is worse), on the artifact via "
+             f"{t.backend} ({t.source}); {t.eval_label}; FP32 {t.metric} {t.reference_accuracy:.4f}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer")
+    table.add_column("op")
+    table.add_column("params", justify="right")
+    table.add_column("size %", justify="right")
+    table.add_column("latency % (est.)", justify="right")
+    for f in t.formats:
+        table.add_column(f"{f.value} drop", justify="right")
+    if t.proxy and t.proxy.scores:
+        table.add_column("proxy int4/int8", justify="right")
+    worst = max((t.drop(n, f) for n in t.layers for f in t.formats if math.isfinite(t.drop(n, f))), default=0.0)
+    rows = sorted(t.layers, key=lambda n: -max((d for d in (t.drop(n, f) for f in t.formats) if math.isfinite(d)),
+                                               default=0.0))
+    for n in rows[:max_rows] if max_rows else rows:
+        c = t.cost(n)
+        cells = []
+        for f in t.formats:
+            d = t.drop(n, f)
+            cell = t.cell(n, f)
+            text = _fmt_drop(d)
+            if cell and cell.execution == "emulated":
+                text += " (emul.)"
+            if math.isfinite(d) and worst > 0 and d >= 0.5 * worst:
+                text = f"[bold red]{text}[/bold red]"
+            cells.append(text)
+        row = [n, c.onnx_op, f"{c.params:,}", f"{100 * c.size_share:.1f}", f"{100 * c.latency_share:.1f}", *cells]
+        if t.proxy and t.proxy.scores:
+            s = t.proxy.scores.get(n, {})
+            row.append(f"{s.get('int4', float('nan')):.2e}/{s.get('int8', float('nan')):.2e}")
+        table.add_row(*row)
+    return table
+
+
+def summary_lines(t: SensitivityTable) -> list[str]:
+    lines = [f"single-layer candidates: {t.plan_defaults}; latency share: {t.latency_source}"]
+    if t.proxy:
+        rho = "n/a (fewer than 3 comparable cells)" if t.proxy.spearman is None else f"{t.proxy.spearman:+.2f}"
+        lines.append(f"proxy vs artifact, Spearman rank correlation over {t.proxy.cells} cells "
+                     f"({len(t.proxy.layers)} layers): {rho}   proxy: {t.proxy.proxy}")
+    lines.append(("read from the cache " if t.from_cache else f"measured in {t.seconds:.1f} s, cached ")
+                 + f"(key {t.cache_key})")
+    return lines
+
+
+def write_csv(t: SensitivityTable, path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "onnx_op", "params", "size_share", "latency_share_estimate", "format", "accuracy",
+                    "drop", "execution", "error", "proxy_score", "source", "eval"])
+        for c in t.cells:
+            cost = t.cost(c.layer)
+            score = (t.proxy.scores.get(c.layer, {}).get(c.format.value) if t.proxy else None)
+            w.writerow([c.layer, cost.onnx_op, cost.params, f"{cost.size_share:.6f}", f"{cost.latency_share:.6f}",
+                        c.format.value, c.accuracy, c.drop, c.execution, c.error, score, t.source, t.eval_label])
+    return path
+
+
+def heatmap(t: SensitivityTable, path: str | Path) -> Path:
+    """Layers (rows, model order) x formats (columns), colour = drop in metric units."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, fmts = t.layers, t.formats
+    data = np.array([[t.drop(n, f) for f in fmts] for n in layers], dtype=float)
+    shown = np.where(np.isfinite(data), data, np.nan)
+    height = max(3.0, 0.28 * len(layers) + 1.8)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(fmts) + 0.06 * max(map(len, layers)), height))
+    vmax = np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else 1.0
+    im = ax.imshow(shown, aspect="auto", cmap="RdBu_r", vmin=-vmax or -1, vmax=vmax or 1)
+    ax.set_xticks(range(len(fmts)), [f.value for f in fmts])
+    ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 20 else 9)
+    for i in range(len(layers)):
+        for j in range(len(fmts)):
+            v = data[i, j]
+            ax.text(j, i, "x" if not np.isfinite(v) else f"{v:+.3f}", ha="center", va="center",
+                    fontsize=6 if len(layers) > 20 else 8)
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label(f"{t.metric} drop (metric units, > 0 worse)")
+    ax.set_title(f"{t.model}: single-layer {t.metric} drop on {t.backend}\n{t.eval_label}", fontsize=9)
+    ax.set_xlabel("format (only this layer quantized; x = could not be built)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_to_mlflow(t: SensitivityTable, files: list[Path], tracking_uri: str, experiment: str) -> str:
+    """One MLflow run holding the table (as an MLflow table and the CSV/JSON) and the heat map."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    rows = {"layer": [], "format": [], "drop": [], "execution": [], "size_share": [], "latency_share_estimate": []}
+    for c in t.cells:
+        cost = t.cost(c.layer)
+        rows["layer"].append(c.layer)
+        rows["format"].append(c.format.value)
+        rows["drop"].append(c.drop)
+        rows["execution"].append(c.execution)
+        rows["size_share"].append(cost.size_share)
+        rows["latency_share_estimate"].append(cost.latency_share)
+    with mlflow.start_run(run_name=f"sensitivity-{t.model}") as run:
+        mlflow.set_tags({"precision_search.kind": "sensitivity", "backend": t.backend, "device": t.device,
+                         "sensitivity.source": t.source, "sensitivity.eval": t.eval_label,
+                         "sensitivity.latency_source": t.latency_source, "sensitivity.cache_key": t.cache_key})
+        mlflow.log_params({"metric": t.metric, "formats": ",".join(f.value for f in t.formats),
+                           "layers": len(t.layers), "plan_defaults": t.plan_defaults})
+        mlflow.log_metric("reference_accuracy", t.reference_accuracy)
+        if t.proxy and t.proxy.spearman is not None:
+            mlflow.log_metric("proxy_spearman", t.proxy.spearman)
+        mlflow.log_table(rows, artifact_file="sensitivity/table.json")
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="sensitivity")
+        return run.info.run_id
