@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-SUBCOMMANDS = ["layers", "evaluate", "search", "front", "promote", "load"]
+SUBCOMMANDS = ["layers", "evaluate", "search", "front", "promote", "load", "sensitivity"]
 
 
 def build_parser() -> argparse.ArgumentParser:

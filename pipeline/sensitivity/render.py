@@ -27,12 +27,12 @@ def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
     table.add_column("layer")
     table.add_column("op")
     table.add_column("params", justify="right")
-    table.add_column("size %", justify="right")
-    table.add_column("latency % (est.)", justify="right")
+    table.add_column("size%", justify="right")
+    table.add_column("lat%*", justify="right")
     for f in t.formats:
-        table.add_column(f"{f.value} drop", justify="right")
+        table.add_column(f.value, justify="right")
     if t.proxy and t.proxy.scores:
-        table.add_column("proxy int4/int8", justify="right")
+        table.add_column("proxy i4/i8", justify="right")
     worst = max((t.drop(n, f) for n in t.layers for f in t.formats if math.isfinite(t.drop(n, f))), default=0.0)
     rows = sorted(t.layers, key=lambda n: -max((d for d in (t.drop(n, f) for f in t.formats) if math.isfinite(d)),
                                                default=0.0))
@@ -44,20 +44,21 @@ def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
             cell = t.cell(n, f)
             text = _fmt_drop(d)
             if cell and cell.execution == "emulated":
-                text += " (emul.)"
+                text += "e"
             if math.isfinite(d) and worst > 0 and d >= 0.5 * worst:
                 text = f"[bold red]{text}[/bold red]"
             cells.append(text)
         row = [n, c.onnx_op, f"{c.params:,}", f"{100 * c.size_share:.1f}", f"{100 * c.latency_share:.1f}", *cells]
         if t.proxy and t.proxy.scores:
             s = t.proxy.scores.get(n, {})
-            row.append(f"{s.get('int4', float('nan')):.2e}/{s.get('int8', float('nan')):.2e}")
+            row.append(f"{s.get('int4', float('nan')):.1e}/{s.get('int8', float('nan')):.1e}")
         table.add_row(*row)
     return table
 
 
 def summary_lines(t: SensitivityTable) -> list[str]:
-    lines = [f"single-layer candidates: {t.plan_defaults}; latency share: {t.latency_source}"]
+    lines = [f"columns: {t.metric} drop per format (e = the backend emulates it); size% = share of FP32 weight bits; "
+             f"lat%* = {t.latency_source}", f"single-layer candidates: {t.plan_defaults}"]
     if t.proxy:
         rho = "n/a (fewer than 3 comparable cells)" if t.proxy.spearman is None else f"{t.proxy.spearman:+.2f}"
         lines.append(f"proxy vs artifact, Spearman rank correlation over {t.proxy.cells} cells "
@@ -101,8 +102,9 @@ def heatmap(t: SensitivityTable, path: str | Path) -> Path:
     for i in range(len(layers)):
         for j in range(len(fmts)):
             v = data[i, j]
+            strong = np.isfinite(v) and abs(v) > 0.6 * vmax
             ax.text(j, i, "x" if not np.isfinite(v) else f"{v:+.3f}", ha="center", va="center",
-                    fontsize=6 if len(layers) > 20 else 8)
+                    color="white" if strong else "black", fontsize=6 if len(layers) > 20 else 8)
     cb = fig.colorbar(im, ax=ax)
     cb.set_label(f"{t.metric} drop (metric units, > 0 worse)")
     ax.set_title(f"{t.model}: single-layer {t.metric} drop on {t.backend}\n{t.eval_label}", fontsize=9)
