@@ -106,7 +106,7 @@ def layer_choices(spec: SearchSpec, searched: Sequence[str], *,
     notes = []
     if left_out:
         notes.append("left out " + ", ".join(f"{f.value} ({c} layer{'s' if c > 1 else ''})" for f, c in left_out.items())
-                     + ": the backend only emulates them (stored, computed in fp32, slower than fp32); "
+                     + ": the backend only emulates them (stored, computed in fp32, slower than fp32), "
                      "set search.include_emulated: true to search them")
     if pruned:
         notes.append("pruned by sensitivity (single-layer drop over search.max_accuracy_drop): "
