@@ -1,0 +1,40 @@
+"""``precision-search sensitivity``: table printed, PNG/CSV/JSON written, one MLflow run (SQLite)."""
+
+from __future__ import annotations
+
+import csv
+
+from pipeline.cli import main
+from tests.pipeline.sensitivity.conftest import EVAL_LIMIT, FRAGILE_FACTORY
+
+
+def test_cli_writes_files_and_logs_to_mlflow(fragile_config, fragile_table, tmp_path, capsys):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    rc = main(["sensitivity", "--config", "search_spaces/digits_mlp.yaml",
+               "--set", f"workdir={fragile_config.workdir}", "--set", f"model.factory={FRAGILE_FACTORY}",
+               "--set", "name=digits-mlp-fragile", "--set", "measure.runs=5", "--set", "measure.warmup=1",
+               "--set", "measure.energy.min_seconds=0.05", "--set", "measure.energy.repeats=1",
+               "--eval-limit", str(EVAL_LIMIT), "--out", str(out), "--tracking-uri", uri])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "read from the cache" in text and "Spearman" in text and "fc1" in text
+    png, = out.glob("*.png")
+    assert png.stat().st_size > 5_000
+    rows = list(csv.DictReader(next(out.glob("*.csv")).open()))
+    assert {r["layer"] for r in rows} == {"fc1", "fc2", "fc3", "fc4"}
+    assert all("subset" in r["eval"] for r in rows)
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["digits-mlp-fragile"], output_format="list")
+    assert run.data.tags["precision_search.kind"] == "sensitivity"
+    assert "reference_accuracy" in run.data.metrics
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "sensitivity")}
+    assert {f"sensitivity/{png.name}", "sensitivity/table.json"} <= names
+
+
+def test_cli_names_a_bad_format(capsys):
+    rc = main(["sensitivity", "--config", "search_spaces/digits_mlp.yaml", "--formats", "int3"])
+    assert rc == 2
+    assert "--formats" in capsys.readouterr().err

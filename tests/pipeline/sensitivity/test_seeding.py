@@ -1,0 +1,67 @@
+"""What the runner gets: seeds that enqueue into a real Optuna study, per-layer formats for the
+space, and the skip screen reported to Optuna as a PRUNED trial with its reason."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from pipeline.formats import Format
+from pipeline.plan import QuantPlan
+from pipeline.sensitivity import seeding_for, sensitivity_seeds, space_inputs
+from search_spaces.space import SearchSpace
+from tests.pipeline.sensitivity.conftest import EVAL_LIMIT
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def seeded_config(fragile_config, fragile_table):  # fragile_table: the cache this config reads
+    cfg = fragile_config.model_copy(deep=True)
+    cfg.base_dir = fragile_config.base_dir
+    cfg.search.sensitivity.seed = True
+    cfg.search.sensitivity.eval_limit = EVAL_LIMIT
+    cfg.search.sensitivity.bits_budgets = [6.0, 8.0]
+    return cfg
+
+
+def test_seeds_enqueue_and_rebuild_exactly(seeded_config, fragile_table):
+    seeding = seeding_for(seeded_config)
+    assert seeding.table is not None and seeding.table.from_cache
+    names = seeding.table.layers
+    assert Format.INT4 not in seeding.allowed["fc1"]
+    assert Format.BF16 not in seeding.allowed["fc2"]  # emulated on ORT CPU: left out by default
+    assert seeding.plans and all(p.resolve(names)["fc1"].format is not Format.INT4 for p in seeding.plans)
+    space = SearchSpace.build(seeded_config.search, names, **space_inputs(seeded_config, None, seeding))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for plan in seeding.plans:
+        params = space.params_for({n: c.format for n, c in plan.resolve(names).items()})
+        study.enqueue_trial(params, user_attrs={"seed": "sensitivity"})
+    for plan in seeding.plans:
+        trial = study.ask()
+        got = space.suggest(trial)
+        assert {n: c.format for n, c in got.resolve(names).items()} == \
+               {n: c.format for n, c in plan.resolve(names).items()}
+        assert seeding.skip_reason(got) is None
+        study.tell(trial, [0.9, 1.0])
+
+
+def test_hopeless_proposals_are_pruned_with_the_reason(seeded_config):
+    seeding = seeding_for(seeded_config)
+    reason = seeding.skip_reason(QuantPlan.uniform("int4"))
+    assert reason and "predicted accuracy drop" in reason and "max_accuracy_drop" in reason
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    trial.set_user_attr("skipped", reason)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    (t,) = study.get_trials()
+    assert t.state is optuna.trial.TrialState.PRUNED and t.user_attrs["skipped"] == reason
+
+
+def test_without_the_seed_switch_nothing_is_measured(fragile_config):
+    assert not fragile_config.search.sensitivity.seed
+    seeding = seeding_for(fragile_config)
+    assert seeding.table is None and seeding.plans == [] and seeding.allowed is None
+    assert seeding.skip_reason(QuantPlan.uniform("int4")) is None
+    assert {Format.BF16, Format.FP8} <= seeding.emulated["fc1"]
+    assert sensitivity_seeds(fragile_config) == []
