@@ -1,0 +1,204 @@
+"""Search quality: hypervolume after N trials, sensitivity-seeded search vs Optuna baselines.
+
+Strategies, each given the same trial budget and the same seeds:
+
+* ``seeded``: the product's search - uniform baselines, emulated formats left out, per-layer formats pruned by the
+  sensitivity table, the solver's and the greedy plans enqueued first, then TPE; proposals whose
+  predicted drop cannot meet the budget are told to Optuna as PRUNED (they use a trial of the
+  budget but no measurement);
+* ``tpe``: plain TPE (multivariate, grouped, as ``search.sampler: tpe``) over the full space;
+* ``random``: Optuna's RandomSampler over the full space;
+* ``uniform``: the uniform baselines only (one plan per format), the simple-baseline front.
+
+Every plan is measured with the product's Evaluator (artifact through ONNX Runtime, accuracy on
+the eval set, p50 latency, file size); identical resolved plans are measured once and shared by
+all strategies, so they see the same numbers. Hypervolume is over (accuracy, latency, size) of
+the feasible plans (drop <= search.max_accuracy_drop), with the reference point = the FP32 point
+at the accuracy budget (accuracy - budget, FP32 latency, FP32 size), normalised by FP32 latency and
+size. The sensitivity table's one-off cost (cached afterwards) is printed beside the table.
+
+Run: ``.venv/bin/python benchmarks/search_quality.py --trials 20 --seeds 0 1 2`` (digits CNN, a few
+minutes on 2 cores); ``--minilm`` for MiniLM on STS-B dev (hours on 2 cores: use --eval-limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STRATEGIES = ("seeded", "tpe", "random", "uniform")
+
+
+def _config(args):
+    from pipeline.config import load_config
+
+    preset = "minilm_stsb.yaml" if args.minilm else "digits_cnn.yaml"
+    overrides = {"workdir": args.workdir, "measure.runs": args.runs, "measure.warmup": 2,
+                 "search.sensitivity.eval_limit": args.eval_limit}
+    if args.eval_rows:
+        overrides["data.eval.limit"] = args.eval_rows
+    return load_config(ROOT / "search_spaces" / preset, overrides=overrides)
+
+
+class Measured:
+    """Evaluator results by resolved plan, shared across strategies."""
+
+    def __init__(self, config, workdir: Path):
+        from pipeline.sensitivity.measure import evaluator_class
+
+        self.ev = evaluator_class()(config)
+        self.names = self.ev.reference.layer_table.names
+        self.work = workdir
+        self.cache: dict[str, tuple[float, float, float] | None] = {}
+        self.seconds = 0.0
+
+    @staticmethod
+    def key(plan, names) -> str:
+        r = plan.resolve(names)
+        parts = []
+        for n, c in r.items():
+            tag = c.format.value
+            if tag == "int8":
+                tag += f"/{c.int8_activations.value}/{plan.calibration.value if c.int8_activations.value == 'static' else ''}"
+            elif tag == "int4":
+                tag += f"/{c.int4_block_size}"
+            elif tag == "fp8":
+                tag += f"/{plan.calibration.value}"
+            parts.append(tag)
+        return plan.method + "|" + ",".join(parts)
+
+    def __call__(self, plan):
+        k = self.key(plan, self.names)
+        if k not in self.cache:
+            start = time.perf_counter()
+            try:
+                m = self.ev.evaluate(plan, self.work / f"p{len(self.cache)}", energy=False).measurement
+                self.cache[k] = (m.accuracy, m.latency_ms_p50, float(m.size_bytes))
+            except Exception as exc:  # noqa: BLE001 - a failed plan is a failed trial for every strategy
+                print(f"  plan failed: {type(exc).__name__}: {exc}"[:200])
+                self.cache[k] = None
+            self.seconds += time.perf_counter() - start
+        return self.cache[k]
+
+
+def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_trials: int) -> dict:
+    import optuna
+
+    from pipeline.plan import QuantPlan
+    from pipeline.sensitivity import space_inputs
+    from search_spaces.space import SearchSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = measured.names
+    points, skipped = [], 0
+    if name == "uniform":
+        for f in config.search.formats:
+            r = measured(QuantPlan.uniform(f))
+            if r:
+                points.append(r)
+        return {"points": points, "trials": len(config.search.formats), "skipped": 0}
+    kwargs = space_inputs(config, None, seeding) if name == "seeded" else {}
+    space = SearchSpace.build(config.search, names, **kwargs)
+    if name == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
+    if name == "seeded":  # the product's search: uniform baselines, then the sensitivity seeds
+        for params in space.uniform_baselines().values():
+            study.enqueue_trial(params)
+        for plan in seeding.plans:
+            try:
+                study.enqueue_trial(space.params_for({n: c.format for n, c in plan.resolve(names).items()}))
+            except ValueError as exc:
+                print(f"  seed not in the space: {exc}")
+    for _ in range(n_trials):
+        trial = study.ask()
+        plan = space.suggest(trial)
+        if name == "seeded" and seeding.skip_reason(plan):
+            skipped += 1
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        r = measured(plan)
+        if r is None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        study.tell(trial, list(r))
+        points.append(r)
+    return {"points": points, "trials": n_trials, "skipped": skipped}
+
+
+def score(points, ref_acc: float, budget: float, fp32_lat: float, fp32_size: float) -> float:
+    from pipeline.pareto import hypervolume
+
+    feasible = [(a, lat / fp32_lat, size / fp32_size) for a, lat, size in points if ref_acc - a <= budget + 1e-12]
+    return hypervolume(feasible, ["maximize", "minimize", "minimize"], (ref_acc - budget, 1.0, 1.0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--minilm", action="store_true", help="MiniLM on STS-B dev instead of the digits CNN")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--eval-limit", type=int, default=512, help="eval rows per single-layer sensitivity candidate")
+    ap.add_argument("--eval-rows", type=int, default=None, help="cap the eval rows of every trial (all by default)")
+    ap.add_argument("--runs", type=int, default=10, help="timed batches per trial")
+    ap.add_argument("--workdir", default=str(ROOT / ".precision-search" / "bench-search-quality"))
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.plan import QuantPlan
+    from pipeline.sensitivity import seeding_for
+
+    config = _config(args)
+    config.search.sensitivity.seed = True
+    console = Console()
+    with tempfile.TemporaryDirectory(dir=Path(args.workdir).parent if Path(args.workdir).parent.exists() else None) as tmp:
+        measured = Measured(config, Path(tmp))
+        fp32 = measured(QuantPlan.uniform("fp32"))
+        start = time.perf_counter()
+        seeding = seeding_for(config, measured.ev) if "seeded" in args.strategies else None
+        sens_s = time.perf_counter() - start
+        ref_acc, budget = fp32[0], config.search.max_accuracy_drop
+        console.print(f"{config.name} on {measured.ev.backend.name} ({measured.ev.backend.device()}); FP32 "
+                      f"{config.metric.name} {ref_acc:.4f}, p50 {fp32[1]:.3f} ms, {fp32[2] / 1e6:.2f} MB; budget "
+                      f"{budget}; {args.trials} trials x seeds {args.seeds}", highlight=False)
+        if seeding:
+            t = seeding.table
+            console.print(f"sensitivity: {len(t.cells)} cells, {t.eval_label}, "
+                          f"{'from the cache' if t.from_cache else f'{sens_s:.0f} s (one-off, cached)'}; "
+                          f"{len(seeding.plans)} seed plans", highlight=False)
+        results: dict[str, list[float]] = {s: [] for s in args.strategies}
+        skipped: dict[str, int] = {s: 0 for s in args.strategies}
+        for seed in args.seeds:
+            for s in args.strategies:
+                out = run_strategy(s, seed, config, measured, seeding, args.trials)
+                results[s].append(score(out["points"], ref_acc, budget, fp32[1], fp32[2]))
+                skipped[s] += out["skipped"]
+                console.print(f"  seed {seed} {s:8s} hypervolume {results[s][-1]:.4f}", highlight=False)
+    table = Table(title=f"hypervolume after {args.trials} trials (accuracy x latency x size, reference = FP32 at the "
+                        f"budget; mean over seeds {args.seeds}; latency measured in-search, not interleaved)")
+    for col in ("strategy", "mean", "min", "max", "vs random", "vs uniform", "skipped (pruned)"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    base = {k: statistics.mean(v) for k, v in results.items()}
+    for s, vals in results.items():
+        rel = lambda k: f"{base[s] / base[k]:.2f}x" if k in base and base[k] > 0 else "-"  # noqa: E731
+        table.add_row(s, f"{base[s]:.4f}", f"{min(vals):.4f}", f"{max(vals):.4f}", rel("random"), rel("uniform"),
+                      str(skipped[s]))
+    console.print(table)
+    console.print(f"{len(measured.cache)} distinct plans measured in {measured.seconds:.0f} s", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
