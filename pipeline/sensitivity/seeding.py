@@ -76,10 +76,15 @@ def backend_emulated(config: SearchConfig, table: LayerTable) -> dict[str, set[F
     return emulated_formats(backend, table, spec.formats, spec.int8_activations)
 
 
-def seeding_for(config: SearchConfig, evaluator=None, *, progress=None) -> Seeding:
-    """Everything sensitivity gives the runner; no measurement unless ``search.sensitivity.seed``."""
-    table = (evaluator.reference.layer_table if evaluator is not None
-             else _reference(config).layer_table)
+def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable | None = None,
+                progress=None) -> Seeding:
+    """Everything sensitivity gives the runner; no measurement unless ``search.sensitivity.seed``.
+
+    ``evaluator``: the runner's Evaluator, if it has one (its workdir and reference are reused;
+    the single-layer candidates get their own eval-subset Evaluator); ``layer_table``: the
+    reference's table when the caller holds it already (no second export)."""
+    table = layer_table or (evaluator.reference.layer_table if evaluator is not None
+                            else _reference(config).layer_table)
     emulated = backend_emulated(config, table)
     spec = config.search
     if not spec.sensitivity.seed:

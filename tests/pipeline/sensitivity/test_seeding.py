@@ -46,6 +46,13 @@ def test_seeds_enqueue_and_rebuild_exactly(seeded_config, fragile_table):
         study.tell(trial, [0.9, 1.0])
 
 
+def test_seeds_with_the_runners_evaluator_read_the_same_cache(seeded_config):
+    from pipeline.sensitivity.measure import evaluator_class
+
+    plans = sensitivity_seeds(seeded_config, evaluator_class()(seeded_config))
+    assert [p.to_yaml() for p in plans] == [p.to_yaml() for p in seeding_for(seeded_config).plans]
+
+
 def test_hopeless_proposals_are_pruned_with_the_reason(seeded_config):
     seeding = seeding_for(seeded_config)
     reason = seeding.skip_reason(QuantPlan.uniform("int4"))
