@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.sensitivity.table import Cell, SensitivityTable
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the proxy counts activation rounding
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -117,7 +117,7 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     costs, latency_label = layer_costs(table, probe)
     costs = [c for c in costs if c.layer in names]
 
-    scores = _proxy_scores(ev, table, names, fmts, probe, knobs["int4_block_size"])
+    scores = _proxy_scores(ev, table, names, fmts, probe, knobs["int4_block_size"], knobs["int8_activations"])
     measured_layers = names if mode == "artifact" else _spread(names, scores, check_layers)
     done = cache.done_cells() if use_cache else {}
     total = len(measured_layers) * len(fmts)
@@ -164,7 +164,7 @@ def _measure_cell(ev, layer: str, fmt: Format, knobs: dict, out_dir: Path) -> Ce
                 seconds=round(time.perf_counter() - start, 3))
 
 
-def _proxy_scores(ev, table, names, fmts, probe, block: int) -> dict[str, dict[str, float]]:
+def _proxy_scores(ev, table, names, fmts, probe, block: int, int8_activations) -> dict[str, dict[str, float]]:
     import onnx
     from onnx import numpy_helper
 
@@ -177,7 +177,7 @@ def _proxy_scores(ev, table, names, fmts, probe, block: int) -> dict[str, dict[s
             continue
         w = numpy_helper.to_array(inits[layer.weight])
         p = probe.layers.get(n) if probe else None
-        out[n] = {f.value: proxy_score(w, layer, p, f, block) for f in fmts}
+        out[n] = {f.value: proxy_score(w, layer, p, f, block, str(int8_activations)) for f in fmts}
     return out
 
 

@@ -26,6 +26,9 @@ class LayerProbe:
     op: str
     activation: str | None  # the ONNX tensor feeding the layer (None: a Gather's indices)
     channel_ms: np.ndarray | None = None  # mean x^2 per input channel over the probe rows
+    absmax: float = 0.0  # max |x| of the input over the probe rows (a minmax int8/fp8 activation range)
+    lo: float = 0.0  # min(x, 0) and max(x, 0): the range dynamic int8 scales by
+    hi: float = 0.0
     macs_per_sample: int | None = None  # from the observed output shape
     trans_b: bool = False  # Gemm's transB: weight stored [N, K]
     group: int = 1  # Conv groups
@@ -96,6 +99,9 @@ def probe_reference(onnx_path: str | Path, table: LayerTable, feeds: list[dict[s
                     p.macs_per_sample = _macs(layer.params, layer.onnx_op, np.asarray(out).shape, batch)
                 if p.activation and p.activation in outs:
                     x = np.asarray(outs[p.activation], dtype=np.float64)
+                    if x.size:
+                        p.lo, p.hi = min(p.lo, float(x.min())), max(p.hi, float(x.max()))
+                        p.absmax = max(p.absmax, -p.lo, p.hi)
                     axis = 1 if layer.onnx_op == "Conv" else x.ndim - 1
                     x = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
                     sums[layer.name] = sums.get(layer.name, 0) + (x * x).sum(axis=0)

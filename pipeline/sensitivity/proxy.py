@@ -19,8 +19,15 @@ from pipeline.formats import Format
 from pipeline.layers import Layer
 from pipeline.sensitivity.probe import LayerProbe
 
-PROXY_DESCRIPTION = ("weight-only relative output error: sum_k E[x_k^2] ||dW_k||^2 / sum_k E[x_k^2] ||W_k||^2 "
-                     "(x: the layer's input on calibration rows; dW: the format's weight rounding error)")
+PROXY_DESCRIPTION = ("relative output error: (sum_k E[x_k^2] ||dW_k||^2 + sum_k E[dx_k^2] ||W_k||^2) / "
+                     "sum_k E[x_k^2] ||W_k||^2 (x: the layer's input on calibration rows; dW: the format's weight "
+                     "rounding error; dx: its activation rounding error where the format quantizes activations, "
+                     "uniform-rounding model)")
+
+# Relative mean squared rounding error of a float format with m mantissa bits, per element: the
+# relative error is uniform in +-2^-(m+1), so its variance is 2^-2(m+1) / 3.
+_FP8_REL_VAR = 2.0 ** (-2 * 4) / 3  # E4M3: 3 mantissa bits
+_BF16_REL_VAR = 2.0 ** (-2 * 8) / 3  # 7 mantissa bits
 
 
 def _canonical(w: np.ndarray, layer: Layer, probe: LayerProbe | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -56,18 +63,40 @@ def fake_quant(rows: np.ndarray, fmt: Format, int4_block_size: int = 32) -> np.n
     raise ValueError(f"no proxy for format {fmt}")
 
 
-def proxy_score(w: np.ndarray, layer: Layer, probe: LayerProbe | None, fmt: Format, int4_block_size: int = 32) -> float:
-    """Relative output error of ``layer`` with its weight in ``fmt`` (0 = exact)."""
+def activation_noise(fmt: Format, probe: LayerProbe | None, int8_activations: str = "static") -> tuple[float, float]:
+    """(absolute, relative) mean squared rounding error per input element the format adds to the
+    layer's input: int8 rounds to a grid of step s (variance s^2/12; s = absmax/127 static, or
+    range/255 dynamic), fp8 and bf16 round relative to each value. Weight-only forms add none."""
+    if probe is None or probe.activation is None:
+        return 0.0, 0.0  # an embedding lookup: only the table is quantized
+    if fmt is Format.INT8:
+        step = (probe.absmax / 127) if str(int8_activations) == "static" else (probe.hi - probe.lo) / 255
+        return step * step / 12, 0.0
+    if fmt is Format.FP8:
+        return 0.0, _FP8_REL_VAR
+    if fmt is Format.BF16:
+        return 0.0, _BF16_REL_VAR
+    return 0.0, 0.0
+
+
+def proxy_score(w: np.ndarray, layer: Layer, probe: LayerProbe | None, fmt: Format, int4_block_size: int = 32,
+                int8_activations: str = "static") -> float:
+    """Relative output error of ``layer`` with ``fmt`` (0 = exact): weight and activation rounding."""
     rows, cols = _canonical(np.asarray(w, dtype=np.float32), layer, probe)
     d = (fake_quant(rows, fmt, int4_block_size) - rows).astype(np.float64)
     col_err = (d * d).sum(axis=0)
     col_w = (rows.astype(np.float64) ** 2).sum(axis=0)
     weights = np.ones_like(col_err)
     ms = probe.channel_ms if probe is not None else None
-    if cols is not None and ms is not None and (probe.group == 1) and cols.max(initial=-1) < ms.shape[0]:
+    weighted = cols is not None and ms is not None and probe.group == 1 and cols.max(initial=-1) < ms.shape[0]
+    if weighted:
         weights = ms[cols]
     den = float((weights * col_w).sum())
-    return float((weights * col_err).sum() / den) if den > 0 else 0.0
+    if den <= 0:
+        return 0.0
+    absolute, relative = activation_noise(fmt, probe, int8_activations)
+    act = (absolute * float(col_w.sum()) + relative * den) if weighted else 0.0
+    return float(((weights * col_err).sum() + act) / den)
 
 
 def rank_correlation(pairs: list[tuple[float, float]]) -> float | None:
