@@ -56,7 +56,10 @@ def run(args) -> int:
         table = build_sensitivity(cfg, formats=formats, eval_limit=eval_limit, layers=layers,
                                   mode="proxy" if args.proxy else "artifact", check_layers=args.check_layers,
                                   use_cache=not args.no_cache, progress=progress)
-    console.print(rich_table(table, max_rows=args.rows))
+    # Piped or logged output has no terminal width (rich assumes 80): give the table the room it needs.
+    from rich.console import Console
+
+    (console if console.is_terminal else Console(width=200)).print(rich_table(table, max_rows=args.rows))
     for line in summary_lines(table):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     out = Path(args.out) if args.out else cfg.work_path / "sensitivity"

@@ -20,11 +20,27 @@ def _fmt_drop(v: float) -> str:
     return "failed" if not math.isfinite(v) else f"{v:+.4f}"
 
 
+def common_prefix(names: list[str]) -> str:
+    """The dotted prefix every layer name shares (``encoder.``), left out of the table's rows."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    out = out[: min(len(p) for p in parts) - 1]
+    return ".".join(out) + "." if out else ""
+
+
 def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
+    prefix = common_prefix(t.layers)
     title = (f"{t.model}: {t.metric} drop with only that layer quantized (> 0 is worse), on the artifact via "
-             f"{t.backend} ({t.source}); {t.eval_label}; FP32 {t.metric} {t.reference_accuracy:.4f}")
+             f"{t.backend} ({t.source}); {t.eval_label}; FP32 {t.metric} {t.reference_accuracy:.4f}"
+             + (f"; layer names without the common prefix {prefix!r}" if prefix else ""))
     table = Table(title=title, title_justify="left")
-    table.add_column("layer")
+    table.add_column("layer", no_wrap=True)
     table.add_column("op")
     table.add_column("params", justify="right")
     table.add_column("size%", justify="right")
@@ -45,10 +61,12 @@ def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
             text = _fmt_drop(d)
             if cell and cell.execution == "emulated":
                 text += "e"
+            if t.source == "proxy" and t.proxy and n not in t.proxy.layers:
+                text += "~"  # predicted from the proxy, not measured
             if math.isfinite(d) and worst > 0 and d >= 0.5 * worst:
                 text = f"[bold red]{text}[/bold red]"
             cells.append(text)
-        row = [n, c.onnx_op, f"{c.params:,}", f"{100 * c.size_share:.1f}", f"{100 * c.latency_share:.1f}", *cells]
+        row = [n[len(prefix):], c.onnx_op, f"{c.params:,}", f"{100 * c.size_share:.1f}", f"{100 * c.latency_share:.1f}", *cells]
         if t.proxy and t.proxy.scores:
             s = t.proxy.scores.get(n, {})
             row.append(f"{s.get('int4', float('nan')):.1e}/{s.get('int8', float('nan')):.1e}")
@@ -57,7 +75,9 @@ def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
 
 
 def summary_lines(t: SensitivityTable) -> list[str]:
-    lines = [f"columns: {t.metric} drop per format (e = the backend emulates it); size% = share of FP32 weight bits; "
+    lines = [f"columns: {t.metric} drop per format (e = the backend emulates it"
+             + ("; ~ = predicted from the proxy, not measured" if t.source == "proxy" else "")
+             + "); size% = share of FP32 weight bits; "
              f"lat%* = {t.latency_source}", f"single-layer candidates: {t.plan_defaults}"]
     if t.proxy:
         rho = "n/a (fewer than 3 comparable cells)" if t.proxy.spearman is None else f"{t.proxy.spearman:+.2f}"
