@@ -224,8 +224,10 @@ class SensitivitySpec(_Strict):
         return v
 
 
-class SearchSpec(_Strict):
+class SearchSpec(_OmitNewDefaults):
     """The search space and the study's settings."""
+
+    _omit_when_default: ClassVar[tuple[str, ...]] = ("include_emulated", "group_layers", "sensitivity")
 
     formats: list[Format] = Field(default_factory=lambda: list(ALL_FORMATS))
     pin: dict[str, Format] = Field(default_factory=dict)  # glob -> fixed format

@@ -31,16 +31,26 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def data_digest(inputs: dict[str, np.ndarray], targets: np.ndarray | None) -> str:
-    h = hashlib.sha256()
-    for k in sorted(inputs):
-        a = np.ascontiguousarray(inputs[k])
-        h.update(f"{k}:{a.dtype}:{a.shape}".encode())
+def _update(h, value, path: str) -> None:
+    """Hash arrays by bytes, containers by structure (targets may be a dict of arrays, a list, ...)."""
+    if isinstance(value, np.ndarray) or np.isscalar(value):
+        a = np.ascontiguousarray(value)
+        h.update(f"{path}:{a.dtype}:{a.shape}".encode())
         h.update(a.tobytes())
-    if targets is not None:
-        t = np.ascontiguousarray(targets)
-        h.update(f"targets:{t.dtype}:{t.shape}".encode())
-        h.update(t.tobytes())
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            _update(h, value[k], f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _update(h, v, f"{path}[{i}]")
+    else:
+        h.update(f"{path}:{value!r}".encode())
+
+
+def data_digest(inputs: dict[str, np.ndarray], targets) -> str:
+    h = hashlib.sha256()
+    _update(h, dict(inputs), "inputs")
+    _update(h, targets, "targets")
     return h.hexdigest()
 
 

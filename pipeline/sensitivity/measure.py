@@ -136,7 +136,7 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
                        cells=len(pairs), scores=scores)
     if mode == "proxy":
         cells += _fill_from_proxy(names, measured_layers, fmts, cells, scores)
-    n = len(eval_set.targets)
+    n = len(eval_set)
     label = (f"eval subset: first {n} rows of data.eval (sensitivity.eval_limit={eval_limit})"
              if eval_limit and n >= eval_limit else f"all {n} rows of data.eval")
     result = SensitivityTable(
