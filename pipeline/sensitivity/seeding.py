@@ -97,6 +97,15 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
     allowed_base = {n: [f for f in spec.formats if spec.include_emulated or f not in emulated.get(n, set())]
                     for n in table.names}
     allowed = prune_formats(sens, spec.max_accuracy_drop, allowed=allowed_base)
+    if Format.FP32 not in spec.formats:  # prune_formats keeps fp32 as the safe choice; the user ruled it out
+        allowed = {n: [f for f in fs if f is not Format.FP32] or fs for n, fs in allowed.items()}
+    from search_spaces.space import SearchSpace
+
+    fixed = SearchSpace.build(spec, table.names)  # pins and excludes: the solver plans around them
+    for n, f in fixed.pinned.items():
+        allowed[n] = [f]
+    for n in fixed.excluded:
+        allowed[n] = [Format.FP32]
     from search_spaces.pruning import group_key
 
     groups: dict[str, list[str]] = {}

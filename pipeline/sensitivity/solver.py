@@ -137,12 +137,13 @@ def solve_accuracy_budget(sensitivity, max_drop: float, *, groups=None, allowed=
 
 
 def greedy_sequence(sensitivity, *, groups=None, allowed=None) -> list[tuple[dict[str, Format], float, float]]:
-    """Least sensitive first: from all-FP32, repeatedly the move (one group to a smaller format)
+    """Least sensitive first: from the widest plan, repeatedly the move (one group to a smaller format)
     with the least added drop per bit saved. Returns (formats, predicted drop, avg bits) per step."""
     gs = _groups(sensitivity, groups)
     opts = dict(_options(sensitivity, gs, allowed))
     total = max(sum(sensitivity.cost(n).params for n in sensitivity.layers), 1)
-    state = {g: (Format.FP32, 0.0, float(sum(sensitivity.cost(m).params * 32 for m in gs[g]))) for g in gs}
+    # Start from each group's widest allowed format (FP32 unless pinned or ruled out).
+    state = {g: max(opts[g], key=lambda o: (o[2], -o[1])) for g in gs if opts[g]}
     seq = []
     while True:
         best = None

@@ -72,3 +72,19 @@ def test_without_the_seed_switch_nothing_is_measured(fragile_config):
     assert seeding.skip_reason(QuantPlan.uniform("int4")) is None
     assert {Format.BF16, Format.FP8} <= seeding.emulated["fc1"]
     assert sensitivity_seeds(fragile_config) == []
+
+
+def test_seeds_respect_pins_excludes_and_a_format_list_without_fp32(seeded_config):
+    cfg = seeded_config.model_copy(deep=True)
+    cfg.base_dir = seeded_config.base_dir
+    cfg.search.pin = {"fc4": Format.INT8}
+    cfg.search.exclude = ["fc3"]
+    cfg.search.formats = [Format.INT8, Format.INT4]
+    seeding = seeding_for(cfg)
+    assert seeding.plans
+    space = SearchSpace.build(cfg.search, seeding.table.layers, **space_inputs(cfg, None, seeding))
+    for plan in seeding.plans:
+        r = plan.resolve(seeding.table.layers)
+        assert r["fc4"].format is Format.INT8 and r["fc3"].format is Format.FP32
+        assert r["fc1"].format is Format.INT8  # int4 pruned, fp32 not in search.formats
+        space.params_for({n: c.format for n, c in r.items()})  # every seed is a point of the space
