@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.backends", "pipeline.qat", "pipeline.energy", "pipeline.models", "pipeline.sources",
      "pipeline.measure"),
     ("pipeline.evaluation", "pipeline.evaluate", "pipeline.examples"),
-    ("pipeline.search", "pipeline.study", "pipeline.progress"),
+    ("pipeline.search", "pipeline.study", "pipeline.progress", "pipeline.sensitivity"),
     ("pipeline.tracking",),
     ("pipeline.promotion", "pipeline.api"),
     ("pipeline.cli",),

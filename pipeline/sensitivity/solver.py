@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.formats import Format
+from pipeline.formats import WEIGHT_BITS, Format
 from pipeline.plan import QuantPlan
 from pipeline.sensitivity.table import SensitivityTable
 
@@ -81,7 +81,7 @@ def _options(sensitivity, groups, allowed) -> list[tuple[str, list[tuple[Format,
         for f in fmts:
             drop = sum(max(sensitivity.drop(m, f), 0.0) for m in members)
             if math.isfinite(drop):
-                bits = sum(sensitivity.cost(m).params * f.weight_bits for m in members)
+                bits = sum(sensitivity.cost(m).params * WEIGHT_BITS[f] for m in members)
                 rows.append((f, drop, float(bits)))
         opts.append((g, rows))
     return opts

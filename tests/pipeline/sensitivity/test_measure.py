@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.formats import Format
+from pipeline.formats import WEIGHT_BITS, Format
 from pipeline.plan import QuantPlan
 from pipeline.sensitivity import build_sensitivity, predicted_drop, prune_formats, seed_plans
 from tests.pipeline.sensitivity.conftest import EVAL_LIMIT
@@ -19,7 +19,7 @@ BUDGET = 0.03
 def _avg_bits(plan: QuantPlan, table) -> float:
     choices = plan.resolve(table.layers)
     total = sum(table.cost(n).params for n in table.layers)
-    return sum(table.cost(n).params * c.format.weight_bits for n, c in choices.items()) / total
+    return sum(table.cost(n).params * WEIGHT_BITS[c.format] for n, c in choices.items()) / total
 
 
 def test_fragile_layer_ranks_first_and_int4_is_pruned_for_it_only(fragile_table):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipeline.formats import Format
+from pipeline.formats import WEIGHT_BITS, Format
 from pipeline.sensitivity import greedy_sequence, prune_formats, seed_plans
 from pipeline.sensitivity.solver import solve_accuracy_budget, solve_bits_budget
 from pipeline.sensitivity.table import Cell, LayerCost, SensitivityTable
@@ -36,7 +36,7 @@ def _brute(table, key):
     for combo in itertools.product([Format.FP32, *FMTS], repeat=len(table.layers)):
         plan = dict(zip(table.layers, combo))
         drop = sum(max(table.drop(n, f), 0) for n, f in plan.items())
-        bits = sum(table.cost(n).params * f.weight_bits for n, f in plan.items()) / 1000
+        bits = sum(table.cost(n).params * WEIGHT_BITS[f] for n, f in plan.items()) / 1000
         k = key(drop, bits)
         if k is not None and (best is None or k < best[0]):
             best = (k, plan, drop, bits)
@@ -47,7 +47,7 @@ def _brute(table, key):
 def test_bits_budget_solve_is_optimal(avg_bits):
     got = solve_bits_budget(TABLE, avg_bits)
     drop = sum(TABLE.drop(n, f) for n, f in got.items())
-    bits = sum(TABLE.cost(n).params * f.weight_bits for n, f in got.items()) / 1000
+    bits = sum(TABLE.cost(n).params * WEIGHT_BITS[f] for n, f in got.items()) / 1000
     best = _brute(TABLE, lambda d, b: round(d, 9) if b <= avg_bits + 1e-9 else None)
     assert bits <= avg_bits + 1e-9
     assert drop == pytest.approx(best[2])
@@ -56,7 +56,7 @@ def test_bits_budget_solve_is_optimal(avg_bits):
 @pytest.mark.parametrize("max_drop", [0.0, 0.003, 0.01, 0.02, 1.0])
 def test_accuracy_budget_solve_is_the_smallest_feasible_plan(max_drop):
     got = solve_accuracy_budget(TABLE, max_drop)
-    bits = sum(TABLE.cost(n).params * f.weight_bits for n, f in got.items()) / 1000
+    bits = sum(TABLE.cost(n).params * WEIGHT_BITS[f] for n, f in got.items()) / 1000
     drop = sum(TABLE.drop(n, f) for n, f in got.items())
     best = _brute(TABLE, lambda d, b: b if d <= max_drop + 1e-12 else None)
     assert drop <= max_drop + 1e-9
