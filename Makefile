@@ -14,6 +14,9 @@ TRIAL ?=
 RAY_ADDRESS ?=
 MLFLOW_PORT ?= 5000
 PROMOTE_ARGS ?=
+SENSITIVITY_ARGS ?=
+BENCH_ARGS ?=
+MODEL ?=
 # While `make cluster-up` has a cluster running, its addresses (Ray, PostgreSQL storage, MLflow server) are
 # used by every target below; `make cluster-down` removes the file.
 ifneq ($(wildcard cluster/.env),)
@@ -25,7 +28,7 @@ export RAY_ADDRESS MLFLOW_PORT
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: venv search front promote ui mlflow-server cluster-up cluster-down test bench bench-qat gpu-check clean
+.PHONY: venv search front promote load sensitivity ui mlflow-server cluster-up cluster-down test bench bench-qat bench-search bench-peers gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -47,6 +50,14 @@ front: $(STAMP)
 
 promote: $(STAMP)
 	$(BIN)/precision-search promote --config $(CONFIG) $(if $(STUDY),--study $(STUDY)) $(if $(TRIAL),--trial $(TRIAL),--policy $(POLICY)) $(PROMOTE_ARGS)
+
+# Per-layer sensitivity (layer x format metric change on the artifact), table + heat-map, cached.
+sensitivity: $(STAMP)
+	$(BIN)/precision-search sensitivity --config $(CONFIG) $(SENSITIVITY_ARGS)
+
+# Load the promoted model (MODEL=name@alias, default the config's registry name and alias) and run the eval set.
+load: $(STAMP)
+	$(BIN)/precision-search load $(MODEL) --config $(CONFIG)
 
 ui: $(STAMP)
 	bash mlflow/ui.sh
@@ -71,6 +82,9 @@ bench: $(STAMP)
 
 bench-qat: $(STAMP)
 	$(BIN)/python benchmarks/qat_recovery.py
+
+bench-search: $(STAMP)
+	$(BIN)/python benchmarks/search_quality.py $(BENCH_ARGS)
 
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py
