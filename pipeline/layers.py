@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 LayerKind = Literal["linear", "conv", "matmul", "embedding"]
@@ -29,6 +30,9 @@ class Layer(BaseModel):
     weight_shape: tuple[int, ...]  # shape of that initializer as stored in ONNX
     params: int  # number of weight elements (bias excluded)
     macs: int | None = None  # multiply-accumulates per sample, where known
+    # The framework module the exporter folded into this layer's weight (a BatchNorm after a
+    # conv: the ONNX weight is W*gamma/sqrt(var+eps), so it is what gets quantized), if any.
+    folded: str | None = None
 
 
 class UnquantizedModule(BaseModel):
@@ -86,6 +90,11 @@ class LayerTable(BaseModel):
     def unquantized_params(self) -> int:
         return sum(m.params for m in self.unquantized)
 
+    def quantizable_share(self) -> float:
+        """Fraction of the model's parameters a plan can change (1.0 when nothing is left fp32)."""
+        total = self.total_params() + self.unquantized_params()
+        return self.total_params() / total if total else 0.0
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2))
 
@@ -106,3 +115,39 @@ def choose_candidate(candidates: list[int], in_scope: Callable[[int], bool], tak
     chosen = free[0] if free else pool[0]
     taken[chosen] = taken.get(chosen, 0) + 1
     return chosen
+
+
+SKIPPED_REASON = ("not quantizable: its weight is not in the exported graph (unused in forward/call, "
+                  "or computed away by the exporter), stays fp32")
+
+
+def folded_reason(layer: str) -> str:
+    return (f"normalisation folded by the exporter into {layer}'s weight and bias "
+            "(quantized with it; its own parameters are gone from the graph)")
+
+
+def scaled_axis(onnx_w: np.ndarray, ref: np.ndarray, rtol: float = 1e-3) -> int | None:
+    """The axis along which ``onnx_w`` is ``ref`` times one scale per slice, or None.
+
+    That is how an exporter folds a following normalisation into a layer: Conv+BatchNorm
+    becomes ``W[o] * gamma[o] / sqrt(var[o] + eps)`` (axis 0 for Conv/Gemm, 1 for ConvTranspose).
+    A copy (all scales 1) matches too. Used to tie a rewritten weight back to its layer by
+    structure where the bytes changed; shapes must agree exactly.
+    """
+    a = np.asarray(onnx_w, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    if a.shape != b.shape or a.ndim == 0 or a.size == 0:
+        return None
+    tol = rtol * max(float(np.abs(a).max()), 1e-12)
+    for axis in range(a.ndim):
+        am = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+        bm = np.moveaxis(b, axis, 0).reshape(b.shape[axis], -1)
+        if bm.shape[1] < 2:  # one value per slice: any vector "scales"; no evidence either way
+            continue
+        denom = (bm * bm).sum(axis=1)
+        if np.any(denom == 0) and np.any(np.abs(am[denom == 0]) > tol):
+            continue
+        scale = np.where(denom > 0, (am * bm).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.0)
+        if np.all(np.abs(am - scale[:, None] * bm) <= tol + rtol * np.abs(am)):
+            return axis
+    return None
