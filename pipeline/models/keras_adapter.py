@@ -7,14 +7,12 @@ no private glue here. tf2onnx stops at opset 18; the exported graph is brought t
 the configured ``model.opset`` (default 21, what the quantizer needs for mixed
 INT4/FP8) with ``onnx.version_converter``, and checked against Keras' own outputs.
 
-Layer table: every ``Dense``, ``EinsumDense``, ``Conv1D``, ``Conv2D`` (and
-``Embedding``) maps to exactly one ONNX node and weight initializer. The mapping
-is by **weight content**: tf2onnx stores kernels transposed/reshaped
-(Conv2D HWIO -> OIHW, Conv1D -> OI1K, EinsumDense reshaped for a MatMul), so the
-fingerprint is the sorted multiset of values, which any layout change keeps. The
-TF name scope (``functional_1/<layer>_1/MatMul``) breaks ties between layers with
-identical values. Matched nodes and weights are renamed after the Keras layer
-(``<layer>`` and ``<layer>/kernel``) so artifacts read like the model.
+Layer table: :mod:`pipeline.models.keras_layers` (every Dense/EinsumDense/Conv/Embedding
+tied to one ONNX node and weight, BatchNorm folding followed). TensorFlow itself is imported
+lazily through :mod:`pipeline.models.keras_tf` (quiet logs, bounded thread pools).
+
+In-memory models: ``KerasAdapter(config, model=keras_model)`` exports a model that lives in a
+notebook; the calibration sample still sets the input signature unless ``sample_inputs`` is given.
 
 Dense on a 2-D input: tf2onnx writes ``MatMul`` + a float bias ``Add``; the export folds the
 pair into one ``Gemm(x, W, b)`` (:func:`fold_dense_bias`), the form PyTorch's exporter writes
@@ -24,357 +22,41 @@ that very Gemm anyway, and for an int8-static or fp8 Dense followed by a quantiz
 the written one (nor what Keras QAT trained). As a Gemm in the file, the quantizer writes the
 int32 bias itself (``exporters.quant.ort_passes``), QAT mirrors it, and ORT finds nothing to
 change. A Dense on a 3-D or larger input stays MatMul + Add (Gemm is 2-D only).
-
-TensorFlow is imported lazily (only this module, the Keras QAT and the TFLite
-paths touch it), with its C++ log noise silenced and its thread pools set to the
-configured ``measure.threads``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.data import load_dataset
-from pipeline.layers import Layer, LayerTable, UnquantizedModule, choose_candidate, unquantized_reason
 from pipeline.models.base import ModelAdapter, ReferenceModel
+from pipeline.models.keras_layers import (  # noqa: F401 - re-exported: QAT and TFLite import them from here
+    QUANT_OPS,
+    _KerasLayer,
+    _rename_tensor,
+    _walk,
+    build_layer_table,
+    enumerate_layers,
+    enumerate_unquantized,
+)
+from pipeline.models.keras_tf import KERAS_EXTRA_HINT, _quiet_stderr, import_tf  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-KERAS_EXTRA_HINT = "pip install -e '.[keras]'   (or: make venv EXTRAS=keras)"
 TF2ONNX_MAX_OPSET = 18  # tf2onnx 1.17: "Opset 21 is not supported yet"
-EXPORT_FORM = "dense-gemm-v1"
-"""Version of the graph rewrites done after tf2onnx (part of the content hash, so a cached
-reference written by an older adapter is re-exported rather than reused)."""
-
-# ONNX op -> which inputs may hold the layer's weight.
-QUANT_OPS = {"MatMul": (1, 0), "Gemm": (1,), "Conv": (1,), "Einsum": (1, 0), "Gather": (0,)}
-
-
-# --------------------------------------------------------------------------- TF import
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence fd 2 while TensorFlow's C++ runtime loads.
-
-    TF 2.21 prints absl/oneDNN/CUDA-stub lines *before* absl logging is initialised,
-    which ``TF_CPP_MIN_LOG_LEVEL`` cannot stop. Python exceptions still propagate
-    (they are raised after the fd is restored). ``PRECISION_SEARCH_TF_VERBOSE=1``
-    keeps everything.
-    """
-    if os.environ.get("PRECISION_SEARCH_TF_VERBOSE") == "1":
-        yield
-        return
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-_TF_THREADS: int | None = None
-_GPUS_CONFIGURED = False
-
-
-def import_tf(threads: int | None = None):
-    """``(tensorflow, keras)``, imported on first use with quiet logs and bounded threads.
-
-    ``threads`` (``measure.threads``; 0 = TF's default) sets TF's intra-op pool and
-    a single inter-op thread, as ORT sessions do. TF fixes its pools when its
-    runtime starts, so only the first call's value takes effect; a later different
-    value is logged rather than silently assumed.
-    """
-    global _TF_THREADS
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    backend = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if backend != "tensorflow":
-        raise ConfigError(
-            f"model.framework: keras runs on the TensorFlow backend, but KERAS_BACKEND={backend!r}; "
-            "unset it or set KERAS_BACKEND=tensorflow"
-        )
-    try:
-        with _quiet_stderr(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import tensorflow as tf
-            import keras
-    except ImportError as exc:
-        raise ConfigError(f"model.framework: keras needs TensorFlow and Keras ({exc}); install the extra: "
-                          f"{KERAS_EXTRA_HINT}") from exc
-    if keras.backend.backend() != "tensorflow":
-        raise ConfigError(f"model.framework: Keras was already imported with the {keras.backend.backend()!r} "
-                          "backend; precision-search needs KERAS_BACKEND=tensorflow")
-    tf.get_logger().setLevel(logging.ERROR)
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    if threads is not None and threads != _TF_THREADS:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-            tf.config.threading.set_inter_op_parallelism_threads(1 if threads else 0)
-            _TF_THREADS = threads
-        except RuntimeError:  # runtime already initialised
-            if _TF_THREADS is None:
-                _TF_THREADS = tf.config.threading.get_intra_op_parallelism_threads()
-            if _TF_THREADS != threads:
-                log.info("TensorFlow thread pools already started with %s threads; %s requested",
-                         _TF_THREADS, threads)
-    global _GPUS_CONFIGURED
-    if not _GPUS_CONFIGURED:
-        # TF would otherwise reserve all GPU memory on first use, starving ONNX Runtime /
-        # TensorRT in the same trial process. (Listing devices initialises CUDA: quiet.)
-        _GPUS_CONFIGURED = True
-        with _quiet_stderr():
-            for gpu in tf.config.list_physical_devices("GPU"):
-                try:
-                    tf.config.experimental.set_memory_growth(gpu, True)
-                except RuntimeError:  # already initialised
-                    pass
-    return tf, keras
-
-
-# --------------------------------------------------------------------------- layers
-@dataclass
-class _KerasLayer:
-    name: str  # table name: the Keras layer name (qualified only if names repeat in nested models)
-    layer_name: str  # the Keras layer name, for TF name-scope tie-breaks
-    kind: str
-    module_type: str
-    weight: np.ndarray  # float32 kernel in Keras layout
-    weight_attr: str  # "kernel" or "embeddings"
-    macs: int | None = None  # per sample, where the output shape is static
-    layer: Any = None  # the keras.layers.Layer itself
-
-
-def _macs(layer, kind: str, weight: np.ndarray) -> int | None:
-    """Multiply-accumulates per sample: kernel size x output positions (Dense/Conv), from the
-    layer's symbolic output shape; None where it is unknown (dynamic dims, subclassed models)."""
-    if kind == "embedding":
-        return None
-    try:
-        shape = tuple(layer.output.shape)[1:]
-    except Exception:  # noqa: BLE001 - layers outside a functional graph have no symbolic output
-        shape = None
-    if kind == "linear" and type(layer).__name__ == "Dense":
-        positions = shape[:-1] if shape is not None else ()
-    elif kind == "conv" and shape is not None:
-        positions = shape[:-1]  # channels-last spatial dims
-    else:
-        return int(weight.size) if kind == "linear" else None
-    if any(d is None for d in positions):
-        return int(weight.size) if kind == "linear" else None
-    return int(weight.size * int(np.prod(positions, dtype=np.int64)))
-
-
-def _quant_kind(layer, keras) -> tuple[str, str] | None:
-    L = keras.layers
-    if isinstance(layer, (L.Dense, L.EinsumDense)):
-        return "linear", "kernel"
-    if isinstance(layer, (L.Conv1D, L.Conv2D)):
-        return "conv", "kernel"
-    if isinstance(layer, L.Embedding):
-        return "embedding", "embeddings"
-    return None
-
-
-def _sublayers(layer) -> list:
-    """Direct sublayers: a model's ``layers``, and also the layers a custom layer owns
-    (e.g. MultiHeadAttention's query/key/value EinsumDense), which ``layers`` does not list."""
-    flatten = getattr(layer, "_flatten_layers", None)  # Keras 3 Layer API (tracked sublayers)
-    if flatten is not None:
-        return list(flatten(include_self=False, recursive=False))
-    return list(getattr(layer, "layers", []) or [])
-
-
-def _walk(layer, seen: set[int]):
-    for sub in _sublayers(layer):
-        if id(sub) in seen:
-            continue
-        seen.add(id(sub))
-        yield sub
-        yield from _walk(sub, seen)
-
-
-def enumerate_layers(model, keras) -> list[_KerasLayer]:
-    """Quantizable layers of a Keras model (nested models included), in layer order."""
-    found = []
-    for layer in _walk(model, set()):
-        kind = _quant_kind(layer, keras)
-        if kind is None or not layer.built:  # never built = never called: no weight to map
-            continue
-        var = getattr(layer, kind[1])
-        found.append((layer, kind, var))
-    counts: dict[str, int] = {}
-    for layer, _, _ in found:
-        counts[layer.name] = counts.get(layer.name, 0) + 1
-    out = []
-    for layer, (kind, attr), var in found:
-        name = layer.name
-        if counts[name] > 1:  # same name in two nested models: qualify by the variable path
-            name = var.path.rsplit("/", 1)[0]
-        w = np.asarray(var.numpy(), dtype=np.float32)
-        out.append(_KerasLayer(name, layer.name, kind, type(layer).__name__, w, attr, _macs(layer, kind, w), layer))
-    return out
-
-
-def enumerate_unquantized(model, keras) -> list[UnquantizedModule]:
-    """Layers whose variables no quantizable layer covers (each stays fp32), in layer order.
-
-    A layer with no quantizable layer inside (an LSTM and its LSTMCell, a LayerNormalization) is
-    one entry with all its variables, named as the user named it; a container (a nested model, an
-    attention block) contributes only the variables it holds itself.
-    """
-    out: list[UnquantizedModule] = []
-
-    def has_quantizable(layer) -> bool:
-        return any(_quant_kind(sub, keras) is not None for sub in _walk(layer, set()))
-
-    def visit(layer, seen: set[int]) -> None:
-        for sub in _sublayers(layer):
-            if id(sub) in seen:
-                continue
-            seen.add(id(sub))
-            if _quant_kind(sub, keras) is not None or not sub.built:
-                continue
-            leaf = not has_quantizable(sub)
-            inner = set() if leaf else {id(v) for s2 in _sublayers(sub) for v in s2.weights}
-            own = [v for v in sub.weights if id(v) not in inner]
-            if own:
-                kind = type(sub).__name__
-                out.append(UnquantizedModule(name=sub.name, module_type=kind,
-                                             params=int(sum(int(np.prod(v.shape)) for v in own)),
-                                             reason=unquantized_reason(kind)))
-            if not leaf:
-                visit(sub, seen)
-
-    visit(model, set())
-    return out
-
-
-def _fingerprint(a: np.ndarray) -> str:
-    """Layout-independent fingerprint: size plus the sorted values (transpose/reshape keep both)."""
-    flat = np.sort(np.asarray(a, dtype=np.float32).reshape(-1))
-    return hashlib.sha1(flat.tobytes()).hexdigest()
-
-
-def _in_scope(node_name: str, layer_name: str) -> bool:
-    return re.search(r"(^|/)" + re.escape(layer_name) + r"(_\d+)?/", node_name) is not None
-
-
-def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
-    if old == new:
-        return
-    for node in graph.node:
-        for i, n in enumerate(node.input):
-            if n == old:
-                node.input[i] = new
-        for i, n in enumerate(node.output):
-            if n == old:
-                node.output[i] = new
-    for coll in (graph.initializer, graph.input, graph.output, graph.value_info):
-        for item in coll:
-            if item.name == old:
-                item.name = new
-
-
-def build_layer_table(onnx_model: onnx.ModelProto, keras_layers: list[_KerasLayer]) -> LayerTable:
-    """Map each Keras layer to exactly one ONNX node + initializer; rename both after the layer.
-
-    A layer called several times (shared weights) becomes ``name``, ``name#2``, ...,
-    each with its own copy of the weight, so each call can get its own format.
-    """
-    graph = onnx_model.graph
-    inits = {i.name: i for i in graph.initializer}
-    by_print: dict[str, list[int]] = {}
-    for idx, kl in enumerate(keras_layers):
-        by_print.setdefault(_fingerprint(kl.weight), []).append(idx)
-
-    init_prints: dict[str, str] = {}
-    assignments: list[tuple[int, onnx.NodeProto, int]] = []
-    taken: dict[int, int] = {}
-    for node in graph.node:
-        for pos in QUANT_OPS.get(node.op_type, ()):
-            if pos >= len(node.input) or node.input[pos] not in inits:
-                continue
-            w = node.input[pos]
-            arr = numpy_helper.to_array(inits[w])
-            if arr.dtype.kind != "f" or arr.ndim < 2:
-                continue
-            if w not in init_prints:
-                init_prints[w] = _fingerprint(arr)
-            cands = by_print.get(init_prints[w], [])
-            if not cands:
-                continue
-            chosen = choose_candidate(cands, lambda c: _in_scope(node.name, keras_layers[c].layer_name), taken)
-            assignments.append((chosen, node, pos))
-            break
-
-    unmatched = [kl.name for i, kl in enumerate(keras_layers) if i not in taken]
-    if unmatched:
-        raise RuntimeError(
-            f"layer table: {len(unmatched)} Keras layer(s) map to no ONNX node holding their weight: "
-            f"{unmatched[:10]}. They may be unused in call(), or the exporter rewrote their weights "
-            "(e.g. folded a BatchNormalization into a Conv). Remove unused layers or fold before export."
-        )
-
-    # Copy shared initializers so each quantizable node owns its weight, then rename.
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for n in node.input:
-            consumers[n] = consumers.get(n, 0) + 1
-    existing_nodes = {n.name for n in graph.node}
-    existing_tensors = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-    uses: dict[int, int] = {}
-    layers: list[Layer] = []
-    for idx, node, pos in assignments:
-        kl = keras_layers[idx]
-        uses[idx] = uses.get(idx, 0) + 1
-        name = kl.name if uses[idx] == 1 else f"{kl.name}#{uses[idx]}"
-        old_w = node.input[pos]
-        new_w = f"{name}/{kl.weight_attr}"
-        if new_w in existing_tensors and new_w != old_w:
-            new_w = f"{new_w}__{uses[idx]}"
-        if consumers.get(old_w, 0) > 1:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[old_w])
-            copy.name = new_w
-            graph.initializer.append(copy)
-            node.input[pos] = new_w
-            consumers[old_w] -= 1
-        else:
-            _rename_tensor(graph, old_w, new_w)
-        existing_tensors.add(new_w)
-        if name not in existing_nodes:
-            existing_nodes.discard(node.name)
-            node.name = name
-            existing_nodes.add(name)
-        init = next(i for i in graph.initializer if i.name == new_w)
-        shape = tuple(int(d) for d in init.dims)
-        macs = kl.macs
-        layers.append(Layer(name=name, kind=kl.kind, module_type=kl.module_type, onnx_node=node.name,
-                            onnx_op=node.op_type, weight=new_w, weight_shape=shape,
-                            params=int(np.prod(shape)), macs=macs))
-    node_names = [l.onnx_node for l in layers]
-    if len(set(node_names)) != len(node_names):
-        raise RuntimeError("layer table: one ONNX node claimed by several layers; please report this model")
-    return LayerTable(layers=layers)
+EXPORT_FORM = "dense-gemm-folded-v2"
+"""Version of the graph rewrites done after tf2onnx and of the layer-table rules (part of the
+content hash, so a cached reference written by an older adapter is re-exported rather than reused)."""
 
 
 # --------------------------------------------------------------------------- Dense -> Gemm
@@ -489,13 +171,37 @@ def _versions() -> str:
     return ",".join(parts)
 
 
+def _copy_model(model, keras):
+    """A copy of an in-memory model with the same weights, so QAT fine-tuning never changes the
+    caller's model: ``clone_model`` (functional/sequential), else a deep copy (subclassed)."""
+    import copy
+
+    if not isinstance(model, keras.Model):
+        return model  # refused by the caller with the field's name
+    try:
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        return clone
+    except Exception:  # noqa: BLE001 - subclassed models without get_config
+        try:
+            return copy.deepcopy(model)
+        except Exception:  # noqa: BLE001
+            log.warning("could not copy the in-memory Keras model; QAT would fine-tune the caller's model itself")
+            return model
+
+
 class KerasAdapter(ModelAdapter):
     framework = "keras"
 
-    def __init__(self, config: SearchConfig):
+    def __init__(self, config: SearchConfig, model: Any = None, sample_inputs: Any = None):
         super().__init__(config)
         self._sample: dict[str, np.ndarray] | None = None
         self._model = None
+        self._given = model  # an in-memory keras.Model (checked when first used: TF loads lazily)
+        if sample_inputs is not None:
+            from pipeline.models.torch_adapter import normalise_sample
+
+            self._sample = normalise_sample(sample_inputs, "sample_inputs")
 
     # -- TF -----------------------------------------------------------------
     def tf(self):
@@ -506,7 +212,9 @@ class KerasAdapter(ModelAdapter):
         """The trained Keras model, built by one forward pass on a calibration sample."""
         _, keras = self.tf()
         spec = self.config.model
-        if spec.factory:
+        if self._given is not None:
+            model, field = _copy_model(self._given, keras), "model"
+        elif spec.factory:
             from pipeline.importing import import_object
 
             model = import_object(spec.factory)(**spec.kwargs)
@@ -521,7 +229,7 @@ class KerasAdapter(ModelAdapter):
             model = keras.saving.load_model(str(path))
             field = "model.path"
         if not isinstance(model, keras.Model):
-            raise ConfigError(f"{field}: {spec.factory or spec.path!r} gave {type(model).__name__}, not a keras.Model "
+            raise ConfigError(f"{field}: {'the in-memory model' if self._given is not None else spec.factory or spec.path!r} gave {type(model).__name__}, not a keras.Model "
                               "(model.framework is keras)")
         if spec.checkpoint:
             ckpt = self.config.resolve_path(spec.checkpoint)
@@ -646,8 +354,9 @@ class KerasAdapter(ModelAdapter):
         folded = fold_dense_bias(onnx_model)
         if folded:
             log.debug("Keras ONNX export: %d Dense MatMul + Add pair(s) folded into Gemm", folded)
-        table = build_layer_table(onnx_model, enumerate_layers(model, keras))
-        table.unquantized = enumerate_unquantized(model, keras)
+        norms = [layer.name for layer in _walk(model, set()) if "Normalization" in type(layer).__name__]
+        table = build_layer_table(onnx_model, enumerate_layers(model, keras), norms)
+        table.unquantized = enumerate_unquantized(model, keras, table)
         onnx.checker.check_model(onnx_model)
         self._check_parity(onnx_model, sample, expected, output_names)
         onnx.save(onnx_model, str(tmp))
