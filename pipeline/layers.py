@@ -95,6 +95,19 @@ class LayerTable(BaseModel):
         total = self.total_params() + self.unquantized_params()
         return self.total_params() / total if total else 0.0
 
+    def describe(self) -> str:
+        """A readable listing: one line per layer, what stays fp32, and the params share."""
+        lines = [f"{'layer':<28} {'kind':<9} {'op':<7} {'params':>10}  note"]
+        for l in self.layers:
+            note = f"{l.folded} folded in" if l.folded else ""
+            lines.append(f"{l.name:<28} {l.kind:<9} {l.onnx_op:<7} {l.params:>10,}  {note}".rstrip())
+        for m in self.unquantized:
+            lines.append(f"{m.name:<28} {'fp32':<9} {'-':<7} {m.params:>10,}  {m.module_type}: {m.reason}")
+        q, rest = self.total_params(), self.unquantized_params()
+        lines.append(f"{len(self.layers)} quantizable layers, {q:,} params"
+                     + (f" ({100 * q / (q + rest):.1f}% of {q + rest:,})" if rest else ""))
+        return "\n".join(lines)
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2))
 
@@ -151,3 +164,53 @@ def scaled_axis(onnx_w: np.ndarray, ref: np.ndarray, rtol: float = 1e-3) -> int 
         if np.all(np.abs(am - scale[:, None] * bm) <= tol + rtol * np.abs(am)):
             return axis
     return None
+
+
+ONNX_WEIGHT_INPUTS = {"Gemm": (1,), "MatMul": (1, 0), "Conv": (1,), "Gather": (0,)}
+_ONNX_KINDS = {"Gemm": "linear", "MatMul": "matmul", "Conv": "conv", "Gather": "embedding"}
+
+
+def table_from_onnx(model) -> LayerTable:
+    """The layer table of a plain ONNX model (no framework model to name layers after).
+
+    One row per Gemm/MatMul/Conv/Gather node whose weight is a float initializer of rank >= 2,
+    named after the weight (``conv1.weight`` -> ``conv1``, as torch and most exporters name
+    parameters) or else the node. An initializer feeding several such nodes is copied so each
+    node owns its weight (``model`` is changed in place: save it before quantizing). Parameters
+    outside these rows are not counted (the graph does not say which module owns them).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    layers: list[Layer] = []
+    seen_weights: dict[str, int] = {}
+    used_names: set[str] = set()
+    for k, node in enumerate(graph.node):
+        for pos in ONNX_WEIGHT_INPUTS.get(node.op_type, ()):
+            if pos >= len(node.input) or node.input[pos] not in inits:
+                continue
+            init = inits[node.input[pos]]
+            if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(init.dims) < 2:
+                continue
+            weight = node.input[pos]
+            seen_weights[weight] = seen_weights.get(weight, 0) + 1
+            if seen_weights[weight] > 1:  # un-tie: this node gets its own copy
+                copy = numpy_helper.from_array(numpy_helper.to_array(init), f"{weight}__untied{seen_weights[weight]}")
+                graph.initializer.append(copy)
+                node.input[pos] = weight = copy.name
+            if not node.name:
+                node.name = f"{node.op_type}_{k}"
+            base = node.input[pos].removesuffix(".weight") if node.input[pos].endswith(".weight") else node.name
+            name, n = base, 1
+            while name in used_names:
+                n += 1
+                name = f"{base}#{n}"
+            used_names.add(name)
+            shape = tuple(int(d) for d in init.dims)
+            layers.append(Layer(name=name, kind=_ONNX_KINDS[node.op_type], module_type=f"onnx.{node.op_type}",
+                                onnx_node=node.name, onnx_op=node.op_type, weight=weight, weight_shape=shape,
+                                params=int(np.prod(shape))))
+            break
+    return LayerTable(layers=layers)
