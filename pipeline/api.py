@@ -84,6 +84,7 @@ class _Metric:
 
 _LOCAL: dict[str, Any] = {}  # key -> object, in this process
 _RAY_REFS: dict[str, Any] = {}  # key -> ObjectRef the driver owns (kept alive while the study runs)
+_RAY_INDEX: list[Any] = []  # the index actor's handle: a named actor dies with its last handle
 
 
 class _Memory:
@@ -141,6 +142,7 @@ def _publish_to_ray(keys: list[str]) -> None:
             return [self.refs.get(key)]
 
     index = _ObjectIndex.options(name=_ACTOR_NAME, get_if_exists=True).remote()
+    _RAY_INDEX[:] = [index]
     for key in keys:
         _RAY_REFS[key] = ray.put(_LOCAL[key])
         ray.get(index.put.remote(key, [_RAY_REFS[key]]))
@@ -509,5 +511,6 @@ def search(model: Any, calibration: Any, eval_data: Any, targets: Any = None, *,
         return run_search(cfg, opts)
     finally:
         _RAY_REFS.clear()
+        _RAY_INDEX.clear()
         if started:
             ray.shutdown()
