@@ -159,7 +159,6 @@ def test_search_an_in_memory_model_over_ray(model, data, tmp_path):
     assert not ray.is_initialized(), "the Ray the API started is shut down again"
     assert summary.trials_complete == 4 and summary.trials_failed == 0, "a Ray worker could not get the model"
     assert summary.front and all(r.state == "COMPLETE" for r in summary.front)
-    assert any(r.plan_summary == "fc1=fp32 fc2=fp32" for r in summary.front)  # FP32 stays a point
     runs = mlflow.MlflowClient(uri).search_runs([summary.experiment_id])
     assert sum(1 for r in runs if r.info.run_id != summary.parent_run_id) == 4
 
