@@ -80,7 +80,7 @@ class _TorchLayer:
 def _quant_module_types():
     import torch.nn as nn
 
-    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def _fingerprint(a: np.ndarray) -> str:
@@ -91,7 +91,7 @@ def _fingerprint(a: np.ndarray) -> str:
 def enumerate_layers(model) -> list[_TorchLayer]:
     """Quantizable weights of a torch model, in module order.
 
-    Linear, Conv1d/2d/3d (grouped and depthwise included: the ONNX Conv carries ``group``),
+    Linear, Conv1d/2d (grouped and depthwise included: the ONNX Conv carries ``group``),
     Embedding, and MultiheadAttention's packed input projection. ConvTranspose has no
     quantized form in the exporter and stays fp32 (listed by :func:`enumerate_unquantized`).
     """
@@ -104,7 +104,7 @@ def enumerate_layers(model) -> list[_TorchLayer]:
         kind = None
         if isinstance(mod, nn.Linear):
             w, kind = mod.weight, "linear"
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             w, kind = mod.weight, "conv"
         elif isinstance(mod, nn.Embedding):
             w, kind = mod.weight, "embedding"

@@ -1,6 +1,6 @@
 """Layer discovery follows the exporter's folding and fusion (issue 14, section 2).
 
-Models with BatchNorm after their convs, depthwise and grouped convs, residual blocks and a
+Models with BatchNorm after their convs (and after a Linear), depthwise and grouped convs, residual blocks and a
 LayerNorm+GELU MLP (``torch_zoo``): every conv and linear is in the layer table under its module
 name, tied to the right ONNX node; the params share counts exactly what is searchable; and each
 mapped node really is quantizable: uniform INT8 and INT4 plans go through the quantizer and run in
@@ -24,7 +24,7 @@ from pipeline.models.torch_adapter import TorchAdapter, build_layer_table, enume
 from pipeline.plan import LayerChoice
 from tests.pipeline.models.torch_zoo import ZOO
 
-QUANT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+QUANT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _config(workdir):

@@ -122,5 +122,12 @@ def ln_gelu_mlp() -> tuple[nn.Module, tuple[int, ...]]:
     return m.eval(), (64,)
 
 
-ZOO = {"conv_bn_cnn": conv_bn_cnn, "mobilenet_block": mobilenet_block, "residual_net": residual_net,
+def linear_bn_mlp() -> tuple[nn.Module, tuple[int, ...]]:
+    """Linear + BatchNorm1d: the exporter folds the norm into the Gemm the same way."""
+    torch.manual_seed(4)
+    m = nn.Sequential(OrderedDict(fc1=nn.Linear(64, 64), bn=nn.BatchNorm1d(64), act=nn.ReLU(), fc2=nn.Linear(64, 10)))
+    return _randomise_norms(m), (64,)
+
+
+ZOO = {"conv_bn_cnn": conv_bn_cnn, "linear_bn_mlp": linear_bn_mlp, "mobilenet_block": mobilenet_block, "residual_net": residual_net,
        "ln_gelu_mlp": ln_gelu_mlp}
