@@ -184,3 +184,32 @@ def test_docs_python_block_runs_verbatim(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "quantizable layers" in proc.stdout and "Pareto front:" in proc.stdout
     assert (tmp_path / "digits-int8.onnx").exists()
+
+
+@pytest.mark.keras
+def test_an_in_memory_keras_model(data, tmp_path):
+    """A keras.Model from memory: the layer table, and one plan measured in ONNX Runtime."""
+    pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install -e '.[keras]'")
+    from pipeline.models.keras_adapter import import_tf
+
+    _, keras = import_tf(1)
+    x_cal, x_eval, y_eval = data
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((64,), name="input")
+    h = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(32, name="fc1")(inp))
+    model = keras.Model(inp, keras.layers.Dense(10, name="fc2")(keras.layers.ReLU()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x_train, y_train = train_data()
+    model.fit(x_train, y_train, epochs=5, batch_size=64, verbose=0)
+    before = [w.copy() for w in model.get_weights()]
+
+    table = pipeline.layers(model, sample_inputs=x_cal[:2], workdir=tmp_path)
+    assert table.names == ["fc1", "fc2"]
+    res = pipeline.evaluate(model, "int8", eval_data=x_eval, targets=y_eval, calibration=x_cal, backend="ort-cpu",
+                            workdir=tmp_path, settings=FAST)
+    m = res.measurement
+    keras_accuracy = float((np.asarray(model(x_eval, training=False)).argmax(1) == y_eval).mean())
+    assert m.reference_accuracy == pytest.approx(keras_accuracy) and keras_accuracy > 0.85
+    assert m.accuracy_drop < 0.05
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
