@@ -15,11 +15,14 @@ data give the same config (a study resumes, the FP32 reference export is reused)
 store and a named actor hands workers their references, so a worker on another node gets the model
 and arrays through Ray, never through the driver's files.
 
-Data: ``calibration`` and ``eval_data`` are model inputs - one array for a single-input model, or
-a dict input name -> array - or a callable returning them (or returning ``(inputs, targets)``);
-``targets`` is what the metric compares the outputs with. A callable ``metric`` receives
-``(outputs: dict[name, array], targets)`` over the whole eval set and returns a float (set
-``higher_is_better`` when lower is better).
+Data follows the config's data contract (``data.calibration``/``data.eval`` are model inputs,
+``data.targets`` anything the metric reads), kept thin here so it follows that contract:
+``calibration`` and ``eval_data`` are model inputs - one array for a single-input model, or a dict
+input name -> array - or a callable returning them (or returning ``(inputs, targets)``);
+``targets`` is what the metric compares the outputs with, any structure (labels, gold pair scores,
+a dict of relevant ids). A callable ``metric`` receives ``(outputs: dict[name, array], targets,
+**metric_kwargs)`` over the whole eval set and returns a float (set ``higher_is_better`` when
+lower is better).
 """
 
 from __future__ import annotations
@@ -62,14 +65,14 @@ class _ModelFactory:
 
 
 @dataclass
-class _DataSource:
-    """A config ``data.*.source``: the ``(inputs, targets)`` pair of the data contract."""
+class _Value:
+    """A config ``data.*.source`` (model inputs) or ``data.targets.source`` (anything the metric
+    reads): returns the object it holds."""
 
-    inputs: Any
-    targets: Any
+    value: Any
 
-    def __call__(self, **_: Any) -> tuple[Any, Any]:
-        return self.inputs, self.targets
+    def __call__(self, **_: Any) -> Any:
+        return self.value
 
 
 @dataclass
@@ -78,8 +81,8 @@ class _Metric:
 
     fn: Callable[..., float]
 
-    def __call__(self, outputs: Any, targets: Any) -> float:
-        return float(self.fn(outputs, targets))
+    def __call__(self, outputs: Any, targets: Any, **kwargs: Any) -> float:
+        return float(self.fn(outputs, targets, **kwargs))
 
 
 _LOCAL: dict[str, Any] = {}  # key -> object, in this process
@@ -179,20 +182,28 @@ def _model_digest(model: Any, framework: str) -> str:
 
 
 def _data_digest(*parts: Any) -> str:
+    """Content hash of inputs/targets: arrays by bytes, containers recursively, anything else by pickle."""
     h = hashlib.sha256()
 
     def feed(x: Any) -> None:
         if isinstance(x, dict):
-            for k in sorted(x):
+            for k in sorted(x, key=str):
                 h.update(str(k).encode())
                 feed(x[k])
         elif isinstance(x, (list, tuple)):
+            h.update(f"[{len(x)}".encode())
             for v in x:
                 feed(v)
-        elif x is None:
-            h.update(b"none")
+        elif x is None or isinstance(x, (str, int, float, bool)):
+            h.update(repr(x).encode())
         else:
-            a = np.ascontiguousarray(_as_array(x))
+            a = _as_array(x)
+            if a.dtype == object:
+                import cloudpickle
+
+                h.update(cloudpickle.dumps(x))
+                return
+            a = np.ascontiguousarray(a)
             h.update(f"{a.shape}{a.dtype}".encode())
             h.update(a.tobytes())
 
@@ -226,7 +237,9 @@ def _inputs(x: Any) -> Any:
 
 
 def _split(data: Any, targets: Any, field: str) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from arrays, a dict, ``(inputs, targets)``, or a callable giving one."""
+    """``(inputs, targets)`` from inputs (an array or a dict of arrays), ``(inputs, targets)``, or a
+    callable returning either. Targets stay as given (any structure the metric reads: labels,
+    gold pair scores, a dict of relevant ids); only tensors become arrays."""
     if callable(data) and not hasattr(data, "shape"):
         data = data()
     if isinstance(data, tuple) and len(data) == 2 and targets is None:
@@ -235,7 +248,9 @@ def _split(data: Any, targets: Any, field: str) -> tuple[Any, Any]:
         raise ConfigError(f"{field}: no data; give an array, a dict input name -> array, or a callable returning one")
     if callable(targets) and not hasattr(targets, "shape"):
         targets = targets()
-    return _inputs(data), (None if targets is None else _as_array(targets))
+    if hasattr(targets, "detach") or (hasattr(targets, "numpy") and not isinstance(targets, np.ndarray)):
+        targets = _as_array(targets)
+    return _inputs(data), targets
 
 
 def _sample(inputs: Any) -> Any:
@@ -272,8 +287,11 @@ def _build_config(model: Any, calibration: tuple[Any, Any], eval_data: tuple[Any
     """An ordinary SearchConfig naming the in-memory objects (see the module docstring)."""
     framework = _framework(model)
     model_ref = _register("model", _ModelFactory(model, framework), _model_digest(model, framework))
-    calib_ref = _register("data", _DataSource(*calibration), _data_digest(*calibration))
-    eval_ref = _register("data", _DataSource(*eval_data), _data_digest(*eval_data))
+    calib_ref = _register("data", _Value(calibration[0]), _data_digest(calibration[0]))
+    eval_ref = _register("data", _Value(eval_data[0]), _data_digest(eval_data[0]))
+    sources: dict[str, Any] = {"calibration": {"source": calib_ref}, "eval": {"source": eval_ref}}
+    if eval_data[1] is not None:
+        sources["targets"] = {"source": _register("targets", _Value(eval_data[1]), _data_digest(eval_data[1]))}
     metric_spec: dict[str, Any] = {"output": metric_output}
     if callable(metric):
         metric_spec["name"] = _register("metric", _Metric(metric), _callable_digest(metric))
@@ -287,7 +305,7 @@ def _build_config(model: Any, calibration: tuple[Any, Any], eval_data: tuple[Any
         "name": name or f"api-{default_name}",
         "workdir": str(workdir or DEFAULT_WORKDIR),
         "model": {"framework": framework, "factory": model_ref},
-        "data": {"calibration": {"source": calib_ref}, "eval": {"source": eval_ref}},
+        "data": sources,
         "metric": metric_spec,
         "measure": {"backend": backend, "batch_size": batch_size},
     }
@@ -298,7 +316,8 @@ def _build_config(model: Any, calibration: tuple[Any, Any], eval_data: tuple[Any
 
 
 def _memory_keys(cfg: SearchConfig) -> list[str]:
-    refs = [cfg.model.factory, cfg.data.calibration.source, cfg.data.eval.source, cfg.metric.name]
+    refs = [cfg.model.factory, cfg.data.calibration.source, cfg.data.eval.source, cfg.metric.name,
+            cfg.data.targets.source if cfg.data.targets else None]
     return [r.removeprefix(MEMORY_PREFIX) for r in refs if r and r.startswith(MEMORY_PREFIX)]
 
 

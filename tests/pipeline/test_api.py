@@ -116,6 +116,26 @@ def test_layers_quantize_and_evaluate_an_in_memory_model(model, data, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the caller's weights changed"
 
 
+def test_targets_are_any_structure_the_metric_reads(model, data, tmp_path):
+    """Targets are not tied to input rows (the data contract): here a dict, read by a callable
+    metric with keyword arguments; and a built-in named metric on the same model."""
+    x_cal, x_eval, y_eval = data
+    targets = {"labels": y_eval, "classes": list(range(10))}
+
+    def recall_of(outputs, targets, cls):
+        pred, labels = outputs["output"].argmax(1), targets["labels"]
+        return float((pred[labels == cls] == cls).mean())
+
+    res = pipeline.evaluate(model, "fp32", eval_data=x_eval, targets=targets, calibration=x_cal, metric=recall_of,
+                            backend="ort-cpu", workdir=tmp_path, settings={**FAST, "metric": {"kwargs": {"cls": 3}}})
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x_eval)).argmax(1).numpy()
+    assert res.measurement.accuracy == pytest.approx((pred[y_eval == 3] == 3).mean())
+    res2 = pipeline.evaluate(model, "int8", eval_data=x_eval, targets=y_eval, calibration=x_cal, metric="macro_f1",
+                             backend="ort-cpu", workdir=tmp_path, settings=FAST)
+    assert res2.measurement.metric == "macro_f1" and 0.8 < res2.measurement.accuracy <= 1.0
+
+
 def test_quantize_an_onnx_file(model, data, tmp_path):
     x_cal, x_eval, _ = data
     path = tmp_path / "model.onnx"
