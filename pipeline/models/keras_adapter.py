@@ -41,15 +41,13 @@ from pipeline.config import ConfigError, SearchConfig
 from pipeline.data import load_dataset
 from pipeline.models.base import ModelAdapter, ReferenceModel
 from pipeline.models.keras_layers import (  # noqa: F401 - re-exported: QAT and TFLite import them from here
-    QUANT_OPS,
-    _KerasLayer,
     _rename_tensor,
     _walk,
     build_layer_table,
     enumerate_layers,
     enumerate_unquantized,
 )
-from pipeline.models.keras_tf import KERAS_EXTRA_HINT, _quiet_stderr, import_tf  # noqa: F401 - re-exported
+from pipeline.models.keras_tf import _quiet_stderr, import_tf  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
