@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 _API = ("layers", "quantize", "evaluate", "search")
 __all__ = ["__version__", *_API]
+_MODULE_DUNDERS = ("__name__", "__file__", "__path__", "__spec__", "__package__", "__loader__", "__all__")
 
 
 class _Api:
@@ -51,8 +52,8 @@ class _Api:
             raise AttributeError(f"pipeline.{self._name} is the API function (there is no such submodule)") from None
 
     def __getattr__(self, attr: str):
-        if attr.startswith("__") and attr not in ("__doc__", "__wrapped__"):
-            raise AttributeError(attr)
+        if attr.startswith("__") and attr not in _MODULE_DUNDERS:
+            raise AttributeError(attr)  # copy/pickle protocols etc. are not the submodule's
         return getattr(self._module(), attr)
 
     def __setattr__(self, attr: str, value) -> None:  # e.g. a test patching pipeline.evaluate.Evaluator

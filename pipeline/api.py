@@ -8,7 +8,7 @@ etc.), so ``import pipeline`` stays light.
 How it is wired (this module is the only place that knows): each call builds an ordinary
 :class:`~pipeline.config.SearchConfig` whose model, data and metric are import strings naming
 objects held here, ``pipeline.api:memory.<key>``. Everything downstream - the adapters, the
-:class:`~pipeline.evaluate.Evaluator`, :func:`~pipeline.study.run_search`, the Ray workers, the
+:class:`~pipeline.evaluate.Evaluator`, :func:`~pipeline.tracking.search.run_search`, the Ray workers, the
 MLflow record - runs exactly as for a YAML config. Keys are content hashes, so the same model and
 data give the same config (a study resumes, the FP32 reference export is reused). During
 :func:`search`, Ray workers do not see the driver's memory: the objects are put in the Ray object
@@ -508,7 +508,9 @@ def search(model: Any, calibration: Any, eval_data: Any, targets: Any = None, *,
     """
     import ray
 
-    from pipeline.study import SearchOptions, _ray_init, run_search
+    from pipeline.search.ray_exec import ray_init
+    from pipeline.search.runner import SearchOptions
+    from pipeline.tracking.search import run_search
 
     ev_pair = _split(eval_data, targets, "eval_data")
     if ev_pair[1] is None:
@@ -524,7 +526,7 @@ def search(model: Any, calibration: Any, eval_data: Any, targets: Any = None, *,
                         batch_size=batch_size, workdir=workdir, name=name, search=section, settings=settings)
     opts = SearchOptions(trials=trials, study=study, parallel=parallel, tracking_uri=tracking_uri,
                          ray_address=ray_address, progress=progress, energy=energy)
-    started = _ray_init(opts)  # here, not in run_search: the objects must be in Ray before workers start
+    started = ray_init(opts.ray_address, opts.verbose)  # here, not in run_search: the objects must be in Ray first
     try:
         _publish_to_ray(_memory_keys(cfg))
         return run_search(cfg, opts)
