@@ -8,7 +8,7 @@ etc.), so ``import pipeline`` stays light.
 How it is wired (this module is the only place that knows): each call builds an ordinary
 :class:`~pipeline.config.SearchConfig` whose model, data and metric are import strings naming
 objects held here, ``pipeline.api:memory.<key>``. Everything downstream - the adapters, the
-:class:`~pipeline.evaluate.Evaluator`, :func:`~pipeline.tracking.search.run_search`, the Ray workers, the
+:class:`~pipeline.evaluation.evaluator.Evaluator`, :func:`~pipeline.tracking.search.run_search`, the Ray workers, the
 MLflow record - runs exactly as for a YAML config. Keys are content hashes, so the same model and
 data give the same config (a study resumes, the FP32 reference export is reused). During
 :func:`search`, Ray workers do not see the driver's memory: the objects are put in the Ray object
@@ -400,7 +400,7 @@ def quantize(model_or_onnx: Any, plan: Any, calibration: Any = None, *, backend:
     calib = _split(calibration, None, "calibration")
     cfg = _build_config(model_or_onnx, calib, calib, metric="accuracy", higher_is_better=None, metric_output=0,
                         backend=backend, batch_size=32, workdir=workdir, name=None)
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation.evaluator import Evaluator
 
     ev = Evaluator(cfg)
     plan.resolve(ev.reference.layer_table.names)
@@ -471,7 +471,7 @@ def evaluate(model: Any, plan: Any, eval_data: Any, targets: Any = None, *, cali
     on rows you do not score on). ``settings``: any other config fields, nested like the YAML
     (``{"measure": {"runs": 10}}``).
     """
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluation.evaluator import Evaluator
 
     plan = _plan(plan)
     ev_pair = _split(eval_data, targets, "eval_data")
