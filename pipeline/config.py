@@ -173,7 +173,7 @@ class EnergySpec(_Strict):
 
 
 class MeasureSpec(_OmitNewDefaults):
-    _omit_when_default: ClassVar[tuple[str, ...]] = ("eval_batch_size",)
+    _omit_when_default: ClassVar[tuple[str, ...]] = ("eval_batch_size", "remeasure_rounds")
 
     backend: str = "auto"
     threads: int = Field(0, ge=0, description="0 = all cores")
@@ -183,6 +183,10 @@ class MeasureSpec(_OmitNewDefaults):
     eval_batch_size: int | None = Field(None, ge=1)
     warmup: int = Field(5, ge=0)
     runs: int = Field(30, ge=1)
+    # After the search, the front's candidates and the uniform baselines are timed again in one
+    # process, alternating between them for this many rounds (pipeline.search.remeasure): one
+    # in-search timing on a shared machine can be off several-fold. 0 = keep the in-search numbers.
+    remeasure_rounds: int = Field(7, ge=0, description="interleaved re-measurement rounds after the search (0 = off)")
     energy: EnergySpec = Field(default_factory=EnergySpec)
 
     @field_validator("backend")

@@ -60,6 +60,11 @@ class TrialRecord(BaseModel):
     energy_source: str | None = None  # nvml | rapl | estimated, from the trial's result
     params: dict[str, Any] = {}
     tags: dict[str, str] = {}  # the MLflow child run's tags (MLflow side only)
+    # After the interleaved re-measurement (pipeline.search.remeasure): ``values`` hold the re-measured
+    # latency/energy, these the trial's own in-search ones; ``remeasured`` names the method.
+    values_in_search: dict[str, float] = {}
+    on_front_in_search: bool | None = None
+    remeasured: str = ""
 
     @property
     def pareto(self) -> bool:
@@ -169,6 +174,11 @@ def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
             retry_of=ua.get(A.T_RETRY_OF), duplicate_of=duplicate_of, energy_source=energy_source,
             params=dict(t.params),
         ))
+    remeasured = study.user_attrs.get(A.A_REMEASURED)
+    if remeasured:  # the final front and knee are decided on the interleaved re-measurement
+        from pipeline.search.remeasure import apply_remeasured
+
+        apply_remeasured(records, infos, remeasured)
     front = [r for r in records if r.on_front]
     if front:
         pts = [[r.values[o.name] for o in infos] for r in front]

@@ -54,7 +54,7 @@ from pipeline.search.plans import Duplicates, knobs, layer_tags, plan_key
 from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
-    A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
+    A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
     T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, Resume, StudyLock,
     config_hash, default_storage, make_sampler, measured_count, set_metric_names, study_counts, validate_study_name,
 )
@@ -479,6 +479,8 @@ class StudyRunner(Resume, Duplicates):
                     self.progress.update(self._state(summary, res))
                     for finish in self.finishers:
                         self._track(finish, self.tracker, self.study)
+                    if A_REMEASURED in self.study.user_attrs:  # the final front, on the re-measured numbers
+                        summary = self._refresh_front()
                 status = "FINISHED"
             except KeyboardInterrupt:
                 status = "KILLED"

@@ -33,6 +33,7 @@ A_TRACKING_URI = "mlflow_tracking_uri"
 A_ENERGY_SOURCE = "energy_source"  # nvml | rapl | estimated | none: the source every trial must share
 A_ENERGY_METER = "energy_meter"  # the first trial's meter description
 A_ENERGY_PIN = "energy_meter_pinned"  # {"meter": nvml|rapl|estimated, "by": why}, once pinned
+A_REMEASURED = "remeasured"  # pipeline.search.remeasure.RemeasureReport (dumped), set once the search ends
 T_BASELINE = "baseline"
 T_RUN_ID = "mlflow_run_id"
 T_RESULT = "result"
@@ -65,7 +66,9 @@ def default_storage(config: SearchConfig) -> str:
 
 def config_hash(config: SearchConfig) -> str:
     """Identity of what a study measures: the config minus trial count, tracking and workdir."""
-    data = config.model_dump(mode="json", exclude={"search": {"trials"}, "tracking": True, "workdir": True})
+    # measure.remeasure_rounds only changes the check after the search, not what a trial measures.
+    data = config.model_dump(mode="json", exclude={"search": {"trials"}, "tracking": True, "workdir": True,
+                                                   "measure": {"remeasure_rounds"}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

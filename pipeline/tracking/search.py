@@ -9,12 +9,15 @@ from __future__ import annotations
 from pipeline.search.runner import SearchOptions, SearchSummary
 from pipeline.search.runner import run_search as run_study
 from pipeline.tracking.record import StudyTracker
+from pipeline.tracking.remeasure import remeasure_finisher
 from pipeline.tracking.review import review_finisher
 
 
 def run_search(config, opts: SearchOptions | None = None) -> SearchSummary:
     """Run (or resume) a study until it holds ``opts.trials`` finished trials, with its MLflow record
-    and, at the end, the review on the parent run."""
+    and, at the end, the interleaved re-measurement of the front and the baselines
+    (:mod:`pipeline.tracking.remeasure`) and the review on the parent run."""
     opts = opts or SearchOptions()
     return run_study(config, opts, recorder=StudyTracker.factory(config, opts.tracking_uri),
-                     finishers=(review_finisher(config),))
+                     # the re-measurement first: the review then reads the final front
+                     finishers=(remeasure_finisher(config), review_finisher(config)))

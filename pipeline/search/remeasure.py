@@ -1,0 +1,439 @@
+"""Latency you can trust: after the search, time the front and the uniform baselines again, interleaved.
+
+Why: on a shared machine one in-search timing can be off several-fold (two trials
+that differed only in a classifier head measured 160.6 vs 13.7 ms), so noise,
+not the plan, decides which trials reach the front. Here every candidate is
+opened once in one process and timed in rounds, alternating between the
+variants (A B C, B C A, ...), so slow phases of the machine hit all of them
+alike; each variant gets the median over all its timed runs and the spread (IQR
+of the runs, min-max of the per-round medians). On a metered backend (RAPL/NVML)
+energy is measured the same way; an estimated meter (CPU time x watts) follows
+latency, so its figure is scaled with the re-measured latency and labelled so.
+
+What is re-measured (:func:`candidates`): the in-search front, every completed
+uniform baseline (FP32 and each format: the simple plans the front must beat),
+and the trials non-dominated on the objectives that timing noise cannot touch
+(accuracy, size, ...), since noise may have pushed one of them off the front.
+The final front and the knee are then decided among those on the re-measured
+numbers (:func:`apply_remeasured`, called by
+:func:`pipeline.search.records.build_records`); the in-search values are kept
+beside them (``TrialRecord.values_in_search``).
+
+The measurement itself (:func:`interleave`, :func:`remeasure_artifacts`) is pure:
+artifacts in, per-variant statistics out. It runs where the trials ran: one Ray
+task with a trial's resources when Ray is up (on the same backend; a different
+backend there is an error, not a silent switch), else in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from pipeline.search import storage as A
+
+if TYPE_CHECKING:
+    from pipeline.backends.base import Session
+    from pipeline.objectives import ObjectiveInfo
+    from pipeline.search.records import TrialRecord
+
+METERED = ("rapl", "nvml")
+NOISY_SOURCES = ("latency", "energy", "carbon")  # objective sources a timing window decides
+MAX_VARIANTS = 32  # re-measured at most (baselines and the in-search front come first)
+MIN_RUNS_PER_ROUND = 3
+
+
+def method_label(rounds: int) -> str:
+    return f"re-measured interleaved, {rounds} rounds"
+
+
+IN_SEARCH_LABEL = "in-search (one timing per trial, during the search)"
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str  # the Optuna trial number, as a string (JSON keys)
+    label: str  # "#12" or "#0 (uniform-fp32)"
+    artifact: str
+
+
+class VariantStats(BaseModel):
+    """One variant's re-measured numbers (milliseconds per batch; joules per inference)."""
+
+    key: str
+    label: str
+    latency_ms_p50: float | None = None  # median over every timed run of every round
+    latency_ms_q25: float | None = None
+    latency_ms_q75: float | None = None
+    latency_ms_round_min: float | None = None  # smallest / largest per-round median
+    latency_ms_round_max: float | None = None
+    round_medians: list[float] = []
+    runs: int = 0
+    joules_per_inference: float | None = None  # metered: median over rounds; estimated: scaled with latency
+    joules_min: float | None = None
+    joules_max: float | None = None
+    energy: str = ""  # "metered (rapl)" | "estimated, follows latency" | "not measured"
+    error: str = ""  # why this variant could not be re-measured (it keeps its in-search numbers)
+
+    @property
+    def iqr_ms(self) -> float | None:
+        if self.latency_ms_q25 is None or self.latency_ms_q75 is None:
+            return None
+        return self.latency_ms_q75 - self.latency_ms_q25
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow / record metric names: ``*_remeasured`` beside the in-search ``latency_ms_p50``."""
+        out = {}
+        if self.latency_ms_p50 is not None:
+            out.update(latency_ms_p50_remeasured=self.latency_ms_p50, latency_iqr_ms_remeasured=self.iqr_ms or 0.0,
+                       latency_ms_q25_remeasured=self.latency_ms_q25, latency_ms_q75_remeasured=self.latency_ms_q75,
+                       latency_ms_round_min_remeasured=self.latency_ms_round_min,
+                       latency_ms_round_max_remeasured=self.latency_ms_round_max,
+                       # relative spread: (max - min of the round medians) / median
+                       latency_spread_remeasured=(self.latency_ms_round_max - self.latency_ms_round_min)
+                       / self.latency_ms_p50 if self.latency_ms_p50 else 0.0)
+        if self.joules_per_inference is not None:
+            out["joules_per_inference_remeasured"] = self.joules_per_inference
+        return {k: float(v) for k, v in out.items() if v is not None}
+
+
+class RemeasureReport(BaseModel):
+    """What the re-measurement found: stored on the study (``remeasured`` user attribute)."""
+
+    rounds: int
+    runs_per_round: int
+    warmup: int
+    backend: str = ""
+    device: str = ""
+    threads: int = 0
+    batch_size: int = 0
+    energy_source: str = ""  # the study's: rapl | nvml | estimated | none
+    energy_note: str = ""
+    order: list[str] = []  # variant keys in the order their timing windows ran (the interleaving, recorded)
+    variants: dict[str, VariantStats] = {}
+    through_trial: int = -1  # the highest trial number the study held: later trials void this report
+    seconds: float = 0.0
+    lock_wait_s: float = 0.0
+    error: str = ""  # the whole re-measurement failed (the in-search numbers stand)
+
+    @property
+    def label(self) -> str:
+        return method_label(self.rounds)
+
+
+# -- the measurement --------------------------------------------------------------------------------
+def round_order(keys: Sequence[str], rounds: int) -> list[list[str]]:
+    """Round r starts r places further along (A B C, B C A, C A B, ...): no variant always runs first
+    or always follows the same one, and no variant is timed twice in a row across a round boundary."""
+    keys = list(keys)
+    out: list[list[str]] = []
+    for r in range(rounds):
+        shift = r % len(keys) if keys else 0
+        order = keys[shift:] + keys[:shift]
+        if out and len(keys) > 1 and order[0] == out[-1][-1]:
+            order = order[1:] + order[:1]
+        out.append(order)
+    return out
+
+
+@dataclass
+class Interleaved:
+    times: dict[str, list[np.ndarray]] = field(default_factory=dict)  # key -> per-round run times (ms)
+    joules: dict[str, list[float]] = field(default_factory=dict)  # key -> per-round J/inference (metered)
+    order: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+Timer = Callable[["Session", dict, int, int], np.ndarray]  # (session, feeds, warmup, runs) -> ms per run
+
+
+def interleave(sessions: dict[str, "Session"], feeds: dict[str, np.ndarray], rounds: int, runs_per_round: int,
+               warmup: int, timer: Timer | None = None,
+               energy: Callable[["Session"], float] | None = None) -> Interleaved:
+    """Time every session ``rounds`` times, alternating between them; one untimed run before each window.
+
+    ``timer`` defaults to :func:`pipeline.measure.time_batches` (host timing around a synchronised
+    run, or the session's own device timer). ``energy`` (a metered backend only) returns J/inference
+    for one window on a session; it runs right after that session's timing window.
+    A variant that raises is dropped from later rounds with its error; the others go on.
+    """
+    if timer is None:
+        from pipeline.measure import time_batches as timer
+    out = Interleaved()
+    live = dict(sessions)
+    for key, session in list(live.items()):  # warm every session once before the first round
+        try:
+            timer(session, feeds, warmup, 1)
+        except Exception as exc:  # noqa: BLE001 - one broken artifact must not stop the others
+            out.errors[key] = f"{type(exc).__name__}: {exc}"
+            live.pop(key)
+    for order in round_order(list(live), rounds):
+        for key in order:
+            if key not in live:
+                continue
+            try:
+                out.order.append(key)
+                out.times.setdefault(key, []).append(np.asarray(timer(live[key], feeds, 1, runs_per_round), float))
+                if energy is not None:
+                    out.joules.setdefault(key, []).append(float(energy(live[key])))
+            except Exception as exc:  # noqa: BLE001
+                out.errors[key] = f"{type(exc).__name__}: {exc}"
+                live.pop(key)
+    return out
+
+
+def variant_stats(key: str, label: str, times: list[np.ndarray], joules: list[float] | None = None,
+                  energy: str = "not measured") -> VariantStats:
+    """Median and spread: the median and IQR over all timed runs, and min-max of the per-round medians."""
+    if not times:
+        return VariantStats(key=key, label=label, energy=energy, error="no timed round")
+    pooled = np.concatenate(times)
+    medians = [float(np.median(t)) for t in times]
+    q25, p50, q75 = (float(v) for v in np.percentile(pooled, [25, 50, 75]))
+    stats = VariantStats(key=key, label=label, latency_ms_p50=p50, latency_ms_q25=q25, latency_ms_q75=q75,
+                         latency_ms_round_min=min(medians), latency_ms_round_max=max(medians),
+                         round_medians=medians, runs=int(pooled.size), energy=energy)
+    if joules:
+        stats.joules_per_inference = float(np.median(joules))
+        stats.joules_min, stats.joules_max = float(min(joules)), float(max(joules))
+    return stats
+
+
+def runs_per_round(config) -> int:
+    """About as many timed runs per variant as one in-search measurement (``measure.runs``), spread over the rounds."""
+    rounds = max(1, config.measure.remeasure_rounds)
+    return max(MIN_RUNS_PER_ROUND, math.ceil(config.measure.runs / rounds))
+
+
+def remeasure_artifacts(config, variants: Sequence[Variant], threads: int, energy_source: str = "",
+                        evaluator=None, timer: Timer | None = None) -> RemeasureReport:
+    """Open every variant's artifact on the config's backend and time them interleaved (see module doc).
+
+    Holds the node's measurement lock for the whole interleaving: nothing else is timed meanwhile.
+    """
+    from pipeline.evaluation import Evaluator
+    from pipeline.measure import exclusive_measurement, measure_energy
+
+    cfg = config
+    rounds = cfg.measure.remeasure_rounds
+    ev = evaluator or Evaluator(cfg)
+    feeds = ev.eval_set.fixed_batch(cfg.measure.batch_size)
+    metered = energy_source in METERED
+    report = RemeasureReport(rounds=rounds, runs_per_round=runs_per_round(cfg), warmup=cfg.measure.warmup,
+                             backend=ev.backend.name, device=ev.backend.device(), threads=threads,
+                             batch_size=cfg.measure.batch_size, energy_source=energy_source or "none")
+    if metered:
+        report.energy_note = f"energy metered by {energy_source}, one window per variant per round, interleaved"
+        ecfg = cfg.model_copy(deep=True)
+        ecfg.measure.energy.meter = energy_source  # the study's pinned source, or a clear failure
+    elif energy_source == "estimated":
+        report.energy_note = ("energy is estimated here (CPU time x watts, no RAPL/NVML meter): it follows latency, "
+                              "so the in-search estimate is scaled by the re-measured / in-search latency ratio")
+    sessions, errors = {}, {}
+    for v in variants:
+        try:
+            sessions[v.key] = ev.backend.open(v.artifact, threads)
+        except Exception as exc:  # noqa: BLE001 - e.g. the artifact was deleted since the trial
+            errors[v.key] = f"could not open {v.artifact}: {type(exc).__name__}: {exc}"
+    energy = None
+    if metered:
+        def energy(session):  # noqa: E306
+            return measure_energy(ecfg, ev.backend, session, feeds).joules_per_inference
+    t0 = time.perf_counter()
+    with exclusive_measurement(ev._lock_path()) as waited:
+        got = interleave(sessions, feeds, rounds, report.runs_per_round, cfg.measure.warmup, timer, energy)
+    report.seconds, report.lock_wait_s, report.order = time.perf_counter() - t0, waited, got.order
+    errors.update(got.errors)
+    label = "metered (" + energy_source + ")" if metered else (
+        "estimated, follows latency" if energy_source == "estimated" else "not measured")
+    for v in variants:
+        stats = variant_stats(v.key, v.label, got.times.get(v.key, []), got.joules.get(v.key), label)
+        if v.key in errors:
+            stats = VariantStats(key=v.key, label=v.label, energy=label, error=errors[v.key])
+        report.variants[v.key] = stats
+    return report
+
+
+# -- the study side: what to re-measure, where, and storing it ----------------------------------------
+def candidates(records: Sequence["TrialRecord"], infos: Sequence["ObjectiveInfo"],
+               artifacts: dict[int, str], limit: int = MAX_VARIANTS) -> list[Variant]:
+    """Uniform baselines, the in-search front, then trials non-dominated on the noise-free objectives."""
+    done = [r for r in records if r.complete and r.duplicate_of is None and r.number in artifacts]
+    quiet = [o for o in infos if o.source not in NOISY_SOURCES]
+    feasible = [r for r in done if r.feasible is not False]
+    robust = set()
+    if quiet:
+        pts = {r.number: [r.values[o.name] for o in quiet] for r in feasible if all(o.name in r.values for o in quiet)}
+        dirs = [o.direction for o in quiet]
+        robust = {n for n, p in pts.items() if not any(_dominates(q, p, dirs) for m, q in pts.items() if m != n)}
+    front = {r.number for r in done if (r.on_front_in_search if r.on_front_in_search is not None else r.on_front)}
+    picked = sorted({r.number for r in done if r.baseline}) + sorted(front - {r.number for r in done if r.baseline})
+    picked += sorted(robust - set(picked))
+    by_number = {r.number: r for r in done}
+    return [Variant(str(n), by_number[n].label, artifacts[n]) for n in picked[:limit]]
+
+
+def _dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """``a`` is at least as good as ``b`` everywhere and better somewhere."""
+    better = False
+    for x, y, d in zip(a, b, directions):
+        if d == "maximize":
+            x, y = -x, -y
+        if x > y:
+            return False
+        better = better or x < y
+    return better
+
+
+def remeasure_task(payload: dict[str, Any]) -> dict[str, Any]:
+    """The re-measurement as one Ray task (or inline): plain data in, ``RemeasureReport`` dump out.
+
+    ``files`` (variant key -> file name -> bytes) carries the artifacts when the task runs on
+    another node than the driver; they are written to a temporary folder there first.
+    """
+    from pipeline.config import parse_config
+
+    if payload.get("cwd") and Path(payload["cwd"]).is_dir():
+        os.chdir(payload["cwd"])
+    cfg = parse_config(payload["config"], source="the study's config (re-measurement)",
+                       base_dir=Path(payload["base_dir"]))
+    variants = [Variant(**v) for v in payload["variants"]]
+    with tempfile.TemporaryDirectory(prefix="remeasure-") as tmp:
+        if payload.get("files"):
+            moved = []
+            for v in variants:
+                folder = Path(tmp) / v.key
+                folder.mkdir()
+                for name, blob in payload["files"].get(v.key, {}).items():
+                    (folder / name).write_bytes(blob)
+                moved.append(Variant(v.key, v.label, str(folder / Path(v.artifact).name)))
+            variants = moved
+        report = remeasure_artifacts(cfg, variants, int(payload["threads"]), payload.get("energy_source", ""))
+    return report.model_dump(mode="json")
+
+
+def _artifact_files(path: str) -> dict[str, bytes]:
+    art = Path(path)
+    return {p.name: p.read_bytes() for p in sorted(art.parent.glob(art.stem + "*")) if p.is_file()}
+
+
+def remeasure_study(config, study, infos: Sequence["ObjectiveInfo"] | None = None) -> RemeasureReport | None:
+    """Re-measure the study's candidates and store the report on the study (``remeasured``).
+
+    Returns None when it is switched off (``measure.remeasure_rounds: 0``) or there is nothing
+    to compare (fewer than two candidates). Runs as one Ray task with a trial's CPUs/GPU when Ray
+    is up, so it lands on the kind of node the trials used; else in this process.
+    """
+    from pipeline.results import TrialResult
+    from pipeline.search.records import build_records, study_objectives
+
+    if config.measure.remeasure_rounds <= 0:
+        return None
+    infos = list(infos) if infos is not None else study_objectives(study, config.metric.name)
+    records = build_records(study, infos)
+    results: dict[int, TrialResult] = {}
+    for t in study.get_trials(deepcopy=False):
+        raw = t.user_attrs.get(A.T_RESULT)
+        if raw:
+            try:
+                results[t.number] = TrialResult.model_validate(raw)
+            except Exception:  # noqa: BLE001 - a record from another version: not re-measured
+                pass
+    artifacts = {n: r.artifact_path for n, r in results.items() if r.artifact_path and Path(r.artifact_path).is_file()}
+    chosen = candidates(records, infos, artifacts)
+    if len(chosen) < 2:
+        return None
+    measured = [results[int(v.key)].measurement for v in chosen]
+    threads = Counter(m.threads for m in measured).most_common(1)[0][0]
+    backends = {m.backend for m in measured}
+    energy_source = study.user_attrs.get(A.A_ENERGY_SOURCE) or "none"
+    payload = {"config": config.model_dump(mode="json"), "base_dir": str(config.base_dir.resolve()),
+               "cwd": os.getcwd(), "variants": [v.__dict__ for v in chosen], "threads": threads,
+               "energy_source": energy_source}
+    try:
+        raw = _run(payload, backends)
+        report = RemeasureReport.model_validate(raw)
+        if backends and report.backend not in backends:
+            report.error = (f"re-measured on {report.backend}, but the trials ran on {sorted(backends)}: not "
+                            f"comparable, so the in-search numbers stand (run the search where {sorted(backends)} is)")
+    except Exception as exc:  # noqa: BLE001 - the search's own numbers stand
+        report = RemeasureReport(rounds=config.measure.remeasure_rounds, runs_per_round=runs_per_round(config),
+                                 warmup=config.measure.warmup, error=f"{type(exc).__name__}: {exc}")
+    report.through_trial = max((t.number for t in study.get_trials(deepcopy=False)), default=-1)
+    study.set_user_attr(A.A_REMEASURED, report.model_dump(mode="json"))
+    return report
+
+
+def _run(payload: dict[str, Any], backends: set[str]) -> dict[str, Any]:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return remeasure_task(payload)
+    if not ray.is_initialized():
+        return remeasure_task(payload)
+    from pipeline.backends.registry import needs_gpu
+
+    gpus = 1.0 if any(needs_gpu(b) for b in backends if b) else 0.0
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:  # it may run on another node: ship the artifacts
+        payload = dict(payload, files={v["key"]: _artifact_files(v["artifact"]) for v in payload["variants"]})
+    cpus = max(1.0, min(float(payload["threads"]), float(ray.cluster_resources().get("CPU", 1))))
+    task = ray.remote(max_retries=0)(remeasure_task).options(num_cpus=cpus, num_gpus=gpus, name="remeasure")
+    return ray.get(task.remote(payload))
+
+
+# -- the final front on the re-measured numbers ---------------------------------------------------------
+def apply_remeasured(records: list["TrialRecord"], infos: Sequence["ObjectiveInfo"], data: dict[str, Any]) -> bool:
+    """Put the re-measured latency/energy in the records' objective values and decide the front on them.
+
+    The in-search values move to ``values_in_search`` (and ``on_front_in_search``); the
+    re-measured statistics join ``metrics`` as ``*_remeasured``. The final front is the set of
+    feasible re-measured trials that no other re-measured trial dominates. Returns False (and
+    changes nothing) when the report failed or is older than the study's latest trial.
+    """
+    try:
+        report = RemeasureReport.model_validate(data)
+    except Exception:  # noqa: BLE001 - a report from another version: the in-search front stands
+        return False
+    if report.error or any(r.number > report.through_trial for r in records):
+        return False
+    label = report.label
+    pool = []
+    for r in records:
+        r.on_front_in_search = r.on_front
+        v = report.variants.get(str(r.number))
+        if v is None or not r.complete or r.duplicate_of is not None:
+            continue
+        if v.latency_ms_p50 is not None:
+            ratio = v.latency_ms_p50 / r.metrics["latency_ms_p50"] if r.metrics.get("latency_ms_p50") else None
+            r.values_in_search = dict(r.values)
+            for o in infos:
+                if o.name not in r.values:
+                    continue
+                if o.source == "latency":
+                    r.values[o.name] = v.latency_ms_p50
+                elif o.source in ("energy", "carbon") and v.joules_per_inference is not None \
+                        and r.metrics.get("joules_per_inference"):
+                    r.values[o.name] *= v.joules_per_inference / r.metrics["joules_per_inference"]
+                elif o.source in ("energy", "carbon") and report.energy_source == "estimated" and ratio:
+                    r.values[o.name] *= ratio  # the estimate is CPU time x watts: it follows latency
+            r.metrics.update(v.metrics())
+            r.remeasured = label
+        if r.feasible is not False:
+            pool.append(r)
+    dirs = [o.direction for o in infos]
+    pts = {r.number: [r.values[o.name] for o in infos] for r in pool}
+    for r in records:
+        r.on_front = r.number in pts and not any(_dominates(q, pts[r.number], dirs)
+                                                 for m, q in pts.items() if m != r.number)
+    return True
