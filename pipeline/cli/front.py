@@ -44,6 +44,7 @@ def run(args) -> int:
                reverse=first.direction == "maximize")
     attrs = study.user_attrs
     pin = attrs.get(A_ENERGY_PIN) or {}
+    verdict = remeasure_verdict(records, attrs, bool(cfg.metric.higher_is_better))
     if args.json:
         print(json.dumps({
             "study": study.study_name,
@@ -54,6 +55,8 @@ def run(args) -> int:
             "energy_sources_shown": energy_sources(shown),
             "mlflow_parent_run_id": attrs.get(A_PARENT_RUN),
             "rows": [r.model_dump(mode="json") for r in shown],
+            "latency_method": verdict.label if verdict else "in-search",
+            "remeasure": verdict.sentences if verdict else [],
         }, indent=2))
         return 0
     print_front(shown, infos, title=f"study {study.study_name}: "
@@ -65,9 +68,31 @@ def run(args) -> int:
     note = attrs.get(A_ENERGY_NOTE)
     if note:
         console.print(f"energy objective: {escape(note)}")
+    if verdict:
+        for line in verdict.sentences:
+            console.print(escape(line))
     if not shown:
         console.print("[yellow]the front is empty: no finished trial meets the accuracy-drop constraint yet[/yellow]")
     return 0
+
+
+def remeasure_verdict(records, attrs, higher_is_better: bool = True):
+    """The interleaved re-measurement's comparison (front vs FP32 and each uniform format), or None."""
+    from pipeline.search.storage import A_REMEASURED
+
+    data = attrs.get(A_REMEASURED)
+    if not data:
+        return None
+    from pipeline.search.remeasure import RemeasureReport
+    from pipeline.tracking.remeasure import comparison
+
+    try:
+        report = RemeasureReport.model_validate(data)
+    except Exception:  # noqa: BLE001 - a report from another version: show the in-search numbers only
+        return None
+    if not report.error and not any(getattr(r, "remeasured", "") for r in records):
+        return None  # trials finished after it: the front is the in-search one until the next re-measurement
+    return comparison(records, report, higher_is_better)
 
 
 def energy_sources(records) -> dict[str, list[int]]:
@@ -86,6 +111,9 @@ def print_front(records, infos, title: str, energy_source: str | None = None, pr
     sources = energy_sources(records)
     if not energy_source or energy_source == "none":
         energy_source = next(iter(sources)) if len(sources) == 1 else ("mixed" if sources else None)
+    from pipeline.search.remeasure import NOISY_SOURCES
+
+    method = next((r.remeasured for r in records if getattr(r, "remeasured", "")), "")
     t = Table(title=title, title_justify="left")
     t.add_column("trial", justify="right")
     t.add_column("baseline")
@@ -93,24 +121,39 @@ def print_front(records, infos, title: str, energy_source: str | None = None, pr
         header = o.header
         if o.source == "energy" and energy_source:
             header += f" ({energy_source})"
-        t.add_column(header, justify="right")
+        if method and o.source in NOISY_SOURCES:  # the final number, then the trial's own
+            t.add_column(header + " re-measured", justify="right")
+            t.add_column(f"{o.shown} in-search", justify="right")
+        else:
+            t.add_column(header, justify="right")
+    if method:
+        t.add_column("latency IQR ms", justify="right")
     t.add_column("drop", justify="right")
     t.add_column("bits/w", justify="right")
     t.add_column("plan", overflow="fold")
     for r in records:
         cells = [str(r.number) + (" *" if r.knee else ""), r.baseline or ""]
+        extra = (sum(o.source in NOISY_SOURCES for o in infos) + 1) if method else 0
         if getattr(r, "duplicate_of", None) is not None:
-            cells += ["-"] * (len(infos) + 2) + [f"duplicate of trial {r.duplicate_of} (not measured again)"]
+            cells += ["-"] * (len(infos) + extra + 2) + [f"duplicate of trial {r.duplicate_of} (not measured again)"]
             t.add_row(*cells)
             continue
         if r.state != "COMPLETE":
             why = r.fail_reason.splitlines()[0] if r.fail_reason else ""
-            cells += ["-"] * len(infos) + ["-", "-", f"[red]{r.state}[/red] {escape(why)}"]
+            cells += ["-"] * (len(infos) + extra) + ["-", "-", f"[red]{r.state}[/red] {escape(why)}"]
             t.add_row(*cells)
             continue
         for o in infos:
             v = r.values.get(o.name)
-            cells.append("-" if v is None else o.format(v))
+            if method and o.source in NOISY_SOURCES:
+                cells.append("-" if v is None or not r.remeasured else o.format(v))  # not re-measured: no final number
+                before = (r.values_in_search or r.values).get(o.name)
+                cells.append("-" if before is None else o.format(before))
+            else:
+                cells.append("-" if v is None else o.format(v))
+        if method:
+            iqr = r.metrics.get("latency_iqr_ms_remeasured")
+            cells.append("-" if iqr is None else f"{iqr:.3g}")
         drop = r.metrics.get("accuracy_drop")
         flag = "" if r.feasible is not False else " [red](infeasible)[/red]"
         cells.append(("-" if drop is None else f"{drop:+.4f}") + flag)
@@ -124,6 +167,10 @@ def print_front(records, infos, title: str, energy_source: str | None = None, pr
         console.print(f"[bold yellow]warning:[/bold yellow] energy sources differ across these trials "
                       f"({escape(listing)}): their energy values are not comparable")
     notes = [f"{o.column}: {o.label}" for o in infos if o.source != o.name]
+    if method:
+        notes.append(f"re-measured = {method} (median of all runs, alternating between the variants; IQR = "
+                     "spread): the front and the knee are decided on it; in-search = one timing per trial during "
+                     "the search, kept for reference")
     if any(r.knee for r in records):
         notes.append("* knee point (balanced trade-off; "
                      + (f"promote it: {promote}" if promote else "`promote --policy knee` picks it") + ")")

@@ -137,19 +137,29 @@ def comparison(records: Sequence[TrialRecord], report: RemeasureReport, higher_i
     if not front:
         return out
     fastest_base = min(base, key=lambda x: x.latency_ms_remeasured) if base else None
-    picks = [("knee", next((x for x in front if x.knee), None)),
-             ("fastest front plan", min(front, key=lambda x: x.latency_ms_remeasured))]
-    for name, plan in picks:
-        if plan is None:
+    quantized = [x for x in front if x.kind != "fp32"]
+    picks: dict[int, list[str]] = {}  # trial -> what it is (one sentence set per plan)
+    for key, plan in (("knee", next((x for x in front if x.knee), None)),
+                      ("fastest", min(front, key=lambda x: x.latency_ms_remeasured)),
+                      ("smallest", min(quantized, key=lambda x: x.size_bytes or float("inf")) if quantized else None)):
+        if plan is not None:
+            picks.setdefault(plan.trial, []).append(key)
+    rows = {x.trial: x for x in front}
+    names = {"knee": "knee", "fastest": "fastest front plan", "smallest": "smallest quantized front plan"}
+    for trial, keys in picks.items():
+        plan, name = rows[trial], " / ".join(names[k] for k in keys)
+        if fp is not None and plan.trial == fp.trial:
+            if "fastest" in keys:
+                out.sentences.append(f"FP32 (#{fp.trial}) is the fastest plan on the front "
+                                     f"({fp.latency_ms_remeasured:.4g} ms re-measured): quantization buys no speed "
+                                     "here" + (", only size" if quantized else ""))
             continue
-        if name == "fastest front plan" and plan.knee:
-            name = "fastest front plan (also the knee)"
-        if fp is not None and plan.trial != fp.trial:
+        if fp is not None:
             out.sentences.append(_versus(f"{name} #{plan.trial}", plan, fp, "FP32", higher_is_better))
-            key = "knee" if name == "knee" else "fastest"
-            out.metrics[f"{key}_speedup_vs_fp32_remeasured"] = _ratio(fp.latency_ms_remeasured,
-                                                                      plan.latency_ms_remeasured) or 0.0
-            out.metrics[f"{key}_size_ratio_vs_fp32"] = plan.size_ratio_vs_fp32 or 0.0
+            for key in keys:
+                out.metrics[f"{key}_speedup_vs_fp32_remeasured"] = _ratio(fp.latency_ms_remeasured,
+                                                                          plan.latency_ms_remeasured) or 0.0
+                out.metrics[f"{key}_size_ratio_vs_fp32"] = plan.size_ratio_vs_fp32 or 0.0
             if plan.size_bytes and fp.size_bytes and plan.size_bytes < SIZE_GAIN * fp.size_bytes \
                     and not _faster(plan, fp):
                 out.sentences.append(f"{name} #{plan.trial}: quantization buys size here but not speed "
@@ -160,12 +170,12 @@ def comparison(records: Sequence[TrialRecord], report: RemeasureReport, higher_i
             out.sentences.append(_versus(f"{name} #{plan.trial}", plan, fastest_base,
                                          "the fastest simple baseline within the accuracy budget,",
                                          higher_is_better))
-            key = "knee" if name == "knee" else "fastest"
-            out.metrics[f"{key}_speedup_vs_best_baseline_remeasured"] = _ratio(
-                fastest_base.latency_ms_remeasured, plan.latency_ms_remeasured) or 0.0
+            for key in keys:
+                out.metrics[f"{key}_speedup_vs_best_baseline_remeasured"] = _ratio(
+                    fastest_base.latency_ms_remeasured, plan.latency_ms_remeasured) or 0.0
         elif fastest_base is not None and fastest_base.trial == plan.trial:
-            out.sentences.append(f"{name} #{plan.trial} is itself the fastest simple baseline ({plan.plan}): "
-                                 "no mixed plan beats it on re-measured latency")
+            out.sentences.append(f"{name} #{plan.trial} is itself the fastest simple baseline within the accuracy "
+                                 f"budget ({plan.plan}): no mixed plan beats it on re-measured latency")
     return out
 
 
