@@ -191,3 +191,35 @@ def test_switched_off(searched):
     cfg, study, summary, report = searched
     off = cfg.model_copy(update={"measure": cfg.measure.model_copy(update={"remeasure_rounds": 0})})
     assert remeasure_study(off, study) is None
+
+
+def test_energy_windows_follow_each_timing_window(searched):
+    """A meter's window runs right after the same variant's timing window, every round (the real
+    CPU-time estimate stands in for RAPL/NVML, which this machine does not expose)."""
+    from pipeline.evaluation import Evaluator
+    from pipeline.measure import measure_energy
+    from pipeline.search.remeasure import interleave, variant_stats
+
+    cfg, study, summary, report = searched
+    ecfg = cfg.model_copy(deep=True)
+    ecfg.measure.energy.meter = "estimated"
+    ev = Evaluator(ecfg)
+    arts = [t.user_attrs["result"]["artifact_path"] for t in study.trials if t.user_attrs.get(A.T_BASELINE)][:2]
+    sessions = {str(i): ev.backend.open(a, 1) for i, a in enumerate(arts)}
+    feeds = ev.eval_set.fixed_batch(cfg.measure.batch_size)
+    events = []
+
+    def timer(session, feeds, warmup, runs):
+        events.append(("time", id(session)))
+        return time_batches(session, feeds, warmup, runs)
+
+    def energy(session):
+        events.append(("energy", id(session)))
+        return measure_energy(ecfg, ev.backend, session, feeds).joules_per_inference
+
+    got = interleave(sessions, feeds, rounds=2, runs_per_round=3, warmup=1, timer=timer, energy=energy)
+    timed = events[2:]  # after one warm-up call per session
+    assert [k for k, _ in timed] == ["time", "energy"] * 4
+    assert all(timed[i][1] == timed[i + 1][1] for i in range(0, 8, 2))
+    stats = variant_stats("0", "#0", got.times["0"], got.joules["0"], "metered (test)")
+    assert stats.joules_min <= stats.joules_per_inference <= stats.joules_max and len(got.joules["0"]) == 2
