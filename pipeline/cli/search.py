@@ -118,7 +118,7 @@ def print_summary(summary, config_path: str = "<config>") -> None:
         console.print(f"[yellow]warning:[/yellow] {escape(err)} (run the command again to reconcile MLflow)")
     console.print(escape(f"Optuna study: {summary.storage} (study {summary.study})"))
     console.print(escape(summary.ui_hint))
-    console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.html; "
+    console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.svg; "
                   f"front trials are tagged pareto=true")
     console.print(escape(f"  list it again: precision-search front --config {config_path} --study {summary.study}"))
     console.print(f"done in {summary.wall_seconds:.0f} s")

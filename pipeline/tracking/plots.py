@@ -57,9 +57,14 @@ def _plot_axes(objectives: Sequence["ObjectiveInfo"]):
     return x, y, colour
 
 
-def plot_front_png(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], path: str | Path,
-                   title: str = "") -> None:
-    """Accuracy vs energy (or latency): all trials, front highlighted, baselines labelled."""
+def plot_front(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], paths: Sequence[str | Path],
+               title: str = "") -> None:
+    """Accuracy vs energy (or latency): all trials, the front ringed, FP32 and the uniform baselines marked.
+
+    Written as PNG and SVG (both render in MLflow's artifact viewer). There is no HTML version on purpose: a
+    self-contained plotly file is ~4.6 MB, which the viewer shows blank; the runs table and front.csv carry
+    what a hover would. Baseline labels are staggered so neighbours do not print over each other.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -67,78 +72,70 @@ def plot_front_png(records: Sequence["TrialRecord"], objectives: Sequence["Objec
 
     x, y, colour = _plot_axes(objectives)
     done = [r for r in records if r.state == "COMPLETE"]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     if x is None or not done:
         ax.text(0.5, 0.5, "no completed trials yet", ha="center", va="center", transform=ax.transAxes)
     else:
-        feas = [r for r in done if r.feasible is not False and not r.on_front]
-        infeas = [r for r in done if r.feasible is False]
-        front = sorted([r for r in done if r.on_front], key=lambda r: r.values[x.name])
-        cvals = [r.values[colour.name] for r in done] if colour else None
+        def xy(rs):
+            return [r.values[x.name] for r in rs], [r.values[y.name] for r in rs]
+
+        cvals = [r.values[colour.name] for r in done] if colour else []
         norm = None
-        if colour and cvals:
-            norm = matplotlib.colors.Normalize(min(cvals), max(cvals) if max(cvals) > min(cvals) else min(cvals) + 1)
-        def scatter(rs, **kw):
-            if not rs:
-                return None
-            c = [r.values[colour.name] for r in rs] if colour else None
-            return ax.scatter([r.values[x.name] for r in rs], [r.values[y.name] for r in rs], c=c,
-                              cmap="viridis" if colour else None, norm=norm, **kw)
-        scatter(feas, s=30, alpha=0.55, label="trials", edgecolors="none")
-        scatter(infeas, s=30, marker="x", alpha=0.6, label="infeasible (accuracy drop)")
-        sc = scatter(front, s=90, edgecolors="red", linewidths=1.8, label="Pareto front (all objectives)")
-        if front and len(objectives) == 2:  # a staircase only means something when the front is 2-D
-            ax.plot([r.values[x.name] for r in front], [r.values[y.name] for r in front], color="red", alpha=0.35,
-                    lw=1, zorder=0)
+        if cvals:
+            hi = max(cvals) if max(cvals) > min(cvals) else min(cvals) + 1
+            norm = matplotlib.colors.Normalize(min(cvals), hi)
+        searched = [r for r in done if not r.baseline]
+        feas = [r for r in searched if r.feasible is not False]
+        infeas = [r for r in done if r.feasible is False]
+        sc = None
+        if feas:
+            sc = ax.scatter(*xy(feas), c=[r.values[colour.name] for r in feas] if colour else "tab:blue",
+                            cmap="viridis" if colour else None, norm=norm, s=28, alpha=0.6, edgecolors="none",
+                            label="searched plans")
+        if infeas:
+            ax.scatter(*xy(infeas), marker="x", s=30, color="grey", alpha=0.7,
+                       label="over the accuracy-drop limit")
+        base = [r for r in done if r.baseline and r.feasible is not False]
+        fp32 = [r for r in base if r.baseline == "uniform-fp32"]
+        uniform = [r for r in base if r.baseline != "uniform-fp32"]
+        if uniform:
+            ax.scatter(*xy(uniform), marker="D", s=55, color="tab:orange", edgecolors="black", linewidths=0.6,
+                       label="uniform baselines", zorder=3)
+        if fp32:
+            ax.scatter(*xy(fp32), marker="*", s=220, color="gold", edgecolors="black", linewidths=0.8,
+                       label="FP32 reference", zorder=4)
+        front = sorted([r for r in done if r.on_front], key=lambda r: r.values[x.name])
+        if front:
+            ax.scatter(*xy(front), s=150, facecolors="none", edgecolors="red", linewidths=1.8,
+                       label="Pareto front (all objectives)", zorder=5)
+            if len(objectives) == 2:  # a staircase only means something when the front is 2-D
+                ax.plot(*xy(front), color="red", alpha=0.35, lw=1, zorder=1)
         if sc is not None and colour:
             fig.colorbar(sc, ax=ax, label=colour.label)
+        offsets = [(8, 8), (8, -14), (-8, 8), (-8, -14)]
+        for i, r in enumerate(sorted(base, key=lambda r: (r.values[x.name], r.values[y.name]))):
+            dx, dy = offsets[i % len(offsets)]
+            name = "FP32" if r.baseline == "uniform-fp32" else r.baseline.replace("uniform-", "all ")
+            ax.annotate(name, (r.values[x.name], r.values[y.name]), textcoords="offset points", xytext=(dx, dy),
+                        ha="left" if dx > 0 else "right", fontsize=8,
+                        arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
         for r in done:
-            if r.baseline:
-                ax.annotate(r.baseline.replace("uniform-", "all "), (r.values[x.name], r.values[y.name]),
-                            textcoords="offset points", xytext=(6, 4), fontsize=8)
             if r.knee:
-                ax.annotate("knee", (r.values[x.name], r.values[y.name]), textcoords="offset points",
-                            xytext=(6, -12), fontsize=8, color="red")
+                ax.annotate(f"knee (trial {r.number})", (r.values[x.name], r.values[y.name]),
+                            textcoords="offset points", xytext=(10, -18), fontsize=8, color="red",
+                            arrowprops=dict(arrowstyle="->", color="red", lw=0.7))
         ax.set_xlabel(x.label)
         ax.set_ylabel(y.label)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    for path in paths:
+        fig.savefig(path)
     plt.close(fig)
 
 
-def plot_front_html(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], path: str | Path,
-                    title: str = "") -> None:
-    """Interactive version of the PNG (hover shows the per-layer plan); self-contained HTML."""
-    import plotly.graph_objects as go
-
-    x, y, colour = _plot_axes(objectives)
-    done = [r for r in records if r.state == "COMPLETE"]
-    fig = go.Figure()
-    if x is not None and done:
-        groups = [
-            ("trials", [r for r in done if not r.on_front and r.feasible is not False], dict(size=8, opacity=0.6)),
-            ("infeasible", [r for r in done if r.feasible is False], dict(size=8, symbol="x", opacity=0.6)),
-            ("Pareto front", sorted([r for r in done if r.on_front], key=lambda r: r.values[x.name]),
-             dict(size=13, line=dict(color="red", width=2))),
-        ]
-        for name, rs, marker in groups:
-            if not rs:
-                continue
-            if colour:
-                marker = {**marker, "color": [r.values[colour.name] for r in rs], "colorscale": "Viridis",
-                          "showscale": name == "Pareto front", "colorbar": dict(title=colour.label)}
-            fig.add_trace(go.Scatter(
-                x=[r.values[x.name] for r in rs], y=[r.values[y.name] for r in rs],
-                mode="markers+text" if name != "infeasible" else "markers", name=name, marker=marker,
-                text=[(r.baseline or "").replace("uniform-", "all ") + (" (knee)" if r.knee else "") for r in rs],
-                textposition="top right",
-                hovertext=[f"trial {r.number} {r.baseline or ''}<br>{r.plan_summary}<br>"
-                           + "<br>".join(f"{o.label}: {r.values[o.name]:.6g}" for o in objectives) for r in rs],
-                hoverinfo="text",
-            ))
-        fig.update_layout(xaxis_title=x.label, yaxis_title=y.label)
-    fig.update_layout(title=title, template="plotly_white")
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+def plot_front_png(records: Sequence["TrialRecord"], objectives: Sequence["ObjectiveInfo"], path: str | Path,
+                   title: str = "") -> None:
+    """:func:`plot_front` to one file (its suffix picks the format)."""
+    plot_front(records, objectives, [path], title)

@@ -15,7 +15,7 @@ Layout (experiment ``tracking.experiment``, default the config's name)::
 
     <study> (parent, role=study)        params: search settings, objectives, which energy objective
       |                                 metrics: front_size, hypervolume, trials_complete, trials_failed
-      |                                 artifacts: config.yaml, pareto/front.csv, front.png, front.html
+      |                                 artifacts: config.yaml, pareto/front.csv, front.png, front.svg
       +-- uniform-fp32-000 (child)      tags: study, role=trial, trial_number, state, pareto, baseline,
       +-- trial-007 (child) ...               method, backend, device, energy_source, execution, ...
                                         params: method, knobs, plan summary, layer.<name> = format
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.search.records import StudyRecord, TrialRecord
 from pipeline.tracking import schema as S
-from pipeline.tracking.plots import front_csv, plot_front_html, plot_front_png
+from pipeline.tracking.plots import front_csv, plot_front
 
 if TYPE_CHECKING:
     from pipeline.config import SearchConfig
@@ -361,13 +361,11 @@ class StudyTracker:
         self.client.log_text(self.parent_run_id, front_csv(records, objectives), S.ARTIFACT_FRONT_TABLE)
         if plots:
             with tempfile.TemporaryDirectory() as tmp:
-                png = Path(tmp) / Path(S.ARTIFACT_FRONT_PLOT_PNG).name
-                html = Path(tmp) / Path(S.ARTIFACT_FRONT_PLOT_HTML).name
-                plot_front_png(records, objectives, png, title=f"study {self.study}")
-                plot_front_html(records, objectives, html, title=f"study {self.study}")
+                files = [Path(tmp) / Path(a).name for a in (S.ARTIFACT_FRONT_PLOT_PNG, S.ARTIFACT_FRONT_PLOT_SVG)]
+                plot_front(records, objectives, files, title=f"study {self.study}")
                 folder = str(Path(S.ARTIFACT_FRONT_PLOT_PNG).parent)
-                self.client.log_artifact(self.parent_run_id, str(png), folder)
-                self.client.log_artifact(self.parent_run_id, str(html), folder)
+                for f in files:
+                    self.client.log_artifact(self.parent_run_id, str(f), folder)
             self._last_plot = time.monotonic()
 
     def seconds_since_plot(self) -> float:

@@ -4,7 +4,7 @@
 a study (and can be re-run any time: it overwrites its own artifacts). It reads
 the study back from MLflow, like ``promote`` does, and logs under ``review/``:
 
-- ``precision_map.png`` / ``.html``: layers x front trials, each cell the layer's
+- ``precision_map.png`` / ``.svg`` / ``.csv``: layers x front trials, each cell the layer's
   format, marked where it is only emulated on the measuring backend;
 - ``importance.csv`` / ``.png``: Optuna's parameter importance for the accuracy
   objective (which layers' format choices move accuracy), when a study is given;
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 REVIEW_DIR = "review"
 ARTIFACT_PRECISION_MAP_PNG = f"{REVIEW_DIR}/precision_map.png"
-ARTIFACT_PRECISION_MAP_HTML = f"{REVIEW_DIR}/precision_map.html"
+ARTIFACT_PRECISION_MAP_SVG = f"{REVIEW_DIR}/precision_map.svg"
+ARTIFACT_PRECISION_MAP_CSV = f"{REVIEW_DIR}/precision_map.csv"
 ARTIFACT_IMPORTANCE_CSV = f"{REVIEW_DIR}/importance.csv"
 ARTIFACT_IMPORTANCE_PNG = f"{REVIEW_DIR}/importance.png"
 ARTIFACT_ENERGY_TABLE_CSV = f"{REVIEW_DIR}/precision_energy.csv"
@@ -238,7 +239,9 @@ def _col_label(t: TrialRecord) -> str:
     return f"#{t.number}" + (f"\n{t.baseline.removeprefix('uniform-')}" if t.baseline else "")
 
 
-def plot_precision_map_png(layers, trials, cells, path: Path, title: str) -> None:
+def plot_precision_map_png(layers, trials, cells, path: Path | list[Path], title: str) -> None:
+    """Layers x front trials, coloured by format, emulated cells hatched; to PNG and/or SVG (both render in
+    MLflow's artifact viewer; the kernel per cell is in precision_map.csv)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,45 +282,21 @@ def plot_precision_map_png(layers, trials, cells, path: Path, title: str) -> Non
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="emulated here"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    for p in path if isinstance(path, list) else [path]:
+        fig.savefig(p, dpi=120)
     plt.close(fig)
 
 
-def plot_precision_map_html(layers, trials, cells, study: StudyRecord, path: Path, title: str) -> None:
-    import plotly.graph_objects as go
-
-    n = len(FORMAT_ORDER)
-    # Discrete colour scale: one flat band per format index.
-    scale = []
-    for k, f in enumerate(FORMAT_ORDER):
-        scale += [(k / n, FORMAT_COLORS[f]), ((k + 1) / n, FORMAT_COLORS[f])]
-    z, text, hover = [], [], []
-    xs = [f"#{t.number}" + (f" {t.baseline}" if t.baseline else "") for t in trials]
+def precision_map_csv(layers, trials, cells) -> str:
+    """One row per (layer, front trial): format, native/emulated, the kernel the backend ran, and why."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["layer", "trial", "baseline", "format", "execution", "kernel", "detail"])
     for name in layers:
-        zr, tr, hr = [], [], []
         for t in trials:
-            fmt, exe, detail, kernel = cells[t.number].get(name, ("", "", "", ""))
-            zr.append(FORMAT_ORDER.index(fmt) if fmt in FORMAT_ORDER else None)
-            tr.append(fmt + ("*" if exe == "emulated" else ""))
-            acc = t.metric("accuracy")
-            e = t.metric("joules_per_inference")
-            hr.append(f"layer {name}<br>trial {t.number}: {fmt} ({exe or '?'})"
-                      + (f"<br>runs as {kernel}" if kernel else "") + (f"<br>{detail}" if detail else "")
-                      + (f"<br>accuracy {acc:.4f}" if acc is not None else "")
-                      + (f"<br>{e * 1e3:.4g} mJ/inference ({t.energy_source})" if e is not None else ""))
-        z.append(zr)
-        text.append(tr)
-        hover.append(hr)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=xs, y=layers, text=text, texttemplate="%{text}", hovertext=hover, hoverinfo="text",
-        colorscale=scale, zmin=-0.5, zmax=n - 0.5, xgap=1, ygap=1,
-        colorbar=dict(tickvals=list(range(n)), ticktext=FORMAT_ORDER, title="format"),
-    ))
-    fig.update_layout(title=title + "<br><sup>* = stored in this format but emulated on the measuring backend</sup>",
-                      yaxis=dict(autorange="reversed", title="layer"), xaxis=dict(title="trials on the Pareto front"),
-                      height=min(250 + 22 * len(layers), 4000), template="plotly_white")
-    # Self-contained (plotly.js inlined): tracking servers are often offline, and the MLflow UI shows it as is.
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+            fmt, exe, detail, kernel = (tuple(cells[t.number].get(name, ())) + ("", "", "", ""))[:4]
+            w.writerow([name, t.number, t.baseline or "", fmt, exe, kernel or "", detail or ""])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- importance
@@ -403,10 +382,10 @@ def write_review(client, parent_run_id: str, *, study=None, metric_name: str = "
         # 2. precision map of the front
         layers, trials, cells = precision_map(record, results, higher_is_better)
         if trials and layers:
-            plot_precision_map_png(layers, trials, cells, out / "precision_map.png", f"Per-layer precision: {title}")
-            plot_precision_map_html(layers, trials, cells, record, out / "precision_map.html",
-                                    f"Per-layer precision of the Pareto front: {title}")
-            review.artifacts += [ARTIFACT_PRECISION_MAP_PNG, ARTIFACT_PRECISION_MAP_HTML]
+            plot_precision_map_png(layers, trials, cells, [out / "precision_map.png", out / "precision_map.svg"],
+                                   f"Per-layer precision: {title}")
+            (out / "precision_map.csv").write_text(precision_map_csv(layers, trials, cells))
+            review.artifacts += [ARTIFACT_PRECISION_MAP_PNG, ARTIFACT_PRECISION_MAP_SVG, ARTIFACT_PRECISION_MAP_CSV]
             review.precision_map = {t.number: {k: v[:2] for k, v in cells[t.number].items()} for t in trials}
         else:
             review.notes.append("precision map skipped: no front trial has a result.json with layers")

@@ -67,6 +67,6 @@ ARTIFACT_LAYERS = "layers.csv"  # per layer: format, execution, the kernel ORT r
 ARTIFACT_ENGINE = "engine"  # TensorRT engine folder, where built
 ARTIFACT_FRONT_TABLE = "pareto/front.csv"
 ARTIFACT_FRONT_PLOT_PNG = "pareto/front.png"
-ARTIFACT_FRONT_PLOT_HTML = "pareto/front.html"
+ARTIFACT_FRONT_PLOT_SVG = "pareto/front.svg"  # renders in the artifact viewer; no multi-MB HTML
 ARTIFACT_CONFIG = "config.yaml"  # on the parent run
 ARTIFACT_FAIL_REASON = "fail_reason.txt"  # on failed child runs

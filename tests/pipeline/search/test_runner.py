@@ -112,7 +112,7 @@ def test_twelve_trial_search_front_and_mlflow_record(ray_local, mlflow_uri, make
     assert parent.data.tags["precision_search.energy_objective"] == study.user_attrs["energy_objective"]
     assert parent.data.params["sampler"] == "tpe" and parent.data.params["objectives"] == "accuracy,energy,size"
     pareto = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
-    assert {S.ARTIFACT_FRONT_TABLE, S.ARTIFACT_FRONT_PLOT_PNG, S.ARTIFACT_FRONT_PLOT_HTML} <= pareto
+    assert {S.ARTIFACT_FRONT_TABLE, S.ARTIFACT_FRONT_PLOT_PNG, S.ARTIFACT_FRONT_PLOT_SVG} <= pareto
     front_numbers = {r.number for r in front}
     by_number = {int(r.data.tags[S.TAG_TRIAL_NUMBER]): r for r in children}
     assert set(by_number) == {t.number for t in trials}

@@ -37,24 +37,27 @@ def test_review_artifacts_are_logged_on_the_parent_run(searched, review, tmp_pat
         ARTIFACT_ENERGY_TABLE_MD,
         ARTIFACT_IMPORTANCE_CSV,
         ARTIFACT_IMPORTANCE_PNG,
-        ARTIFACT_PRECISION_MAP_HTML,
+        ARTIFACT_PRECISION_MAP_CSV,
         ARTIFACT_PRECISION_MAP_PNG,
+        ARTIFACT_PRECISION_MAP_SVG,
         REVIEW_DIR,
     )
 
     client = searched.client()
     logged = {f.path for f in client.list_artifacts(searched.parent_run_id, REVIEW_DIR)}
     expected = {ARTIFACT_ENERGY_TABLE_CSV, ARTIFACT_ENERGY_TABLE_MD, ARTIFACT_PRECISION_MAP_PNG,
-                ARTIFACT_PRECISION_MAP_HTML, ARTIFACT_IMPORTANCE_CSV, ARTIFACT_IMPORTANCE_PNG}
+                ARTIFACT_PRECISION_MAP_SVG, ARTIFACT_PRECISION_MAP_CSV, ARTIFACT_IMPORTANCE_CSV, ARTIFACT_IMPORTANCE_PNG}
     assert expected <= logged and set(review.artifacts) == expected, review.notes
     import matplotlib.image
 
     for png in (ARTIFACT_PRECISION_MAP_PNG, ARTIFACT_IMPORTANCE_PNG):
         img = matplotlib.image.imread(client.download_artifacts(searched.parent_run_id, png, str(tmp_path)))
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-    html = _text(client, searched.parent_run_id, ARTIFACT_PRECISION_MAP_HTML, tmp_path)
-    assert "plotly" in html.lower() and '"fc1"' in html  # self-contained, names the layers
-    assert "runs as " in html  # hovers name the kernel ORT ran (observed on ORT CPU)
+    svg = _text(client, searched.parent_run_id, ARTIFACT_PRECISION_MAP_SVG, tmp_path)
+    assert svg.lstrip().startswith(("<?xml", "<svg")) and "fc1" in svg and len(svg) < 1_000_000  # small, names layers
+    rows = list(csv.DictReader(io.StringIO(_text(client, searched.parent_run_id, ARTIFACT_PRECISION_MAP_CSV,
+                                                 tmp_path))))
+    assert {r["layer"] for r in rows} >= {"fc1"} and any(r["kernel"] for r in rows)  # the kernel ORT ran
     # The parent run's description in the UI is the precision energy table.
     note = client.get_run(searched.parent_run_id).data.tags["mlflow.note.content"]
     assert "Precision energy table" in note
