@@ -78,7 +78,7 @@ class Duplicates:
         trial.set_user_attr(T_PLAN_SUMMARY, summary)
         self.study.tell(trial, list(original.values))
         self.duplicates.setdefault(original.number, []).append(trial.number)
-        run_id = original.user_attrs.get(T_RUN_ID) or self.run_ids.get(original.number)
+        run_id = self.run_ids.get(original.number) or original.user_attrs.get(T_RUN_ID)
         if run_id:
             self._track(self.tracker.mark_duplicates, run_id, self.duplicates[original.number])
         self.progress.trial_finished(trial.number, "COMPLETE",

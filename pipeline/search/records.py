@@ -145,6 +145,7 @@ def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
+    repaired = study.user_attrs.get(A.A_RUN_IDS) or {}  # runs re-logged into the current MLflow store
     front_numbers = {t.number for t in study.best_trials}
     records = []
     for t in trials:
@@ -169,8 +170,9 @@ def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
             metrics=metrics, feasible=feasible,
             # a duplicate repeats its original's point: the front lists the measured trial once
             on_front=t.number in front_numbers and duplicate_of is None,
-            run_id=ua.get(A.T_RUN_ID), plan_summary=ua.get(A.T_PLAN_SUMMARY, ""),
-            fail_reason=ua.get(A.T_FAIL_REASON, ""), orphaned=bool(ua.get(A.T_ORPHANED)),
+            run_id=repaired.get(str(t.number)) or ua.get(A.T_RUN_ID), plan_summary=ua.get(A.T_PLAN_SUMMARY, ""),
+            fail_reason=ua.get(A.T_FAIL_REASON, ""),
+            orphaned=bool(ua.get(A.T_ORPHANED) or ua.get(A.T_SYSTEM_RETRIED)),  # both retried, neither counted
             retry_of=ua.get(A.T_RETRY_OF), duplicate_of=duplicate_of, energy_source=energy_source,
             params=dict(t.params),
         ))

@@ -55,14 +55,28 @@ from pipeline.search.records import TrialRecord, build_records, front_summary, h
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
     A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
-    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, Resume, StudyLock,
-    config_hash, default_storage, make_sampler, measured_count, set_metric_names, study_counts, validate_study_name,
+    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRIES, T_RETRY_OF, T_RUN_ID, T_SECONDS,
+    T_SYSTEM_RETRIED, Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage,
+    init_lock_path, make_sampler, measured_count, set_metric_names, store_init_lock, study_counts,
+    validate_study_name,
 )
+from pipeline.search.spool import Spool
 from pipeline.search.worker import TrialTask
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_DUPLICATES = 25  # proposals in a row that were all measured already: the sampler has converged
+# A trial whose worker died (killed, OOM, node lost) after Ray's own task retries is enqueued again this
+# many times (a uniform baseline more: the hypervolume box and the review need every baseline).
+SYSTEM_RETRIES = 1
+BASELINE_SYSTEM_RETRIES = 3
+_SYSTEM_FAILURES = ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "LocalRayletDiedError",
+                    "RaySystemError", "ActorDiedError", "ObjectLostError", "OwnerDiedError")
+
+
+def is_system_failure(reason: str) -> bool:
+    """A trial that failed because its worker or node went away, not because of its plan."""
+    return reason.startswith("the Ray task failed") and any(k in reason for k in _SYSTEM_FAILURES)
 
 
 @dataclass
@@ -129,7 +143,7 @@ class StudyRunner(Resume, Duplicates):
         self.recorder_factory = recorder or NullRecorder
         self.finishers = tuple(finishers)
         self.study_name = validate_study_name(opts.study or config.name)
-        self.work = config.work_path.resolve()
+        self.work = check_workdir(config.work_path.resolve())
         self.study_dir = self.work / "studies" / self.study_name
         self.target = opts.trials or config.search.trials
         self.max_drop = config.search.max_accuracy_drop
@@ -141,6 +155,9 @@ class StudyRunner(Resume, Duplicates):
         self.duplicates: dict[int, list[int]] = {}  # measured trial -> later proposals of the same plan
         self.consecutive_duplicates = 0
         self.stopped_early = ""
+        self.spool = Spool(self.study_dir)
+        # Before Ray starts: a storage that is not an Optuna database, or has no driver here, ends now.
+        self.storage = check_optuna_storage(opts.storage or default_storage(config))
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -157,13 +174,14 @@ class StudyRunner(Resume, Duplicates):
         self.layer_names = self.reference.layer_table.names
         self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend))
         self.hash = config_hash(cfg)
-        self.storage = self.opts.storage or default_storage(cfg)
         names = list(cfg.search.objectives)
         self.infos = objective_infos(names, cfg.metric.name, bool(cfg.metric.higher_is_better), None)
-        self.study = optuna.create_study(
-            study_name=self.study_name, storage=self.storage, sampler=make_sampler(cfg),
-            directions=[o.direction for o in self.infos], load_if_exists=True,
-        )
+        # Optuna creates its tables on first use; drivers started together on a fresh workdir take turns.
+        with store_init_lock(init_lock_path(self.storage, self.work)):
+            self.study = optuna.create_study(
+                study_name=self.study_name, storage=self.storage, sampler=make_sampler(cfg),
+                directions=[o.direction for o in self.infos], load_if_exists=True,
+            )
         held = len(self.study.get_trials(deepcopy=False))
         if held:
             self.study.sampler = make_sampler(cfg, offset=held)
@@ -181,6 +199,8 @@ class StudyRunner(Resume, Duplicates):
             set_metric_names(self.study, names)
         self._refresh_infos()
         self.tracker = self.recorder_factory(self.study_name, self.hash)
+        if held == 0:
+            self._refuse_lost_study()
         self.study.set_user_attr(A_PARENT_RUN, self.tracker.parent_run_id)
         self.study.set_user_attr(A_TRACKING_URI, self.tracker.uri)
         s = cfg.search
@@ -197,6 +217,21 @@ class StudyRunner(Resume, Duplicates):
             },
             config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
         )
+        box = attrs.get(A_HV_BOX)
+        if box:  # a re-created MLflow record gets the study's fixed box again
+            self._track(self.tracker.log_study, {"hypervolume_reference": box["reference"],
+                                                 "hypervolume_ideal": box["ideal"]})
+
+    def _refuse_lost_study(self) -> None:
+        """An Optuna study with no trials whose MLflow record already holds trial runs: the Optuna database
+        was lost or replaced. Going on would log new trials under the old numbers; refuse, naming both."""
+        runs = self._track(self.tracker.trial_run_states) or {}
+        if runs:
+            raise ConfigError(
+                f"--storage: study {self.study_name!r} in {self.storage} holds no trials, but its MLflow record "
+                f"({self.tracker.uri}, parent run {self.tracker.parent_run_id}) holds {len(runs)} trial run(s): the "
+                f"Optuna database was deleted, emptied or replaced. Point --storage at the original database, or "
+                f"start a new study with --study NEW_NAME")
 
     def _refresh_infos(self) -> None:
         attrs = self.study.user_attrs
@@ -258,14 +293,50 @@ class StudyRunner(Resume, Duplicates):
             self._track(self.tracker.log_energy, **fields)
 
     def _track(self, fn, *args, **kwargs):
-        """Recorder writes never stop the study; failures are reported and reconciled on the next run."""
+        """Recorder writes never stop the study; failures are reported and reconciled on the next run.
+
+        An unreachable tracking server opens the spool's circuit (:mod:`pipeline.search.spool`): calls
+        are spooled, not attempted, until :meth:`_probe_tracking` finds it back and backfills.
+        """
+        from pipeline.tracking.record import is_unreachable
+
+        name = getattr(fn, "__name__", "call")
+        if self.spool.down:
+            self.spool.add(name)
+            return None
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            msg = f"MLflow {getattr(fn, '__name__', 'call')} failed: {type(exc).__name__}: {exc}"
+            if is_unreachable(exc):
+                self.spool.open_circuit()
+                self.spool.add(name, str(exc))
+                if hasattr(self, "progress"):
+                    self.progress.message(
+                        f"MLflow {getattr(self.tracker, 'uri', '')} is unreachable: trials go on; tracking is "
+                        f"spooled to {self.spool.path} and backfilled when it answers again")
+                return None
+            msg = f"MLflow {name} failed: {type(exc).__name__}: {exc}"
             log.warning(msg)
             self.tracking_errors.append(msg)
             return None
+
+    def _probe_tracking(self) -> None:
+        """While MLflow is down: every few seconds, see whether it is back; if so, backfill from Optuna."""
+        if not self.spool.probe_due():
+            return
+        try:
+            self.tracker.ping()
+        except Exception:  # noqa: BLE001 - still down
+            return
+        self.spool.down = False
+        pending = self.spool.pending()
+        if self._reconcile_all():
+            self._track(self.tracker.log_resources, self.parallel, self._res.cpus, self._res.gpus, self._res.where,
+                        self.pinned_meter)
+            self._refresh_front(force_plots=True)
+            if not self.spool.down:
+                self.spool.clear()
+                self.progress.message(f"MLflow is back: {pending} spooled event(s) backfilled from the Optuna study")
 
     # -- the loop ------------------------------------------------------------------------------
     def _finished(self) -> int:
@@ -372,16 +443,37 @@ class StudyRunner(Resume, Duplicates):
         else:
             fl.trial.set_user_attr(T_FAIL_REASON, outcome.reason)
             fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
+            retried = self._retry_system_failure(fl, outcome.reason)
+            if retried:
+                outcome.reason += f"\n({retried})"
             self.study.tell(fl.trial, state=TrialState.FAIL)
             if fl.run_id:
                 self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds)
             self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip(),
                                          counts=study_counts(self.study))
 
+    def _retry_system_failure(self, fl: _InFlight, reason: str) -> str:
+        """A worker that died (after Ray's own task retries) fails its trial, not its plan: enqueue the
+        plan again, a bounded number of times (more for a uniform baseline, which the study needs)."""
+        if not is_system_failure(reason):
+            return ""
+        ua = fl.trial.user_attrs
+        done = int(ua.get(T_RETRIES, 0))
+        label = ua.get(T_BASELINE)
+        limit = BASELINE_SYSTEM_RETRIES if label else SYSTEM_RETRIES
+        if done >= limit or not fl.trial.params:
+            return f"its worker died {done + 1} time(s); not retried again"
+        attrs = {T_RETRY_OF: fl.trial.number, T_RETRIES: done + 1}
+        if label:
+            attrs[T_BASELINE] = label
+        fl.trial.set_user_attr(T_SYSTEM_RETRIED, True)
+        self.study.enqueue_trial(dict(fl.trial.params), user_attrs=attrs)
+        return f"its worker died; the plan is retried as a new trial ({done + 1} of {limit})"
+
     def _refresh_front(self, force_plots: bool = False) -> dict[str, float]:
         records = build_records(self.study, self.infos)
         for r in records:
-            r.run_id = r.run_id or self.run_ids.get(r.number)
+            r.run_id = self.run_ids.get(r.number) or r.run_id  # the run in the current store
         attrs = self.study.user_attrs
         box = attrs.get(A_HV_BOX)
         if box is None:
@@ -426,7 +518,7 @@ class StudyRunner(Resume, Duplicates):
             status = "FAILED"
             started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose)
             try:
-                res = ray_exec.cluster_resources(self.config, self.opts.parallel)
+                res = self._res = ray_exec.cluster_resources(self.config, self.opts.parallel)
                 self.parallel = max(1, self.opts.parallel or res.capacity)
                 self.driver_node = ray_exec.driver_node()
                 # Workers import the runtimes and load the datasets while this process exports the
@@ -469,14 +561,24 @@ class StudyRunner(Resume, Duplicates):
                             finished = self._finished()
                         if not self.in_flight:
                             break
+                        if self.spool.down:
+                            self._probe_tracking()
                         ready = dispatcher.wait(list(self.in_flight), timeout=0.5)
                         for ref in ready:
                             self._handle(ref, dispatcher)
                         if ready:
                             summary = self._refresh_front()
                         self.progress.update(self._state(summary, res))
+                    if self.spool.down:  # one last look before the end: backfill now if it is back
+                        self.spool._last_probe = 0.0
+                        self._probe_tracking()
                     summary = self._refresh_front(force_plots=True)
                     self.progress.update(self._state(summary, res))
+                    if self.spool.down:
+                        self.tracking_errors.append(
+                            f"MLflow {self.tracker.uri} was still unreachable at the end: {self.spool.pending()} "
+                            f"event(s) are spooled in {self.spool.path}; run the same command again once it "
+                            "answers, and the study's MLflow record is backfilled from Optuna")
                     for finish in self.finishers:
                         self._track(finish, self.tracker, self.study)
                     if A_REMEASURED in self.study.user_attrs:  # the final front, on the re-measured numbers

@@ -9,12 +9,15 @@ Optuna stored). Finished trials are never re-run.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
+import sqlite3
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,9 @@ T_RETRY_OF = "retry_of"
 T_PLAN_SUMMARY = "plan_summary"
 T_SECONDS = "seconds"
 T_PLAN_KEY = "plan_key"  # hash of the canonical plan (see pipeline.search.plans.plan_key)
+A_RUN_IDS = "mlflow_run_ids"  # {trial number: run id} where the current MLflow store differs from T_RUN_ID
+T_SYSTEM_RETRIED = "system_retried"  # FAIL because its worker died (killed, OOM); its plan was enqueued again
+T_RETRIES = "system_retries"  # on a re-enqueued trial: how many times its plan's worker died before
 T_DUPLICATE_OF = "duplicate_of"  # a proposal equal to this COMPLETE trial's plan: not measured again
 CONSTRAINT = "accuracy_drop"  # constraint name in Optuna: drop - max_accuracy_drop <= 0
 
@@ -62,6 +68,100 @@ def default_storage(config: SearchConfig) -> str:
     path = config.work_path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'optuna.db'}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):].split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def check_workdir(path: Path, field: str = "workdir") -> Path:
+    """The work folder must be a folder (or creatable): a file there fails with its name and the fix."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{field}: {p} is a file, not a folder; point {field} at a folder "
+                                  f"(e.g. --set workdir=work) or move the file away")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"{field}: {p} is not writable; choose a folder you can write to")
+            break
+    return path
+
+
+_OUT = ("move it aside to start over (mv {f} {f}.broken; the MLflow record of the old study stays, so give "
+        "the new one another --study name), restore it from a backup, or point --storage at the right database")
+
+
+def check_optuna_storage(url: str, field: str = "--storage") -> str:
+    """The storage URL, with its driver checked and an existing SQLite file checked to be an Optuna database.
+
+    A 0-byte, truncated or foreign file would otherwise silently become a new, empty study (whose trials
+    then land under the old study's MLflow parent run) or fail deep inside Optuna's migrations.
+    """
+    from pipeline.urls import normalize_db_url
+
+    url = normalize_db_url(url, field)
+    path = sqlite_path(url)
+    if path is None:
+        return url
+    if path.is_dir():
+        raise ConfigError(f"{field}: {path} is a folder, not a SQLite database file; name a file, "
+                          f"e.g. sqlite:///{path / 'optuna.db'}")
+    check_workdir(path.parent, field)
+    if not path.exists():
+        return url
+    way_out = _OUT.format(f=path)
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{field}: the Optuna database {path} is empty (0 bytes): its study is gone, and "
+                          f"using it would start a new study under the old one's name. To continue, {way_out}")
+    with open(path, "rb") as fh:
+        header = fh.read(16)
+    if header != b"SQLite format 3\x00":
+        raise ConfigError(f"{field}: {path} is not a SQLite database (corrupt or another kind of file). {way_out}")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{field}: the Optuna database {path} cannot be read ({exc}). {way_out}") from None
+    if ok != "ok":
+        raise ConfigError(f"{field}: the Optuna database {path} is corrupt (sqlite quick_check: {ok}). {way_out}")
+    if tables and "studies" not in tables:
+        what = " (it looks like an MLflow store)" if "experiments" in tables else ""
+        raise ConfigError(f"{field}: {path} is a SQLite database but not an Optuna one{what}; point --storage at "
+                          f"the study's optuna.db, or at a new file")
+    return url
+
+
+def init_lock_path(url: str, workdir: Path) -> Path:
+    """The lock a store is first created under: next to a SQLite file, else in the work folder."""
+    path = sqlite_path(url)
+    if path is not None:
+        return path.with_name(path.name + ".init.lock")
+    return workdir / ".store-init.lock"
+
+
+@contextlib.contextmanager
+def store_init_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock while a store is opened (and, on first use, created and migrated).
+
+    Several drivers started at once on a fresh workdir would otherwise race in
+    MLflow's alembic migrations and Optuna's table creation on the same SQLite
+    file; under the lock the first creates it and the others find it ready.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def config_hash(config: SearchConfig) -> str:
@@ -127,6 +227,7 @@ class StudyCounts:
     duplicates: int = 0  # proposals of a measured plan, told its values
     running: int = 0  # RUNNING (in flight, or orphaned until the next run sweeps them)
     waiting: int = 0  # WAITING: enqueued (baselines, retries) and not asked for yet
+    retried: int = 0  # FAIL because the worker died (killed, OOM); their plans were enqueued again
 
     @property
     def measured(self) -> int:
@@ -137,7 +238,7 @@ class StudyCounts:
 def study_counts(study) -> StudyCounts:
     from optuna.trial import TrialState
 
-    complete = failed = orphaned = duplicates = running = waiting = 0
+    complete = failed = orphaned = duplicates = running = waiting = retried = 0
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
         if t.state == TrialState.COMPLETE:
@@ -148,13 +249,15 @@ def study_counts(study) -> StudyCounts:
         elif t.state == TrialState.FAIL:
             if ua.get(T_ORPHANED):
                 orphaned += 1
+            elif ua.get(T_SYSTEM_RETRIED):
+                retried += 1
             elif ua.get(T_DUPLICATE_OF) is None:
                 failed += 1
         elif t.state == TrialState.RUNNING:
             running += 1
         elif t.state == TrialState.WAITING:
             waiting += 1
-    return StudyCounts(complete, failed, orphaned, duplicates, running, waiting)
+    return StudyCounts(complete, failed, orphaned, duplicates, running, waiting, retried)
 
 
 def measured_count(study) -> int:
@@ -194,23 +297,53 @@ class StudyLock:
 
 class Resume:
     """Orphans and reconciliation, mixed into :class:`pipeline.search.runner.StudyRunner` (uses its study,
-    space, tracker and run ids)."""
+    space, tracker and run ids).
+
+    Optuna's storage is the one truth for trials. MLflow is a mirror: on every start
+    (and when a lost tracking server comes back) each finished trial is matched to
+    its run *in the current store* - the run id Optuna recorded if that store holds
+    it, else a run found by the study and trial-number tags - and only a trial with
+    no run there is logged again, from what Optuna stored. So a deleted
+    ``mlflow.db``, a changed ``MLFLOW_TRACKING_URI`` or a spell without a server is
+    repaired once, and never duplicated.
+    """
 
     def _recover(self) -> None:
-        """Orphaned RUNNING trials -> FAIL + retry; finished trials whose MLflow run is not closed -> log again."""
+        """Orphaned RUNNING trials -> FAIL + retry; then reconcile MLflow with Optuna."""
         from optuna.trial import TrialState
 
-        runs_by_number = self._track(self.tracker.trial_runs) or {}
-        for number, ids in runs_by_number.items():
-            self.run_ids[number] = ids[0]
         for t in self.study.get_trials(deepcopy=False):
             if t.state == TrialState.RUNNING:
                 reason = ("orphaned: the search driver stopped while this trial ran (killed or interrupted); "
                           "its candidate is retried as a new trial")
-                self._orphan(t._trial_id, t.number, dict(t.params), dict(t.user_attrs), reason,
-                             runs_by_number.get(t.number, []))
-            elif t.state in (TrialState.COMPLETE, TrialState.FAIL):
-                self._reconcile(t, runs_by_number.get(t.number, []))
+                self._orphan(t._trial_id, t.number, dict(t.params), dict(t.user_attrs), reason, [])
+        if self._reconcile_all() and getattr(self, "spool", None) is not None:
+            self.spool.clear()  # whatever an earlier session spooled is in MLflow now
+
+    def _reconcile_all(self) -> bool:
+        """Match every finished trial to a run in the current MLflow store, logging the missing ones once.
+
+        Returns False when MLflow could not be read (nothing was written: the spool keeps the debt).
+        """
+        runs = self._track(self.tracker.trial_run_states)
+        if runs is None:
+            return False
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state.is_finished():
+                self._reconcile(t, runs.get(t.number, []))
+        for original, numbers in self.duplicates.items():
+            if original in self.run_ids:
+                self._track(self.tracker.mark_duplicates, self.run_ids[original], numbers)
+        self._save_run_ids()
+        return not getattr(self, "spool", None) or not self.spool.down
+
+    def _save_run_ids(self) -> None:
+        """Record where each trial's run is in the current store, where that differs from its own attribute
+        (a finished Optuna trial takes no new attributes), so ``front``, the plots and ``promote`` follow it."""
+        own = {t.number: t.user_attrs.get(T_RUN_ID) for t in self.study.get_trials(deepcopy=False)}
+        repaired = {str(n): rid for n, rid in sorted(self.run_ids.items()) if rid and own.get(n) != rid}
+        if repaired != (self.study.user_attrs.get(A_RUN_IDS) or {}):
+            self.study.set_user_attr(A_RUN_IDS, repaired)
 
     def _orphan(self, trial_id: int, number: int, params: dict, user_attrs: dict, reason: str,
                 run_ids: list[str]) -> None:
@@ -230,34 +363,36 @@ class Resume:
         if params:  # a trial stopped before it had parameters measured nothing: nothing to retry
             self.study.enqueue_trial(params, user_attrs=attrs)
         self.orphans += 1
-        ids = set(run_ids) | ({user_attrs[T_RUN_ID]} if user_attrs.get(T_RUN_ID) else set())
-        for run_id in ids:
+        for run_id in run_ids:  # runs this session started; runs of earlier sessions are reconciled after
             self.run_ids.setdefault(number, run_id)
             st = self._track(self.tracker.run_status, run_id)
             if st is not None and (st[0] != "FAILED" or st[1] != "FAIL"):
                 self._track(self.tracker.fail_trial, run_id, reason)
 
-    def _reconcile(self, t, run_ids: list[str]) -> None:
+    def _reconcile(self, t, runs: list[tuple[str, str, str]]) -> None:
+        """One finished trial: find its run in the current store (never a second one), close or create it.
+
+        ``runs`` are the store's child runs with this trial number, (run id, status, state tag),
+        closed ones first.
+        """
         from pipeline.results import TrialResult
 
         if t.user_attrs.get(T_DUPLICATE_OF) is not None:  # never had a run of its own (see _tell_duplicate)
-            self.duplicates.setdefault(t.user_attrs[T_DUPLICATE_OF], []).append(t.number)
+            if t.number not in self.duplicates.get(t.user_attrs[T_DUPLICATE_OF], []):
+                self.duplicates.setdefault(t.user_attrs[T_DUPLICATE_OF], []).append(t.number)
             return
-        run_id = t.user_attrs.get(T_RUN_ID)
-        if run_id is None and run_ids:
-            run_id = run_ids[0]
-        st = self._track(self.tracker.run_status, run_id) if run_id else None
-        if st is not None and st[0] in ("FINISHED", "FAILED") and st[1] in ("COMPLETE", "FAIL"):
-            return
-        if t.user_attrs.get(T_ORPHANED):
-            if run_id and st is not None:
-                self._track(self.tracker.fail_trial, run_id, t.user_attrs.get(T_FAIL_REASON, "orphaned"))
-            return
-        if st is None:  # killed before the run was created: create it now
+        recorded = t.user_attrs.get(T_RUN_ID)
+        match = next((r for r in runs if r[0] == recorded), None) or (runs[0] if runs else None)
+        if match is not None:
+            run_id, status, state = match
+            self.run_ids[t.number] = run_id
+            if status in ("FINISHED", "FAILED") and state in ("COMPLETE", "FAIL"):
+                return
+        else:  # not in this store (never created, or the store was lost or changed): log it once, now
             run_id = self._start_run(t.number, t.params, t.user_attrs.get(T_BASELINE), t.user_attrs.get(T_RETRY_OF))
             if run_id is None:
                 return
-        self.run_ids[t.number] = run_id  # finished Optuna trials take no new attrs; keep the id here
+            self.run_ids[t.number] = run_id
         if t.state.name == "COMPLETE" and t.user_attrs.get(T_RESULT):
             result = TrialResult.model_validate(t.user_attrs[T_RESULT])
             values = dict(zip([o.name for o in self.infos], t.values))

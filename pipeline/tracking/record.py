@@ -144,19 +144,49 @@ class StudyTracker:
         import mlflow
         from mlflow import MlflowClient
 
+        from pipeline.config import ConfigError
+        from pipeline.search.storage import check_workdir, init_lock_path, sqlite_path, store_init_lock
+        from pipeline.urls import normalize_db_url
+
         quiet_mlflow()
         self.study = study
         self.workdir = Path(workdir)
         self.config_hash = config_hash
-        self.uri = tracking_uri or default_tracking_uri(workdir)
+        self.uri = normalize_db_url(tracking_uri or default_tracking_uri(workdir), "--tracking-uri")
+        db = sqlite_path(self.uri)
+        if db is not None:
+            if db.is_dir():
+                raise ConfigError(f"--tracking-uri: {db} is a folder, not an MLflow SQLite file; name a file, "
+                                  f"e.g. sqlite:///{db / DEFAULT_DB}")
+            check_workdir(db.parent, "--tracking-uri")
+        if self.uri.startswith(("http://", "https://")):
+            # A server that is down must not stall the study for minutes per call (MLflow's default is 7
+            # retries with exponential backoff): fail fast, spool, and backfill when it is back.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         _SET_BY_US.add(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.experiment_name = experiment
-        self.experiment_id = self._experiment(experiment)
-        # mlflow.onnx.log_model files a LoggedModel under the *active* experiment, even with run_id=...
-        mlflow.set_experiment(experiment_id=self.experiment_id)
-        self.parent_run_id = self._parent()
+        # First use by several drivers at once: MLflow's SQLAlchemy store runs alembic migrations when it
+        # opens a new database, and two drivers creating the same experiment race; one at a time.
+        try:
+            with store_init_lock(init_lock_path(self.uri, self.workdir)):
+                self.experiment_id = self._experiment(experiment)
+                # mlflow.onnx.log_model files a LoggedModel under the *active* experiment, even with run_id=...
+                mlflow.set_experiment(experiment_id=self.experiment_id)
+                self.parent_run_id = self._parent()
+        except Exception as exc:  # noqa: BLE001 - turned into one message naming the URI
+            if is_unreachable(exc):
+                raise ConfigError(f"--tracking-uri: the MLflow server {self.uri} does not answer ({_first_line(exc)});"
+                                  " start it, or unset MLFLOW_TRACKING_URI / --tracking-uri to log to "
+                                  "sqlite:///<workdir>/mlflow.db") from None
+            if "alembic" in str(exc).lower() or "Can't locate revision" in str(exc) or \
+                    type(exc).__name__ in ("DatabaseError", "OperationalError"):
+                raise ConfigError(f"--tracking-uri: {self.uri} cannot be opened as an MLflow store "
+                                  f"({_first_line(exc)}); point it at an MLflow database or server, or move the "
+                                  "file aside to start a new one") from None
+            raise
         self._pareto_state: dict[str, bool] = {}
         self._last_plot = 0.0
 
@@ -331,6 +361,32 @@ class StudyTracker:
             return None
         return run.info.status, run.data.tags.get(S.TAG_STATE, "")
 
+    def ping(self) -> None:
+        """Raise if the tracking store does not answer (a cheap call, used to notice a server is back)."""
+        if self.uri.startswith(("http://", "https://")):
+            import urllib.request
+
+            with urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=3) as r:
+                r.read()
+        self.client.get_experiment(self.experiment_id)
+
+    def trial_run_states(self) -> dict[int, list[tuple[str, str, str]]]:
+        """trial number -> [(run id, MLflow status, state tag)] of this study's child runs, closed ones first."""
+        out: dict[int, list[tuple[str, str, str]]] = {}
+        runs = _search_all_runs(
+            self.client, [self.experiment_id],
+            f"tags.`{S.TAG_STUDY}` = '{_quote(self.study)}' and tags.`{S.TAG_ROLE}` = '{S.ROLE_TRIAL}'",
+            order_by=["attributes.start_time ASC"])
+        for r in runs:
+            try:
+                number = int(r.data.tags[S.TAG_TRIAL_NUMBER])
+            except (KeyError, ValueError):
+                continue
+            out.setdefault(number, []).append((r.info.run_id, r.info.status, r.data.tags.get(S.TAG_STATE, "")))
+        for v in out.values():
+            v.sort(key=lambda x: not (x[1] in ("FINISHED", "FAILED") and x[2] in ("COMPLETE", "FAIL")))
+        return out
+
     def trial_runs(self) -> dict[int, list[str]]:
         """trial number -> child run ids of this study (normally one)."""
         out: dict[int, list[str]] = {}
@@ -378,6 +434,30 @@ class StudyTracker:
             where = f"tracking server {self.uri}"
         return (f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}), "
                 f"parent run {self.parent_run_id} ({self.study}); {where}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+_UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
+                "Connection aborted", "Read timed out", "RemoteDisconnected", "Name or service not known",
+                "Temporary failure in name resolution", "503 Server Error", "502 Server Error")
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` says the tracking server could not be reached (not that it refused the request)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in (
+                "ConnectionError", "MaxRetryError", "NewConnectionError", "ConnectTimeout", "ReadTimeout"):
+            return True
+        if any(m in str(exc) for m in _UNREACHABLE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _runtime_requirements() -> list[str]:
