@@ -165,12 +165,13 @@ class StudyRunner(Resume, Duplicates):
         import yaml
 
         from pipeline.backends import quant_target_for
-        from pipeline.models import get_adapter
+        from pipeline.search.preflight import check_inputs, export_reference
         from search_spaces.space import SearchSpace
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         cfg = self.config
-        self.reference = get_adapter(cfg).export_reference(self.work)  # cached; workers reuse the file
+        self.reference = export_reference(cfg, self.work)  # cached; workers reuse the file
+        check_inputs(cfg, self.reference, self.opts.parallel or 1)  # data and batch memory, before Ray
         self.layer_names = self.reference.layer_table.names
         self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend))
         self.hash = config_hash(cfg)
@@ -516,17 +517,19 @@ class StudyRunner(Resume, Duplicates):
             self._pstate = None
             self.in_flight: dict[Any, _InFlight] = {}
             status = "FAILED"
-            started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose)
+            started = False
             try:
+                # Model, data, batch memory, Optuna and MLflow first: a bad input ends here, before Ray.
+                self._setup()
+                started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose)
                 res = self._res = ray_exec.cluster_resources(self.config, self.opts.parallel)
                 self.parallel = max(1, self.opts.parallel or res.capacity)
                 self.driver_node = ray_exec.driver_node()
-                # Workers import the runtimes and load the datasets while this process exports the
-                # reference and opens Optuna and MLflow (cold workers take seconds). Their results are
-                # not needed: a problem there shows up again, with its reason, in the first trials.
+                # Workers import the runtimes and load the datasets while this process reconciles the
+                # study and asks for the first trials. Their results are not needed: a problem there
+                # shows up again, with its reason, in the first trials.
                 _warm = ray_exec.warm(self.parallel, res, self._task_config(res),
                                       str(self.config.base_dir.resolve()), os.getcwd())
-                self._setup()
                 self._recover()
                 self._enqueue_baselines()
                 dispatcher = ray_exec.Dispatcher(res)

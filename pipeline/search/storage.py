@@ -104,6 +104,7 @@ def check_optuna_storage(url: str, field: str = "--storage") -> str:
     from pipeline.urls import normalize_db_url
 
     url = normalize_db_url(url, field)
+    check_db_driver(url, field)
     path = sqlite_path(url)
     if path is None:
         return url
@@ -137,6 +138,31 @@ def check_optuna_storage(url: str, field: str = "--storage") -> str:
         raise ConfigError(f"{field}: {path} is a SQLite database but not an Optuna one{what}; point --storage at "
                           f"the study's optuna.db, or at a new file")
     return url
+
+
+def check_db_driver(url: str, field: str = "--storage") -> None:
+    """A SQLAlchemy URL that parses, names a known database and whose Python driver is installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from pipeline.urls import mask_url
+
+    shown = mask_url(url)
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except ArgumentError:
+        raise ConfigError(f"{field}: {shown!r} is not a database URL; use e.g. sqlite:///work/optuna.db or "
+                          "postgresql://user@host/db") from None
+    except NoSuchModuleError:
+        raise ConfigError(f"{field}: {shown}: SQLAlchemy knows no database {url.partition(':')[0]!r}; use "
+                          "sqlite:///..., postgresql://... or mysql://...") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise ConfigError(f"{field}: {shown} needs the Python driver {exc.name or parsed.drivername!r}, which is "
+                          f"not installed here; install it (pip install {exc.name or parsed.drivername}) or use a "
+                          "sqlite:/// URL") from None
 
 
 def init_lock_path(url: str, workdir: Path) -> Path:
