@@ -58,6 +58,7 @@ MAX_PARAM = 6000  # MLflow param value limit
 MAX_TAG = 5000
 
 _QUIET = ("mlflow", "alembic", "urllib3")
+_SILENT = ("urllib3.connectionpool",)  # "Retrying ..." while a server is down: the spool says it once
 
 
 def quiet_mlflow() -> None:
@@ -65,6 +66,8 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in _SILENT:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 _SET_BY_US: set[str] = set()  # mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI; that is not the user's
@@ -166,12 +169,12 @@ class StudyTracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         _SET_BY_US.add(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
         self.experiment_name = experiment
         # First use by several drivers at once: MLflow's SQLAlchemy store runs alembic migrations when it
         # opens a new database, and two drivers creating the same experiment race; one at a time.
         try:
             with store_init_lock(init_lock_path(self.uri, self.workdir)):
+                self.client = MlflowClient(self.uri)
                 self.experiment_id = self._experiment(experiment)
                 # mlflow.onnx.log_model files a LoggedModel under the *active* experiment, even with run_id=...
                 mlflow.set_experiment(experiment_id=self.experiment_id)

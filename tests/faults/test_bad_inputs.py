@@ -93,6 +93,9 @@ def test_bad_input_is_one_clear_message(case, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("PRECISION_SEARCH_STORAGE", raising=False)
     monkeypatch.chdir(tmp_path)
+    import logging
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # main() logs to this test's captured stderr
     build, needles = CASES[case]
     extra = build(tmp_path)
     rc = main(search_args(tmp_path / "work", "--parallel", "1", "--quiet") + extra)
