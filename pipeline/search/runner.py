@@ -398,6 +398,7 @@ class StudyRunner(Resume, Duplicates):
 
         fl = self.in_flight.pop(ref)
         outcome = dispatcher.collect(ref, fl.trial.number, fl.t0)
+        fl.run_id = fl.run_id or self._late_run(fl)
         values = None
         if outcome.status == "complete" and outcome.result is not None:
             result = outcome.result
@@ -445,13 +446,31 @@ class StudyRunner(Resume, Duplicates):
             fl.trial.set_user_attr(T_FAIL_REASON, outcome.reason)
             fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
             retried = self._retry_system_failure(fl, outcome.reason)
-            if retried:
-                outcome.reason += f"\n({retried})"
+            if retried:  # first line: what the progress line and the MLflow tag show
+                first, _, rest = outcome.reason.partition("\n")
+                outcome.reason = f"{first} ({retried})" + (f"\n{rest}" if rest else "")
             self.study.tell(fl.trial, state=TrialState.FAIL)
             if fl.run_id:
                 self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds)
             self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip(),
                                          counts=study_counts(self.study))
+
+    def _late_run(self, fl: _InFlight) -> str | None:
+        """The run of a trial dispatched while MLflow was down, found by its tags or created now (before the
+        trial is told, so its own ``mlflow_run_id`` attribute holds it); None while MLflow is still down."""
+        if self.spool.down or isinstance(self.tracker, NullRecorder):
+            return None
+        runs = self._track(self.tracker.trial_run_states)
+        if runs is None:
+            return None
+        n = fl.trial.number
+        found = runs.get(n)
+        run_id = found[0][0] if found else self._start_run(n, dict(fl.trial.params), fl.label,
+                                                             fl.trial.user_attrs.get(T_RETRY_OF))
+        if run_id:
+            fl.trial.set_user_attr(T_RUN_ID, run_id)
+            self.run_ids[n] = run_id
+        return run_id
 
     def _retry_system_failure(self, fl: _InFlight, reason: str) -> str:
         """A worker that died (after Ray's own task retries) fails its trial, not its plan: enqueue the

@@ -1,0 +1,44 @@
+"""The search driver SIGKILLed mid-study (with the local Ray it started), then the same command again: the
+trial it left running is marked failed (orphaned) and retried, finished trials are kept, the counts come from
+the storage, and MLflow holds exactly one run per trial."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+from tests.faults.helpers import cli, optuna_study, search_args, start_cli, stop_group, study_runs
+
+
+def test_driver_sigkill_then_resume(tmp_path):
+    work = tmp_path / "work"
+    args = search_args(work, "--trials", "5", "--parallel", "1", **{"measure.energy.min_seconds": 1})
+    log = tmp_path / "first.log"
+    p = start_cli(args, tmp_path, log)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"\[2/5\] trial", log.read_text()) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert p.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)  # the third trial is in flight
+    finally:
+        stop_group(p)  # SIGKILL to the driver's whole process group
+    done = cli(args, tmp_path, timeout=400)
+    assert done.rc == 0, done.text[-4000:]
+    assert "Traceback" not in done.text
+    s = optuna_study(f"sqlite:///{work / 'digits-mlp' / 'optuna.db'}")
+    from pipeline.search.storage import study_counts
+
+    counts = study_counts(s)
+    assert counts.measured == 5 and counts.running == 0
+    orphans = [t for t in s.get_trials() if t.user_attrs.get("orphaned")]
+    for o in orphans:
+        assert any(t.user_attrs.get("retry_of") == o.number for t in s.get_trials())
+    assert f"{counts.complete} complete, {counts.failed} failed" in " ".join(done.text.split())
+    runs = study_runs(f"sqlite:///{work / 'mlflow.db'}")
+    numbers = Counter(n for n, _ in runs)
+    assert all(c == 1 for c in numbers.values()), numbers
+    assert set(numbers) == {t.number for t in s.get_trials() if t.state.is_finished()
+                            and t.user_attrs.get("duplicate_of") is None}
+    assert all(r.status in ("FINISHED", "FAILED") for _, r in runs)
