@@ -33,6 +33,7 @@ def test_driver_sigkill_then_resume(tmp_path):
     counts = study_counts(s)
     assert counts.measured == 5 and counts.running == 0
     orphans = [t for t in s.get_trials() if t.user_attrs.get("orphaned")]
+    assert orphans, "the kill should have caught a trial in flight"
     for o in orphans:
         assert any(t.user_attrs.get("retry_of") == o.number for t in s.get_trials())
     assert f"{counts.complete} complete, {counts.failed} failed" in " ".join(done.text.split())
