@@ -55,30 +55,18 @@ from pipeline.search.records import TrialRecord, build_records, front_summary, h
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
     A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
-    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRIES, T_RETRY_OF, T_RUN_ID, T_SECONDS,
-    T_SYSTEM_RETRIED, Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage,
+    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS,
+    Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage,
     init_lock_path, make_sampler, measured_count, set_metric_names, store_init_lock, study_counts,
     validate_study_name,
 )
-from pipeline.search.spool import Spool
+from pipeline.search.retries import Retries
+from pipeline.search.spool import Spool, Tracking
 from pipeline.search.worker import TrialTask
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_DUPLICATES = 25  # proposals in a row that were all measured already: the sampler has converged
-# A trial whose worker died (killed, OOM, node lost) after Ray's own task retries is enqueued again this
-# many times (a uniform baseline more: the hypervolume box and the review need every baseline).
-SYSTEM_RETRIES = 1
-BASELINE_SYSTEM_RETRIES = 3
-_SYSTEM_FAILURES = ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "LocalRayletDiedError",
-                    "RaySystemError", "ActorDiedError", "ObjectLostError", "OwnerDiedError")
-
-
-def is_system_failure(reason: str) -> bool:
-    """A trial that failed because its worker or node went away, not because of its plan."""
-    return reason.startswith("the Ray task failed") and any(k in reason for k in _SYSTEM_FAILURES)
-
-
 @dataclass
 class SearchOptions:
     trials: int | None = None  # total finished trials wanted in the study (default: search.trials)
@@ -133,7 +121,7 @@ class _InFlight:
     out_dir: Path
 
 
-class StudyRunner(Resume, Duplicates):
+class StudyRunner(Resume, Duplicates, Retries, Tracking):
     """One invocation of ``search``: sets up the study, the recorder and Ray, then runs the loop."""
 
     def __init__(self, config: SearchConfig, opts: SearchOptions, recorder: RecorderFactory | None = None,
@@ -293,52 +281,6 @@ class StudyRunner(Resume, Duplicates):
         if fields:
             self._track(self.tracker.log_energy, **fields)
 
-    def _track(self, fn, *args, **kwargs):
-        """Recorder writes never stop the study; failures are reported and reconciled on the next run.
-
-        An unreachable tracking server opens the spool's circuit (:mod:`pipeline.search.spool`): calls
-        are spooled, not attempted, until :meth:`_probe_tracking` finds it back and backfills.
-        """
-        from pipeline.tracking.record import is_unreachable
-
-        name = getattr(fn, "__name__", "call")
-        if self.spool.down:
-            self.spool.add(name)
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            if is_unreachable(exc):
-                self.spool.open_circuit()
-                self.spool.add(name, str(exc))
-                if hasattr(self, "progress"):
-                    self.progress.message(
-                        f"MLflow {getattr(self.tracker, 'uri', '')} is unreachable: trials go on; tracking is "
-                        f"spooled to {self.spool.path} and backfilled when it answers again")
-                return None
-            msg = f"MLflow {name} failed: {type(exc).__name__}: {exc}"
-            log.warning(msg)
-            self.tracking_errors.append(msg)
-            return None
-
-    def _probe_tracking(self) -> None:
-        """While MLflow is down: every few seconds, see whether it is back; if so, backfill from Optuna."""
-        if not self.spool.probe_due():
-            return
-        try:
-            self.tracker.ping()
-        except Exception:  # noqa: BLE001 - still down
-            return
-        self.spool.down = False
-        pending = self.spool.pending()
-        if self._reconcile_all():
-            self._track(self.tracker.log_resources, self.parallel, self._res.cpus, self._res.gpus, self._res.where,
-                        self.pinned_meter)
-            self._refresh_front(force_plots=True)
-            if not self.spool.down:
-                self.spool.clear()
-                self.progress.message(f"MLflow is back: {pending} spooled event(s) backfilled from the Optuna study")
-
     # -- the loop ------------------------------------------------------------------------------
     def _finished(self) -> int:
         return measured_count(self.study)
@@ -454,41 +396,6 @@ class StudyRunner(Resume, Duplicates):
                 self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds)
             self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip(),
                                          counts=study_counts(self.study))
-
-    def _late_run(self, fl: _InFlight) -> str | None:
-        """The run of a trial dispatched while MLflow was down, found by its tags or created now (before the
-        trial is told, so its own ``mlflow_run_id`` attribute holds it); None while MLflow is still down."""
-        if self.spool.down or isinstance(self.tracker, NullRecorder):
-            return None
-        runs = self._track(self.tracker.trial_run_states)
-        if runs is None:
-            return None
-        n = fl.trial.number
-        found = runs.get(n)
-        run_id = found[0][0] if found else self._start_run(n, dict(fl.trial.params), fl.label,
-                                                             fl.trial.user_attrs.get(T_RETRY_OF))
-        if run_id:
-            fl.trial.set_user_attr(T_RUN_ID, run_id)
-            self.run_ids[n] = run_id
-        return run_id
-
-    def _retry_system_failure(self, fl: _InFlight, reason: str) -> str:
-        """A worker that died (after Ray's own task retries) fails its trial, not its plan: enqueue the
-        plan again, a bounded number of times (more for a uniform baseline, which the study needs)."""
-        if not is_system_failure(reason):
-            return ""
-        ua = fl.trial.user_attrs
-        done = int(ua.get(T_RETRIES, 0))
-        label = ua.get(T_BASELINE)
-        limit = BASELINE_SYSTEM_RETRIES if label else SYSTEM_RETRIES
-        if done >= limit or not fl.trial.params:
-            return f"its worker died {done + 1} time(s); not retried again"
-        attrs = {T_RETRY_OF: fl.trial.number, T_RETRIES: done + 1}
-        if label:
-            attrs[T_BASELINE] = label
-        fl.trial.set_user_attr(T_SYSTEM_RETRIED, True)
-        self.study.enqueue_trial(dict(fl.trial.params), user_attrs=attrs)
-        return f"its worker died; the plan is retried as a new trial ({done + 1} of {limit})"
 
     def _refresh_front(self, force_plots: bool = False) -> dict[str, float]:
         records = build_records(self.study, self.infos)

@@ -148,6 +148,7 @@ class StudyTracker:
         from mlflow import MlflowClient
 
         from pipeline.config import ConfigError
+        from pipeline.search.spool import is_unreachable
         from pipeline.search.storage import check_workdir, init_lock_path, sqlite_path, store_init_lock
         from pipeline.urls import normalize_db_url
 
@@ -442,25 +443,6 @@ class StudyTracker:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
-_UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
-                "Connection aborted", "Read timed out", "RemoteDisconnected", "Name or service not known",
-                "Temporary failure in name resolution", "503 Server Error", "502 Server Error")
-
-
-def is_unreachable(exc: BaseException) -> bool:
-    """True when ``exc`` says the tracking server could not be reached (not that it refused the request)."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in (
-                "ConnectionError", "MaxRetryError", "NewConnectionError", "ConnectTimeout", "ReadTimeout"):
-            return True
-        if any(m in str(exc) for m in _UNREACHABLE):
-            return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
 
 
 def _runtime_requirements() -> list[str]:

@@ -36,7 +36,7 @@ def test_storage_files_are_checked_before_optuna_opens_them(tmp_path):
 
 
 def test_only_worker_deaths_are_retried():
-    from pipeline.search.runner import is_system_failure
+    from pipeline.search.retries import is_system_failure
 
     assert is_system_failure("the Ray task failed: WorkerCrashedError: The worker died unexpectedly")
     assert is_system_failure("the Ray task failed: OutOfMemoryError: Task was killed due to the node running low")
