@@ -95,7 +95,9 @@ def print_summary(summary, config_path: str = "<config>") -> None:
                 title=f"Pareto front of study {summary.study}: {len(summary.front)} trial(s) "
                       f"({summary.trials_complete} complete, {summary.trials_failed} failed"
                       + (f", {summary.trials_orphaned} orphaned by a stopped driver and retried"
-                         if summary.trials_orphaned else "") + ")",
+                         if summary.trials_orphaned else "")
+                + (f", {summary.trials_retried} lost their worker and were retried" if summary.trials_retried else "")
+                + ")",
                 energy_source=summary.energy_meter_pinned or None)
     hv = "-" if summary.hypervolume is None else f"{summary.hypervolume:.4f}"
     console.print(f"hypervolume {hv} (normalised: the share of the box from the accuracy-drop limit and the worst "

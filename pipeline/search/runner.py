@@ -110,6 +110,8 @@ class SearchSummary(BaseModel):
     energy_meter_pinned: str = ""  # nvml | rapl | estimated once the study pinned measure.energy.meter
     stopped_early: str = ""  # why the search ended before --trials (duplicates only, or the time budget spent)
     trials_orphaned: int = 0  # FAIL in the storage because a driver stopped while they ran (their plans retried)
+    trials_retried: int = 0  # FAIL because their worker died (killed, OOM, node lost); their plans retried
+    mlflow_spooled: int = 0  # tracking events still spooled (MLflow unreachable at the end); 0 when in step
 
 
 @dataclass
@@ -541,6 +543,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         front = [r for r in self.records if r.on_front]
         first = self.infos[0]
         front.sort(key=lambda r: r.values[first.name], reverse=first.direction == "maximize")
+        counts = study_counts(self.study)
         return SearchSummary(
             study=self.study_name, storage=self.storage,
             trials_complete=int(summary["trials_complete"]), trials_failed=int(summary["trials_failed"]),
@@ -551,7 +554,8 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             parallel=self.parallel, cpus_per_trial=res.cpus, gpus_per_trial=res.gpus,
             orphans_recovered=self.orphans, tracking_errors=self.tracking_errors,
             trials_duplicate=int(summary.get("trials_duplicate", 0)), energy_meter_pinned=self.pinned_meter or "",
-            stopped_early=self.stopped_early, trials_orphaned=study_counts(self.study).orphaned,
+            stopped_early=self.stopped_early, trials_orphaned=counts.orphaned, trials_retried=counts.retried,
+            mlflow_spooled=self.spool.pending() if self.spool.down else 0,
         )
 
 
