@@ -67,6 +67,8 @@ from pipeline.search.worker import TrialTask
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_DUPLICATES = 25  # proposals in a row that were all measured already: the sampler has converged
+
+
 @dataclass
 class SearchOptions:
     trials: int | None = None  # total finished trials wanted in the study (default: search.trials)
@@ -216,10 +218,12 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
     def _refuse_lost_study(self) -> None:
         """An Optuna study with no trials whose MLflow record already holds trial runs: the Optuna database
         was lost or replaced. Going on would log new trials under the old numbers; refuse, naming both."""
+        from pipeline.urls import mask_url
+
         runs = self._track(self.tracker.trial_run_states) or {}
         if runs:
             raise ConfigError(
-                f"--storage: study {self.study_name!r} in {self.storage} holds no trials, but its MLflow record "
+                f"--storage: study {self.study_name!r} in {mask_url(self.storage)} holds no trials, but its MLflow record "
                 f"({self.tracker.uri}, parent run {self.tracker.parent_run_id}) holds {len(runs)} trial run(s): the "
                 f"Optuna database was deleted, emptied or replaced. Point --storage at the original database, or "
                 f"start a new study with --study NEW_NAME")

@@ -83,3 +83,37 @@ def test_server_stopped_and_restarted_mid_search_loses_and_duplicates_nothing(tm
     assert set(numbers) == measured
     assert all(r.tags.get("precision_search.state") in ("COMPLETE", "FAIL") for _, r in runs)
     assert not list(work.rglob("mlflow-spool.jsonl"))  # backfilled, so the spool is gone
+
+
+def test_server_still_down_at_the_end_is_backfilled_by_the_next_run(tmp_path):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    work = tmp_path / "work"
+    args = search_args(work, "--trials", "4", "--parallel", "1", "--tracking-uri", uri)
+    server = _start_server(tmp_path, port, 1)
+    log = tmp_path / "search.log"
+    search = None
+    try:
+        search = start_cli(args, tmp_path, log)
+        assert _wait_for(log, r"\[1/4\] trial", search, 300), log.read_text()[-3000:]
+        stop_group(server, sig=15)  # and it stays down until the search has ended
+        search.wait(timeout=420)
+        text = " ".join(log.read_text().split())
+        assert search.returncode == 0, text[-4000:]  # the study itself is complete
+        assert "still unreachable at the end" in text and "run the same command again" in text, text[-4000:]
+        assert list(work.rglob("mlflow-spool.jsonl"))
+        server = _start_server(tmp_path, port, 2)
+        again = cli(args, tmp_path, timeout=300)
+        assert again.rc == 0 and "Traceback" not in again.text, again.text[-4000:]
+    finally:
+        if search is not None:
+            stop_group(search)
+        stop_group(server, sig=15)
+    study = optuna_study(f"sqlite:///{work / 'digits-mlp' / 'optuna.db'}")
+    measured = {t.number for t in study.get_trials() if t.state.is_finished()
+                and t.user_attrs.get("duplicate_of") is None}
+    runs = study_runs(f"sqlite:///{tmp_path / 'server.db'}")
+    numbers = Counter(n for n, _ in runs)
+    assert all(c == 1 for c in numbers.values()), numbers
+    assert set(numbers) == measured
+    assert not list(work.rglob("mlflow-spool.jsonl"))
