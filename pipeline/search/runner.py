@@ -391,12 +391,12 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                                          f"{fl.label or ''} {text}{flag}  | {fl.trial.user_attrs.get(T_PLAN_SUMMARY, '')}".strip(),
                                          counts=study_counts(self.study))
         else:
-            fl.trial.set_user_attr(T_FAIL_REASON, outcome.reason)
-            fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
             retried = self._retry_system_failure(fl, outcome.reason)
             if retried:  # first line: what the progress line and the MLflow tag show
                 first, _, rest = outcome.reason.partition("\n")
                 outcome.reason = f"{first} ({retried})" + (f"\n{rest}" if rest else "")
+            fl.trial.set_user_attr(T_FAIL_REASON, outcome.reason)
+            fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
             self.study.tell(fl.trial, state=TrialState.FAIL)
             if fl.run_id:
                 self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds)
