@@ -83,7 +83,7 @@ def remeasure_verdict(records, attrs, higher_is_better: bool = True):
     data = attrs.get(A_REMEASURED)
     if not data:
         return None
-    from pipeline.search.remeasure import RemeasureReport
+    from pipeline.search.remeasured import RemeasureReport
     from pipeline.tracking.remeasure import comparison
 
     try:

@@ -178,7 +178,7 @@ def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
         ))
     remeasured = study.user_attrs.get(A.A_REMEASURED)
     if remeasured:  # the final front and knee are decided on the interleaved re-measurement
-        from pipeline.search.remeasure import apply_remeasured
+        from pipeline.search.remeasured import apply_remeasured
 
         apply_remeasured(records, infos, remeasured)
     front = [r for r in records if r.on_front]

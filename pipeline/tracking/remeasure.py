@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from pipeline.search.records import FP32_BASELINE, TrialRecord
-from pipeline.search.remeasure import IN_SEARCH_LABEL, RemeasureReport
+from pipeline.search.remeasured import IN_SEARCH_LABEL, RemeasureReport
 
 log = logging.getLogger(__name__)
 
