@@ -250,9 +250,22 @@ class SearchSpace:
 
         Pinned and excluded layers keep their fixed formats in every baseline:
         the baselines answer "one format for everything the search may touch".
+
+        INT8 gets one baseline per allowed activation mode, because static and dynamic INT8 are
+        different artifacts with different kernels (on ORT CPU dynamic is often the fast one for
+        encoders, static for CNNs): ``uniform-int8`` is the first mode listed in
+        ``search.int8_activations`` (the label existing studies already hold), every further mode
+        is ``uniform-int8-<mode>``, e.g. ``uniform-int8-dynamic``.
         """
-        order = [f for f in Format if f in set(self.spec.formats) and self._choices.everywhere(f)]
-        return {f"uniform-{f.value}": self.params_for({n: f for n in self.searched}) for f in order}
+        out: dict[str, dict[str, Any]] = {}
+        for f in (f for f in Format if f in set(self.spec.formats) and self._choices.everywhere(f)):
+            every = {n: f for n in self.searched}
+            out[f"uniform-{f.value}"] = self.params_for(every)
+            if f is Format.INT8:
+                for mode in self.spec.int8_activations[1:]:
+                    mode = Int8Activations(mode)
+                    out[f"uniform-int8-{mode.value}"] = self.params_for(every, int8_activations=mode)
+        return out
 
     def describe(self) -> str:
         """One line for logs and the parent run."""

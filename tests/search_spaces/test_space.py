@@ -80,7 +80,8 @@ def test_uniform_baselines_enqueue_to_uniform_plans():
     spec = SearchSpec(pin={"head": "fp32"})
     space = SearchSpace.build(spec, LAYERS)
     baselines = space.uniform_baselines()
-    assert list(baselines) == ["uniform-fp32", "uniform-bf16", "uniform-fp8", "uniform-int8", "uniform-int4"]
+    assert list(baselines) == ["uniform-fp32", "uniform-bf16", "uniform-fp8", "uniform-int8", "uniform-int8-dynamic",
+                               "uniform-int4"]
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     for label, params in baselines.items():
         study.enqueue_trial(params, user_attrs={"baseline": label})
@@ -88,20 +89,34 @@ def test_uniform_baselines_enqueue_to_uniform_plans():
         trial = study.ask()
         assert trial.user_attrs["baseline"] == label
         plan = space.suggest(trial)
-        fmt = Format(label.removeprefix("uniform-"))
+        fmt = Format(label.removeprefix("uniform-").removesuffix("-dynamic"))
         resolved = plan.resolve(LAYERS)
         assert resolved["head"].format is Format.FP32  # the pin holds in every baseline
         assert {c.format for n, c in resolved.items() if n != "head"} == {fmt}
         # deterministic knobs: the config's first choices
         assert plan.calibration.value == spec.calibrations[0].value
-        assert plan.int8_activations.value == spec.int8_activations[0].value
+        assert plan.int8_activations.value == ("dynamic" if label.endswith("-dynamic") else spec.int8_activations[0].value)
         assert plan.int4_block_size == spec.int4_block_sizes[0]
         study.tell(trial, 0.0)
 
 
+@pytest.mark.parametrize("modes, labels", [
+    (["static"], ["uniform-int8"]),
+    (["dynamic"], ["uniform-int8"]),
+    (["static", "dynamic"], ["uniform-int8", "uniform-int8-dynamic"]),
+    (["dynamic", "static"], ["uniform-int8", "uniform-int8-static"]),
+])
+def test_one_int8_baseline_per_allowed_activation_mode(modes, labels):
+    space = SearchSpace.build(SearchSpec(formats=["fp32", "int8"], int8_activations=modes), LAYERS)
+    baselines = space.uniform_baselines()
+    assert list(baselines) == ["uniform-fp32", *labels]
+    got = [space.plan_from_params(baselines[label]).int8_activations.value for label in labels]
+    assert got == modes  # each mode once, the first one under the plain label
+
+
 def test_baselines_follow_narrowed_formats():
     space = SearchSpace.build(SearchSpec(formats=["int8", "fp32"]), LAYERS)
-    assert list(space.uniform_baselines()) == ["uniform-fp32", "uniform-int8"]
+    assert list(space.uniform_baselines()) == ["uniform-fp32", "uniform-int8", "uniform-int8-dynamic"]
     with pytest.raises(ValueError, match="not in search.formats"):
         space.params_for({n: Format.INT4 for n in space.searched})
 
