@@ -204,6 +204,30 @@ class MeasureSpec(_OmitNewDefaults):
         """The batch the eval set is scored with: ``eval_batch_size``, else the deployment batch."""
         return self.eval_batch_size or self.batch_size
 
+OPTIMIZE_MODES = ("auto", "none", "basic", "transformer")  # exporters.optimize.OptimizeMode
+
+
+class ExportSpec(_Strict):
+    """How the FP32 reference graph is prepared before candidates are built from it.
+
+    ``optimize`` (see ``exporters/optimize.py``): ``auto`` (ORT's BASIC graph optimizations -
+    constant folding, Conv/BatchNorm and MatMul/Add fusions - for backends running ORT's kernels,
+    the export as is for TensorRT/TFLite), ``none``, ``basic``, or ``transformer`` (adds
+    SkipLayerNorm/BiasGelu/MultiHeadAttention fusions). The FP32 reference's accuracy is measured
+    on the same optimized graph.
+    """
+
+    optimize: str = "auto"
+
+    @field_validator("optimize")
+    @classmethod
+    def _optimize(cls, v: str) -> str:
+        if v not in OPTIMIZE_MODES:
+            raise ValueError(f"optimize must be one of {list(OPTIMIZE_MODES)}, got {v!r} "
+                             "(auto is the default; none keeps the export as is)")
+        return v
+
+
 
 class SensitivitySpec(_Strict):
     """Per-layer sensitivity (``precision-search sensitivity``; ``pipeline.sensitivity``).
@@ -294,8 +318,10 @@ class TrackingSpec(_Strict):
     alias: str = "champion"
 
 
-class SearchConfig(_Strict):
+class SearchConfig(_OmitNewDefaults):
     """A whole ``search_spaces/*.yaml`` file."""
+
+    _omit_when_default: ClassVar[tuple[str, ...]] = ("export",)
 
     name: str
     model: ModelSpec
@@ -304,6 +330,7 @@ class SearchConfig(_Strict):
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     loss: str | None = None  # QAT loss: "cross_entropy", "mse" or import string
     workdir: str = ".precision-search"
 

@@ -66,7 +66,13 @@ class Evaluator:
     # -- shared state, built lazily once -----------------------------------
     @cached_property
     def reference(self) -> ReferenceModel:
-        return self.adapter.export_reference(self.workdir)
+        """The graph candidates start from and the FP32 accuracy is measured on (export.optimize)."""
+        from exporters.optimize import optimize_reference
+
+        raw = self.adapter.export_reference(self.workdir)
+        path, table = optimize_reference(raw.onnx_path, raw.layer_table, raw.content_hash, self.config.export.optimize,
+                                         self.backend.name, calibration_batches(self.calibration, raw.input_names)[:1])
+        return raw.model_copy(update={"onnx_path": path, "layer_table": table})
 
     @cached_property
     def calibration(self) -> Dataset:
