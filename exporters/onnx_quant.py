@@ -63,7 +63,7 @@ from pydantic import BaseModel
 
 from exporters.errors import UnsupportedPlan
 from exporters.quant import handwritten, ort_passes, ort_session_forms, tensorrt_forms
-from exporters.quant.names import private_io, repair_duplicate_definitions, restore_io
+from exporters.quant.names import private_names, repair_duplicate_definitions, restore_names
 from exporters.quant.calibration import ENTROPY_NUM_BINS, ENTROPY_NUM_QUANTIZED_BINS, INT8_METHODS, check_feeds
 from exporters.quant.graph import (
     NameScope,
@@ -262,7 +262,7 @@ def _quantize(
         check_feeds(model, feeds)
     # The user's input/output names never meet a name a pass writes (exporters.quant.names).
     repair_duplicate_definitions(model)
-    io_names = private_io(model)
+    io_names = private_names(model)
     private = {user: placeholder for placeholder, user in io_names.items()}
     feeds = [{private.get(k, k): v for k, v in f.items()} for f in feeds]
 
@@ -354,7 +354,7 @@ def _quantize(
         changed = ort_session_forms.pre_empt_session_rewrites(model, ranks, uint8_activations)
         if any(changed.values()):
             log.debug("ORT session rewrites pre-empted: %s", changed)
-    restore_io(model, io_names)
+    restore_names(model, io_names)
     remove_unused_initializers(model)
     _save(model, out_path)
     _check_loads(out_path, planned, optimized=target is QuantTarget.ORT)

@@ -9,11 +9,12 @@ A graph's inputs and outputs are the user's contract (configs name them: ``model
   :func:`repair_duplicate_definitions` renames every earlier, internal definition of a name
   (and the readers that meant it) so each name is defined once.
 * ONNX Runtime's quantizers derive new names by suffixing existing ones (``<x>_quantized``,
-  ``<x>_scale``, ``<x>_zero_point``, ``augmented_model`` outputs...) without looking at the
-  graph's outputs, so a user output named ``x_scale`` would collide. :func:`private_io` renames
-  the graph inputs and outputs to reserved placeholders for the whole quantization, and
-  :func:`restore_io` puts the user's names back at the end, first moving any internal tensor
-  that took one of those names out of the way. Every name, not a list of known ones.
+  ``<x>_scale``, ``<x>_zero_point``... dozens of suffixes) without checking what exists, so an
+  output, input or initializer named ``x_scale`` collided. :func:`private_names` renames every
+  tensor to a reserved placeholder for the whole quantization (suffixed placeholders cannot
+  equal placeholders), and :func:`restore_names` puts every name back at the end - the user's
+  inputs and outputs exactly, derived names readable, any clash made unique. Every name, not a
+  list of known ones.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import onnx
 
 from exporters.quant.graph import NameScope
 
-PLACEHOLDER_PREFIX = "precision_search::io::"
-"""Reserved prefix of the placeholders; '::' does not occur in names exporters write."""
+PLACEHOLDER_PREFIX = "precision_search::t"
+"""Reserved prefix of the placeholders ("::" does not occur in names exporters write)."""
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -91,60 +92,80 @@ def repair_duplicate_definitions(model: onnx.ModelProto) -> dict[str, list[str]]
     return fixed
 
 
-def private_io(model: onnx.ModelProto) -> dict[str, str]:
-    """Rename the graph's inputs (not initializers) and outputs to reserved placeholders.
+def _bulk_rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    """Apply ``mapping`` to every tensor name of ``graph`` and its subgraphs, in one pass."""
+    for g in _graphs(graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            v.name = mapping.get(v.name, v.name)
+        for t in g.initializer:
+            t.name = mapping.get(t.name, t.name)
+        for n in g.node:
+            for j, x in enumerate(n.input):
+                if x in mapping:
+                    n.input[j] = mapping[x]
+            for j, x in enumerate(n.output):
+                if x in mapping:
+                    n.output[j] = mapping[x]
 
-    Returns ``{placeholder: user name}`` for :func:`restore_io`. A tensor that is both an input
-    and an output keeps one placeholder. Readers, producers and value_info follow.
+
+def _tensor_names(graph: onnx.GraphProto) -> list[str]:
+    seen: dict[str, None] = {}
+    for g in _graphs(graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            seen.setdefault(v.name)
+        for t in g.initializer:
+            seen.setdefault(t.name)
+        for n in g.node:
+            for x in list(n.input) + list(n.output):
+                if x:
+                    seen.setdefault(x)
+    return list(seen)
+
+
+def _placeholder(k: int | str) -> str:
+    """``<prefix><k>::``: ends in '::', so a suffixed placeholder (``..._scale``, ``...0``) never
+    equals another placeholder."""
+    return f"{PLACEHOLDER_PREFIX}{k}::"
+
+
+def private_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Rename every tensor to ``<PLACEHOLDER_PREFIX><k>::`` for the passes; returns ``{placeholder: name}``.
+
+    ORT's quantizers name what they add by suffixing an existing name (``_quantized``,
+    ``_scale``, ``_zero_point``, ``_QuantizeLinear_Output`` and dozens more); with every tensor
+    named ``<prefix><k>``, no suffixed name can equal an existing one, whatever the user or the
+    exporter called things. Node names are kept (the layer table addresses nodes by name).
     """
-    g = model.graph
-    inits = {t.name for t in g.initializer}
-    mapping: dict[str, str] = {}
-    back: dict[str, str] = {}
-    for i, v in enumerate(list(g.input) + list(g.output)):
-        if v.name in inits or v.name in mapping:
-            continue
-        mapping[v.name] = f"{PLACEHOLDER_PREFIX}{i}"
-    for old, new in mapping.items():
-        _rename_everywhere(model, old, new)
-        back[new] = old
+    names = _tensor_names(model.graph)
+    back = {_placeholder(k): name for k, name in enumerate(names)}
+    _bulk_rename(model.graph, {name: p for p, name in back.items()})
     return back
 
 
-def restore_io(model: onnx.ModelProto, back: dict[str, str]) -> None:
-    """Give the placeholders of :func:`private_io` their user names back.
+def restore_names(model: onnx.ModelProto, back: dict[str, str]) -> None:
+    """Undo :func:`private_names`: every original tensor gets its name back, and a name a pass
+    derived from a placeholder (``<prefix>12_scale``) becomes the original's (``relu_scale``) -
+    or, when that is taken by an original name, a fresh variant of it. The graph's inputs and
+    outputs keep exactly the user's names."""
+    import re
 
-    Any internal tensor or node that took a user's name meanwhile (an ORT pass suffixing a
-    neighbour's name) is renamed first, so the user's names are defined once.
-    """
-    names = NameScope(model)
-    users = set(back.values())
-    g = model.graph
-    for t in g.initializer:
-        if t.name in users:
-            new = names.fresh(f"{t.name}__internal")
-            _rename_readers(g, t.name, new)
-            t.name = new
-    for k, n in enumerate(g.node):
-        for j, o in enumerate(n.output):
-            if o in users:
-                new = names.fresh(f"{o}__internal")
-                n.output[j] = new
-                _rename_readers(g, o, new, k + 1)
-                for vi in g.value_info:
-                    if vi.name == o:
-                        vi.name = new
-    for new, old in back.items():
-        _rename_everywhere(model, new, old)
-
-
-def _rename_everywhere(model: onnx.ModelProto, old: str, new: str) -> None:
-    g = model.graph
-    for v in list(g.input) + list(g.output) + list(g.value_info):
-        if v.name == old:
-            v.name = new
-    for n in g.node:
-        for j, o in enumerate(n.output):
-            if o == old:
-                n.output[j] = new
-    _rename_readers(g, old, new)
+    pattern = re.compile(re.escape(PLACEHOLDER_PREFIX) + r"(\d+)::(.*)", re.S)
+    current = _tensor_names(model.graph)
+    used = set(back.values())
+    mapping: dict[str, str] = {}
+    for name in current:
+        if name in back:
+            mapping[name] = back[name]
+    for name in current:
+        if name in back:
+            continue
+        m = pattern.fullmatch(name)
+        base = back[_placeholder(m.group(1))] + m.group(2) if m and _placeholder(m.group(1)) in back else name
+        new, i = base, 1
+        while new in used:
+            new = f"{base}__{i}"
+            i += 1
+        used.add(new)
+        if new != name:
+            mapping[name] = new
+    _bulk_rename(model.graph, mapping)
