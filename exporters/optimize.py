@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from enum import Enum
@@ -132,10 +133,16 @@ def optimize_reference(onnx_path: str | Path, layer_table: LayerTable, content_h
     applied = bool(repaired) or (not note and mode is not OptimizeMode.NONE)
     info = {"content_hash": content_hash, "mode": mode.value, "applied": applied, "fusions": fusions,
             "repaired_names": repaired, "note": note}
+    # Written atomically, the record last: Ray workers may build the same reference at once, and
+    # a reader only trusts a folder whose record exists.
+    tag = f".tmp{os.getpid()}"
     if applied:
-        onnx.save(model, str(folder / "reference.onnx"))
-        table.save(folder / "reference.json")
-    record.write_text(json.dumps(info, indent=2))
+        onnx.save(model, str(folder / f"reference.onnx{tag}"))
+        os.replace(folder / f"reference.onnx{tag}", folder / "reference.onnx")
+        table.save(folder / f"reference.json{tag}")
+        os.replace(folder / f"reference.json{tag}", folder / "reference.json")
+    (folder / f"optimize.json{tag}").write_text(json.dumps(info, indent=2))
+    os.replace(folder / f"optimize.json{tag}", record)
     if not applied:
         return raw_path, raw_table
     log.info("reference optimized (%s): fusions %s", mode.value, {k: v for k, v in fusions.items() if v})
@@ -189,7 +196,7 @@ def ort_basic(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """ONNX Runtime's BASIC graph optimizations (standard ops only), saved offline."""
     import onnxruntime as ort
 
-    src, dst = folder / "pre_basic.onnx", folder / "basic.onnx"
+    src, dst = folder / f"pre_basic.{os.getpid()}.onnx", folder / f"basic.{os.getpid()}.onnx"
     onnx.save(model, str(src))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -293,7 +300,7 @@ def check_outputs(src: Path, model: onnx.ModelProto, feeds: dict[str, np.ndarray
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    tmp = folder / "check.onnx"
+    tmp = folder / f"check.{os.getpid()}.onnx"
     onnx.save(model, str(tmp))
     try:
         fixed = onnx.load(str(src))
