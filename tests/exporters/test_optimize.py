@@ -74,6 +74,11 @@ def _export(module, feed: dict[str, np.ndarray], path, output="y", dynamic=None)
                           content_hash="test", framework="torch")
 
 
+def _opt(raw: ReferenceModel, mode: str, feeds) -> ReferenceModel:
+    path, table = optimize_reference(raw.onnx_path, raw.layer_table, raw.content_hash, mode, "ort-cpu", feeds)
+    return raw.model_copy(update={"onnx_path": path, "layer_table": table})
+
+
 def _run(path, feed):
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -105,7 +110,7 @@ def refs(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["basic", "transformer"])
 def test_optimized_reference_keeps_every_layer_and_the_outputs(refs, name, mode):
     raw, feed = refs[name]
-    opt = optimize_reference(raw, mode, "ort-cpu", [feed])
+    opt = _opt(raw, mode, [feed])
     assert opt.onnx_path != raw.onnx_path, "the optimization was abandoned"
     assert opt.layer_table.names == raw.layer_table.names  # every layer still addressable
     model = onnx.load(opt.onnx_path)
@@ -122,7 +127,7 @@ def test_optimized_reference_keeps_every_layer_and_the_outputs(refs, name, mode)
                        Calibration.MINMAX, raw.onnx_path.replace("reference.onnx", f"q-{mode}.onnx"))
     assert len(q.layers) == len(raw.layer_table)
     # second call: the cached copy
-    again = optimize_reference(raw, mode, "ort-cpu", [feed])
+    again = _opt(raw, mode, [feed])
     assert again.onnx_path == opt.onnx_path and again.layer_table == opt.layer_table
 
 
@@ -130,7 +135,7 @@ def test_constant_position_table_stays_a_layer(refs):
     """Constant folding would fold Gather(pos table, arange) into a constant and lose the layer."""
     raw, feed = refs["enc"]
     assert raw.layer_table["pos"].onnx_op == "Gather"
-    opt = optimize_reference(raw, "basic", "ort-cpu", [feed])
+    opt = _opt(raw, "basic", [feed])
     assert opt.layer_table["pos"].onnx_op == "Gather"
 
 
@@ -157,7 +162,7 @@ def test_weights_are_kept_out_of_constant_folding(tmp_path):
     raw = ReferenceModel(onnx_path=str(path), layer_table=LayerTable(layers=[layer]), input_names=["x"],
                          output_names=["y"], content_hash="h", framework="torch")
     feed = {"x": rng.standard_normal((2, 4, 8)).astype(np.float32)}
-    opt = optimize_reference(raw, "basic", "ort-cpu", [feed])
+    opt = _opt(raw, "basic", [feed])
     assert opt.onnx_path != raw.onnx_path
     assert opt.layer_table["pos"].onnx_node == "gather_pos"
     assert "gather_pos" in {n.name for n in onnx.load(opt.onnx_path).graph.node}
@@ -165,7 +170,7 @@ def test_weights_are_kept_out_of_constant_folding(tmp_path):
 
 def test_transformer_mode_fuses_on_a_dynamo_export(refs):
     raw, feed = refs["enc"]
-    opt = optimize_reference(raw, "transformer", "ort-cpu", [feed])
+    opt = _opt(raw, "transformer", [feed])
     ops = {n.op_type for n in onnx.load(opt.onnx_path).graph.node}
     assert ops & {"SkipLayerNormalization", "BiasGelu", "Gelu", "LayerNormalization"}
 
@@ -192,7 +197,7 @@ def test_unmappable_layer_abandons_the_optimization(refs, tmp_path, caplog):
 
 def test_none_mode_returns_the_export(refs):
     raw, feed = refs["cnn"]
-    assert optimize_reference(raw, "none", "ort-cpu", [feed]) == raw
+    assert _opt(raw, "none", [feed]) == raw
 
 
 def test_bad_config_value_names_the_field(tmp_path):
