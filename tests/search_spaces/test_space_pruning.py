@@ -40,7 +40,7 @@ def test_emulated_formats_are_left_out_with_one_line_saying_how_to_include_them(
     notes = [p for p in space.describe().split("; ") if "emulates" in p]
     assert len(notes) == 1 and "search.include_emulated: true" in notes[0] and "bf16 (6 layers)" in notes[0]
     # the uniform baselines only hold formats every searched layer may take
-    assert list(space.uniform_baselines()) == ["uniform-fp32", "uniform-int8", "uniform-int4"]
+    assert list(space.uniform_baselines()) == ["uniform-fp32", "uniform-int8", "uniform-int8-dynamic", "uniform-int4"]
 
 
 def test_include_emulated_keeps_every_format():
