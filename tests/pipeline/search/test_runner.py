@@ -71,7 +71,8 @@ def test_twelve_trial_search_front_and_mlflow_record(ray_local, mlflow_uri, make
     assert len(trials) == 12
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)
     labels = {t.user_attrs.get("baseline") for t in trials} - {None}
-    assert labels == {"uniform-fp32", "uniform-bf16", "uniform-fp8", "uniform-int8", "uniform-int4"}
+    assert labels == {"uniform-fp32", "uniform-bf16", "uniform-fp8", "uniform-int8", "uniform-int8-dynamic",
+                      "uniform-int4"}  # one INT8 baseline per allowed activation mode
     assert summary.trials_complete + summary.trials_failed == 12
     for t in trials:
         if t.state.name == "FAIL":
