@@ -4,7 +4,8 @@ Kept apart from :mod:`search_spaces.space` (which turns choices into Optuna para
 this is where trials are saved before they are spent:
 
 * formats the backend only **emulates** for a layer (bf16/fp8 on ORT CPU: stored in the format,
-  computed in fp32, slower than fp32) are left out unless ``search.include_emulated: true``;
+  computed in fp32, slower than fp32) are left out where a native format is as small, unless
+  ``search.include_emulated: true`` (an emulated format that is the only way to fewer bits stays);
 * formats whose **single-layer drop** already exceeds the accuracy budget are pruned per layer
   (``allowed``, from :func:`pipeline.sensitivity.prune_formats`);
 * with ``search.group_layers`` several layers share one parameter (``block``: the same name up to
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.config import SearchSpec
-from pipeline.formats import Format
+from pipeline.formats import WEIGHT_BITS, Format
 
 LAYER_PREFIX = "layer:"
 GROUP_PREFIX = "group:"
@@ -80,7 +81,12 @@ def layer_choices(spec: SearchSpec, searched: Sequence[str], *,
     for n in searched:
         fmts = list(spec.formats)
         if emulated and not include_emulated:
-            gone = [f for f in fmts if f in emulated.get(n, set())]
+            # An emulated format costs time and buys nothing a native one does not: leave it out where a
+            # native format here stores as few bits (bf16/fp8 beside native int8). Where it is the only way
+            # to a smaller layer (int4 on a Conv, stored int4 and computed in fp32) it stays: size may want it.
+            emu = emulated.get(n, set())
+            native_bits = [WEIGHT_BITS[Format(f)] for f in fmts if f not in emu]
+            gone = [f for f in fmts if f in emu and native_bits and min(native_bits) <= WEIGHT_BITS[Format(f)]]
             for f in gone:
                 left_out[f] = left_out.get(f, 0) + 1
             fmts = [f for f in fmts if f not in gone]
@@ -106,8 +112,8 @@ def layer_choices(spec: SearchSpec, searched: Sequence[str], *,
     notes = []
     if left_out:
         notes.append("left out " + ", ".join(f"{f.value} ({c} layer{'s' if c > 1 else ''})" for f, c in left_out.items())
-                     + ": the backend only emulates them (stored, computed in fp32, slower than fp32), "
-                     "set search.include_emulated: true to search them")
+                     + ": the backend only emulates them (stored, computed in fp32, slower than fp32) and a native "
+                     "format is as small there (set search.include_emulated: true to search them)")
     if pruned:
         notes.append("pruned by sensitivity (single-layer drop over search.max_accuracy_drop): "
                      + "; ".join(f"{f.value} on {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"

@@ -55,7 +55,7 @@ def print_result(result) -> None:
     t.add_column("value")
     drop = f" (drop {m.accuracy_drop:+.4f} vs FP32 {m.reference_accuracy:.4f})" if m.accuracy_drop is not None else ""
     t.add_row(m.metric, f"{m.accuracy:.4f}{drop}")
-    t.add_row("latency p50 / p95", f"{m.latency_ms_p50:.3f} / {m.latency_ms_p95:.3f} ms  (batch {m.batch_size})")
+    t.add_row("latency p50 / p95", f"{m.latency_ms_p50:.3f} / {m.latency_ms_p95:.3f} ms  ({m.batch_note()})")
     t.add_row("throughput", f"{m.throughput_per_s:,.0f} samples/s")
     t.add_row("size", f"{m.size_bytes:,} bytes")
     t.add_row("effective bits/weight", f"{m.effective_bits_per_weight:.2f}")

@@ -243,7 +243,8 @@ def model_card(study: StudyRecord, choice: Choice, *, registry_name: str, versio
         "## Measured on the exported artifact",
         "",
         f"Backend `{t.tags.get(S.TAG_BACKEND, m.get('backend', '?'))}` on `{t.tags.get(S.TAG_DEVICE, m.get('device', '?'))}`"
-        + (f", batch {m['batch_size']}" if m.get("batch_size") else "")
+        + (f", timing batch {m['batch_size']}" if m.get("batch_size") else "")
+        + (f", eval batch {m['eval_batch_size']}" if m.get("eval_batch_size") else "")
         + (f", {m['threads']} thread(s)" if m.get("threads") else "")
         + (f", {m['runtime_version']}" if m.get("runtime_version") else "")
         + f"; execution: {t.tags.get(S.TAG_EXECUTION, 'unknown')}.",

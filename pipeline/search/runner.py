@@ -55,7 +55,7 @@ from pipeline.search.records import TrialRecord, build_records, front_summary, h
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
     A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
-    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS,
+    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, T_SEED,
     Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage,
     init_lock_path, make_sampler, measured_count, set_metric_names, store_init_lock, study_counts,
     validate_study_name,
@@ -165,7 +165,14 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         self.reference = export_reference(cfg, self.work)  # cached; workers reuse the file
         check_inputs(cfg, self.reference, self.opts.parallel or 1)  # data and batch memory, before Ray
         self.layer_names = self.reference.layer_table.names
-        self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend))
+        # Sensitivity (issue 15): formats the backend only emulates are left out where a native one is as
+        # small; with search.sensitivity.seed the per-layer table also prunes hopeless formats, seeds the
+        # study with solver plans and screens proposals (measured once, cached per model + data + formats).
+        from pipeline.sensitivity import seeding_for, space_inputs
+
+        self.seeding = seeding_for(cfg, layer_table=self.reference.layer_table)
+        self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend),
+                                       **space_inputs(cfg, self.reference.layer_table, self.seeding))
         self.hash = config_hash(cfg)
         names = list(cfg.search.objectives)
         self.infos = objective_infos(names, cfg.metric.name, bool(cfg.metric.higher_is_better), None)
@@ -206,7 +213,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                 "params_quantizable": self.reference.layer_table.total_params(),
                 "params_left_fp32": self.reference.layer_table.unquantized_params(), "optuna_storage": self.storage,
                 "metric": cfg.metric.name, "backend": cfg.measure.backend, "batch_size": cfg.measure.batch_size,
-                "reference_onnx": self.reference.onnx_path, "baselines": s.baselines,
+                "reference_onnx": self.reference.onnx_path, "baselines": s.baselines, "eval_batch_size": cfg.measure.eval_batch,
             },
             config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
         )
@@ -318,6 +325,15 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             return
         summary = plan.summary(self.layer_names)
         key = plan_key(plan, self.layer_names)
+        proposed = label is None and retry_of is None and trial.user_attrs.get(T_SEED) is None
+        skip = self.seeding.skip_reason(plan) if proposed else None
+        if skip:  # the sensitivity table says it cannot meet the accuracy budget: no trial spent on it
+            trial.set_user_attr(T_PLAN_SUMMARY, summary)
+            trial.set_user_attr(T_FAIL_REASON, skip)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.progress.trial_finished(trial.number, "PRUNED", skip, counts=study_counts(self.study))
+            self.consecutive_duplicates += 1  # a sampler stuck on hopeless plans stops like one stuck on repeats
+            return
         if label is None and retry_of is None:  # baselines and orphan retries are always measured
             original = self._measured_plans().get(key)
             if original is not None:

@@ -38,6 +38,7 @@ A_ENERGY_METER = "energy_meter"  # the first trial's meter description
 A_ENERGY_PIN = "energy_meter_pinned"  # {"meter": nvml|rapl|estimated, "by": why}, once pinned
 A_REMEASURED = "remeasured"  # pipeline.search.remeasure.RemeasureReport (dumped), set once the search ends
 T_BASELINE = "baseline"
+T_SEED = "sensitivity_seed"  # a plan the sensitivity solver enqueued ("sensitivity-<i>"); measured like a proposal
 T_RUN_ID = "mlflow_run_id"
 T_RESULT = "result"
 T_FAIL_REASON = "fail_reason"
@@ -435,6 +436,16 @@ class Resume:
         for label, params in self.space.uniform_baselines().items():
             if label not in have:
                 self.study.enqueue_trial(params, user_attrs={T_BASELINE: label})
+        # The sensitivity solver's plans (least predicted drop per bits budget, greedy least-sensitive-first):
+        # measured early, so the search starts near the front instead of at random.
+        seeded = {t.user_attrs.get(T_SEED) for t in self.study.get_trials(deepcopy=False)}
+        for i, plan in enumerate(self.seeding.plans if getattr(self, "seeding", None) else ()):
+            label = f"sensitivity-{i}"
+            if label not in seeded:
+                formats = {n: c.format for n, c in plan.resolve(self.layer_names).items()}
+                params = self.space.params_for(formats, method=plan.method, int8_activations=plan.int8_activations,
+                                               calibration=plan.calibration, int4_block_size=plan.int4_block_size)
+                self.study.enqueue_trial(params, user_attrs={T_SEED: label})
 
     def _abandon(self, reason: str) -> None:
         """Ctrl-C / SIGTERM: cancel what is in flight and orphan it, so the next run retries it."""

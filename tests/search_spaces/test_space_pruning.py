@@ -43,6 +43,22 @@ def test_emulated_formats_are_left_out_with_one_line_saying_how_to_include_them(
     assert list(space.uniform_baselines()) == ["uniform-fp32", "uniform-int8", "uniform-int8-dynamic", "uniform-int4"]
 
 
+def test_an_emulated_format_that_is_the_only_way_to_fewer_bits_stays():
+    """INT4 on a Conv is stored int4 and computed in fp32 on ORT CPU: slower, but nothing native is as small,
+    so a size objective may want it; bf16/fp8 beside native int8 buy nothing and are left out."""
+    emulated = {"conv1": {Format.BF16, Format.FP8, Format.INT4}, "fc": {Format.BF16, Format.FP8}}
+    space = SearchSpace.build(SearchSpec(), ["conv1", "fc"], emulated=emulated)
+    seen = {n: set() for n in ("conv1", "fc")}
+    for _, plan in _plans(space, 60):
+        for n, c in plan.resolve(["conv1", "fc"]).items():
+            seen[n].add(c.format)
+    assert seen["conv1"] == {Format.FP32, Format.INT8, Format.INT4}
+    assert seen["fc"] == {Format.FP32, Format.INT8, Format.INT4}
+    # with no native format as small as int8 on a layer, an emulated 8-bit format is that layer's only 8-bit
+    only = SearchSpace.build(SearchSpec(formats=["fp32", "fp8"]), ["fc"], emulated={"fc": {Format.FP8}})
+    assert {c.format for _, p in _plans(only, 30) for c in p.resolve(["fc"]).values()} == {Format.FP32, Format.FP8}
+
+
 def test_include_emulated_keeps_every_format():
     space = SearchSpace.build(SearchSpec(include_emulated=True), LAYERS, emulated=EMULATED)
     assert "emulates" not in space.describe()

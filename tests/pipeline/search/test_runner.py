@@ -71,8 +71,11 @@ def test_twelve_trial_search_front_and_mlflow_record(ray_local, mlflow_uri, make
     assert len(trials) == 12
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)
     labels = {t.user_attrs.get("baseline") for t in trials} - {None}
-    assert labels == {"uniform-fp32", "uniform-bf16", "uniform-fp8", "uniform-int8", "uniform-int8-dynamic",
-                      "uniform-int4"}  # one INT8 baseline per allowed activation mode
+    # One INT8 baseline per allowed activation mode; bf16/fp8 are only emulated on ORT CPU, where native int8 is
+    # as small, so the search leaves them out (search.include_emulated: true brings them back).
+    assert labels == {"uniform-fp32", "uniform-int8", "uniform-int8-dynamic", "uniform-int4"}
+    summaries = [t.user_attrs.get("plan_summary", "") for t in trials]
+    assert all(s and "bf16" not in s and "fp8" not in s for s in summaries), summaries
     assert summary.trials_complete + summary.trials_failed == 12
     for t in trials:
         if t.state.name == "FAIL":
