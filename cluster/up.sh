@@ -66,9 +66,12 @@ MLFLOW_STORE="${PG_URL%/}/${PREFIX}_mlflow"
 # authentication is what keeps other hosts out. The GCS address clients use stays 127.0.0.1.
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 [[ -f "$HOME/.ray/auth_token" || -n "${RAY_AUTH_TOKEN:-}" ]] || "$BIN/ray" get-auth-token --generate >/dev/null
+# Each node stands for a machine: its own measurement lock (pipeline.measure.exclusive_measurement), so one
+# node's timing windows serialise with its own trials, not with the other nodes' (they share this host's CPUs:
+# timings on a local multi-node cluster are a topology test, not a benchmark of separate machines).
 start_node() {  # start_node <log name> <ray start args...>
-  local log="$STATE/$1.log"; shift
-  if ! "$BIN/ray" start "$@" --temp-dir="$RAY_TMP" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" --disable-usage-stats >"$log" 2>&1; then
+  local name="$1" log="$STATE/$1.log"; shift
+  if ! PRECISION_SEARCH_MEASURE_LOCK="$STATE/measure-$name.lock" "$BIN/ray" start "$@" --temp-dir="$RAY_TMP" --node-ip-address=127.0.0.1 --num-cpus="$CPUS" --disable-usage-stats >"$log" 2>&1; then
     tail -20 "$log" >&2; die "ray start failed (log: $log)"
   fi
 }

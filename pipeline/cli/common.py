@@ -35,3 +35,44 @@ def load(args):
     from pipeline.config import load_config
 
     return load_config(args.config, overrides=parse_overrides(getattr(args, "set", [])))
+
+
+STORAGE_HELP = ("Optuna storage URL, any SQLAlchemy URL; postgresql://, postgresql+psycopg:// and "
+                "postgresql+psycopg2:// all work (default: $PRECISION_SEARCH_STORAGE or sqlite:///<workdir>/<name>/optuna.db)")
+TRACKING_HELP = ("MLflow tracking URI: http://host:5000 for a server, or a database URL (default: "
+                 "$MLFLOW_TRACKING_URI, else the one the study recorded in --storage, else sqlite:///<workdir>/mlflow.db)")
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """``--storage`` and ``--tracking-uri``, spelled and defaulted alike in every subcommand."""
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+
+
+def tracking_uri(args, cfg=None, study: str | None = None) -> str:
+    """Where the MLflow record is: ``--tracking-uri``; else $MLFLOW_TRACKING_URI; else the URI the study
+    recorded in its Optuna storage (``--storage``/$PRECISION_SEARCH_STORAGE: a cluster's record is found
+    from the study alone); else ``sqlite:///<workdir>/mlflow.db``. Database URLs go to the installed driver."""
+    import os
+
+    from pipeline.search.storage import A_TRACKING_URI
+    from pipeline.tracking.record import default_tracking_uri, user_tracking_uri
+    from pipeline.urls import normalize_db_url
+
+    uri = getattr(args, "tracking_uri", None) or user_tracking_uri()
+    storage = getattr(args, "storage", None) or os.environ.get("PRECISION_SEARCH_STORAGE")
+    if not uri and storage and cfg is not None:
+        import optuna
+
+        from pipeline.search.storage import validate_study_name
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        name = validate_study_name(study or cfg.name)
+        try:
+            recorded = optuna.load_study(study_name=name, storage=normalize_db_url(storage, "--storage")).user_attrs
+            uri = recorded.get(A_TRACKING_URI)
+        except KeyError:  # no such study there: fall back to the default record
+            uri = None
+    if not uri:
+        uri = default_tracking_uri(cfg.workdir if cfg is not None else ".precision-search")
+    return normalize_db_url(uri, "--tracking-uri")

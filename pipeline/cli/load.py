@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli.common import console
+from pipeline.cli.common import add_store_args, console, tracking_uri
 
 
 def register(sub) -> None:
@@ -26,8 +26,9 @@ def register(sub) -> None:
     p.add_argument("--dst", help="download folder (default: a temporary folder, removed afterwards)")
     p.add_argument("--provider", action="append",
                    help="ONNX Runtime execution provider (repeatable; default CPUExecutionProvider)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<workdir>/mlflow.db of --config or .precision-search)")
+    p.add_argument("--study", help="with --storage and --config: the study whose recorded MLflow URI to use "
+                                   "(default: the config's name)")
+    add_store_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -70,7 +71,8 @@ def run(args) -> int:
 
     from pipeline.promotion.choose import PromotionError
     from pipeline.promotion.load import load_registered
-    from pipeline.tracking.record import default_tracking_uri, quiet_mlflow
+    from pipeline.tracking.record import quiet_mlflow
+    from pipeline.urls import mask_url
 
     quiet_mlflow()
     cfg = None
@@ -78,7 +80,7 @@ def run(args) -> int:
         from pipeline.config import load_config
 
         cfg = load_config(args.config)
-    uri = args.tracking_uri or default_tracking_uri(cfg.workdir if cfg else ".precision-search")
+    uri = tracking_uri(args, cfg, args.study)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -91,7 +93,7 @@ def run(args) -> int:
                         "onnx": str(loaded.onnx_path) if args.dst else loaded.onnx_path.name,
                         "trial": loaded.tags.get("precision_search.trial_number"),
                         "study": loaded.tags.get("precision_search.study"),
-                        "providers": session.get_providers(), "tracking_uri": uri,
+                        "providers": session.get_providers(), "tracking_uri": mask_url(uri),
                         "inputs": {i.name: [str(d) for d in i.shape] for i in session.get_inputs()},
                         "outputs": [o.name for o in session.get_outputs()],
                         "tensorrt_engine": loaded.tags.get("precision_search.tensorrt_engine")}

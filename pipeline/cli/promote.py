@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.cli.common import add_config_arg, console, load
+from pipeline.cli.common import add_config_arg, add_store_args, console, load, tracking_uri
 
 
 def register(sub) -> None:
@@ -32,8 +32,7 @@ def register(sub) -> None:
                    help="min-energy limit versus FP32, in metric units (default: search.max_accuracy_drop)")
     p.add_argument("--name", help="registered model name (default: tracking.registry_name, else the config's name)")
     p.add_argument("--alias", help="alias to set (default: tracking.alias)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<workdir>/mlflow.db)")
+    add_store_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -43,11 +42,13 @@ def run(args) -> int:
 
     from pipeline.promotion.choose import Budget, choose, explicit_choice
     from pipeline.promotion.publish import promote
-    from pipeline.tracking.record import RecordError, default_tracking_uri, quiet_mlflow, read_study
+    from pipeline.tracking.record import RecordError, quiet_mlflow, read_study
+    from pipeline.urls import mask_url
 
     quiet_mlflow()
     cfg = load(args)
-    uri = args.tracking_uri or default_tracking_uri(cfg.workdir)
+    uri = tracking_uri(args, cfg, args.study)
+    shown = mask_url(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = args.name or cfg.tracking.registry_name or cfg.name
     alias = args.alias or cfg.tracking.alias
@@ -71,12 +72,12 @@ def run(args) -> int:
         print(json.dumps({"name": done.registered_name, "version": done.version, "alias": done.alias,
                           "uri": done.uri, "trial": done.trial_number, "run_id": done.run_id,
                           "model_id": done.model_id, "created": done.created, "policy": done.policy,
-                          "reason": done.reason, "engine": done.engine, "tracking_uri": uri}, indent=2))
+                          "reason": done.reason, "engine": done.engine, "tracking_uri": shown}, indent=2))
         return 0
     verb = "registered as new version" if done.created else "already registered as version"
     console.print(f"trial {done.trial_number} ({done.policy}: {done.reason})", highlight=False, soft_wrap=True)
     console.print(f"{verb} [bold]{done.registered_name} v{done.version}[/bold]; alias @{done.alias} -> v{done.version}",
                   highlight=False, soft_wrap=True)
-    console.print(f"load it: precision-search load {done.registered_name}@{done.alias}   (tracking: {uri})",
+    console.print(f"load it: precision-search load {done.registered_name}@{done.alias}   (tracking: {shown})",
                   highlight=False, soft_wrap=True)
     return 0

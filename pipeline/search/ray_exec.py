@@ -1,9 +1,19 @@
 """Ray for the search: start or join a cluster, size trials, dispatch them and collect their outcomes.
 
 The driver keeps ``parallel`` trials in flight; each is one Ray task running
-:func:`pipeline.search.worker.run_trial`. A worker that dies (OOM killer,
-segfault) or a cancelled task comes back as a failed :class:`TrialOutcome` with
-Ray's reason, so the study records it and goes on.
+:func:`pipeline.search.worker.run_trial`, placed with Ray's ``SPREAD`` strategy so
+trials go round-robin over the nodes instead of filling the driver's node first.
+Every task gets the study's shared reference bundle (:mod:`pipeline.search.payload`)
+as one object-store reference, so no worker rebuilds the reference or reads the
+driver's disk.
+
+Failures: a worker process or node that dies mid-trial (OOM killer, segfault, a
+lost node) is a *system* failure, and Ray re-runs the task elsewhere, up to
+:data:`MAX_RETRIES` times; the attempt that finished is recorded with the trial. A
+trial that still fails, or is cancelled, comes back as a failed
+:class:`TrialOutcome` with Ray's reason, so the study records it and goes on.
+Errors raised by the trial itself are never retried (the worker turns them into a
+failed outcome; a bad candidate stays bad).
 """
 
 from __future__ import annotations
@@ -12,12 +22,20 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.backends.registry import AUTO, needs_gpu
 from pipeline.config import ConfigError, SearchConfig
+from pipeline.search import payload
 from pipeline.search.worker import TrialOutcome, TrialTask, run_trial, warm_worker
+
+MAX_RETRIES = 2  # re-runs of a trial whose worker or node died (Ray's system-failure retries)
+SCHEDULING = "SPREAD"  # trials round-robin over the nodes (Ray's default packs the driver's node first)
+# Optuna user attributes of a trial's placement (MLflow tags: pipeline.tracking.schema.TAG_NODE_ID, ...).
+A_NODE_ID = "node_id"
+A_HOSTNAME = "hostname"
+A_ATTEMPT = "ray_attempt"
+
 
 @dataclass
 class Resources:
@@ -27,28 +45,66 @@ class Resources:
     where: str
 
 
-def ray_init(address: str | None, verbose: bool) -> bool:
-    """Connect to ``address``/RAY_ADDRESS or start a quiet local Ray; True if this call started it."""
+def ray_init(address: str | None, verbose: bool, config: SearchConfig | None = None) -> bool:
+    """Connect to ``address``/RAY_ADDRESS or start a quiet local Ray; True if this call started it.
+
+    Quiet: workers' output is not forwarded (``log_to_driver``) and Ray's own
+    logger is at WARNING unless ``verbose``. On a cluster the project's packages and
+    the config's own package (:func:`pipeline.search.payload.user_code`) are shipped
+    with ``runtime_env`` ``py_modules``; installed dependencies must exist on the nodes.
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    _route_raylet_messages(verbose)
     address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    user = payload.user_code(config) if config is not None else []
     if address:
-        import exporters
-        import pipeline
-        import search_spaces
-
-        # Ship this checkout's code so workers run what the driver runs (dependencies must be installed there).
-        # Folders, not module objects: an editable install can give packages a multi-entry __path__.
-        code = [next(str(Path(p).resolve()) for p in m.__path__ if Path(p).is_dir())
-                for m in (pipeline, exporters, search_spaces)]
-        ray.init(address=address, log_to_driver=verbose, logging_level=logging.WARNING,
-                 runtime_env={"py_modules": code})
+        ray.init(address=address, runtime_env={"py_modules": payload.project_code() + user,
+                                               "excludes": payload.SHIP_EXCLUDES}, **quiet)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=verbose,
-                 logging_level=logging.WARNING)
+        # address="local" always starts a new single-node Ray for this process: a plain ray.init() would
+        # attach to whatever cluster already runs on this host (another user's, or `make cluster-up`'s).
+        # It is advertised on 127.0.0.1, so no other host is told where to reach it; Ray's GCS, raylet,
+        # object manager and worker gRPC servers still bind their (random) ports on the machine's
+        # interfaces as Ray chooses, so on a shared host set RAY_AUTH_MODE=token, or firewall them.
+        env = {"py_modules": user, "excludes": payload.SHIP_EXCLUDES} if user else None
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env=env, **quiet)
     return True
+
+
+def _route_raylet_messages(verbose: bool) -> None:
+    """Unless ``verbose``, the "(raylet) ..." lines Ray prints on the driver go to the ``ray.raylet`` logger.
+
+    Ray's driver prints every error the cluster publishes ("Task run_trial failed. There are 2 retries
+    remaining", "A worker died or was killed ...") straight to stdout, whatever ``log_to_driver`` says. The
+    search records each of those outcomes itself (the trial's fail reason, its ``ray_attempt``), so in
+    --no-progress logs they are noise. Ray has no switch for it: the module-level printer its listener thread
+    calls is wrapped (Ray's private API; if it moves, the lines are simply printed as before).
+    """
+    if verbose:
+        return
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_routed", False):
+        return
+    raylet_log = logging.getLogger("ray.raylet")
+
+    def routed(data, ignore_prefix, *args, **kwargs):
+        if isinstance(data, dict) and data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                raylet_log.info("%s", line)
+            return None
+        return original(data, ignore_prefix, *args, **kwargs)
+
+    routed._routed = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = routed
 
 
 def shutdown() -> None:
@@ -100,25 +156,46 @@ def driver_node() -> str:
 
 
 def warm(n: int, res: Resources, config: dict[str, Any], base_dir: str, cwd: str) -> list:
-    """Start ``n`` workers importing the runtimes and loading the datasets; their results are not needed."""
+    """Start ``n`` workers (spread over the nodes) importing the runtimes and the config's modules; their
+    results are not needed."""
     import ray
 
-    return [ray.remote(max_retries=0)(warm_worker).options(num_cpus=res.cpus, num_gpus=res.gpus)
+    return [ray.remote(max_retries=0)(warm_worker)
+            .options(num_cpus=res.cpus, num_gpus=res.gpus, scheduling_strategy=SCHEDULING)
             .remote(config, base_dir, cwd) for _ in range(n)]
+
+
+def share(config: SearchConfig, reference) -> Any:
+    """Build the study's reference bundle on the driver and put it in Ray's object store once."""
+    import ray
+
+    return ray.put(payload.build_shared(config, reference))
+
+
+def record_placement(trial, outcome: TrialOutcome) -> dict[str, str]:
+    """Where the trial ran, as Optuna user attributes on ``trial``; returns them (for the MLflow tags)."""
+    placed = outcome.placement()
+    for key, value in placed.items():
+        trial.set_user_attr(key, value)
+    return placed
 
 
 class Dispatcher:
     """Submits trials as Ray tasks and turns what comes back (or Ray's error) into a :class:`TrialOutcome`."""
 
-    def __init__(self, res: Resources):
+    def __init__(self, res: Resources, shared: Any = None):
         import ray
 
         self.res = res
-        self._remote = ray.remote(max_retries=0)(run_trial)
+        # Nested in a list, the reference is passed as is (not fetched by Ray before every task): a worker
+        # fetches the bundle once and keeps it (pipeline.search.worker).
+        self._shared = [shared] if shared is not None else None
+        # retry_exceptions=False: only system failures (a dead worker or node) are retried.
+        self._remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(run_trial)
 
     def submit(self, task: TrialTask, name: str):
-        return self._remote.options(num_cpus=self.res.cpus, num_gpus=self.res.gpus, name=name) \
-            .remote(task.model_dump())
+        return self._remote.options(num_cpus=self.res.cpus, num_gpus=self.res.gpus, name=name,
+                                    scheduling_strategy=SCHEDULING).remote(task.model_dump(), self._shared)
 
     @staticmethod
     def wait(refs: list, timeout: float) -> list:
@@ -133,10 +210,12 @@ class Dispatcher:
 
         try:
             return TrialOutcome.model_validate(ray.get(ref))
-        except ray.exceptions.RayError as exc:  # worker died (OOM killer, segfault) or the task was cancelled
+        except ray.exceptions.RayError as exc:  # died MAX_RETRIES + 1 times, or the task was cancelled
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            tries = "" if isinstance(exc, ray.exceptions.TaskCancelledError) else \
+                f" (after {MAX_RETRIES} retries of system failures)"
             return TrialOutcome(number=number, status="fail",
-                                reason=f"the Ray task failed: {type(exc).__name__}: {first}",
+                                reason=f"the Ray task failed{tries}: {type(exc).__name__}: {first}",
                                 seconds=time.monotonic() - t0)
 
 

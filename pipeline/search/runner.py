@@ -63,6 +63,7 @@ from pipeline.search.storage import (
 from pipeline.search.retries import Retries
 from pipeline.search.spool import Spool, Tracking
 from pipeline.search.worker import TrialTask
+from pipeline.urls import mask_url, normalize_db_url
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend),
                                        **space_inputs(cfg, self.reference.layer_table, self.seeding))
         self.hash = config_hash(cfg)
+        self.storage_shown = mask_url(self.storage)  # every print, param and error: never the password
         names = list(cfg.search.objectives)
         self.infos = objective_infos(names, cfg.metric.name, bool(cfg.metric.higher_is_better), None)
         # Optuna creates its tables on first use; drivers started together on a fresh workdir take turns.
@@ -188,7 +190,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         attrs = self.study.user_attrs
         if A_CONFIG_HASH in attrs and attrs[A_CONFIG_HASH] != self.hash:
             raise ConfigError(
-                f"--study: study {self.study_name!r} in {self.storage} was created from a different config "
+                f"--study: study {self.study_name!r} in {self.storage_shown} was created from a different config "
                 f"(model, data, metric, measure or search settings changed); its trials are not comparable. "
                 f"Use --study NEW_NAME (trial count, tracking and workdir may change freely)"
             )
@@ -211,7 +213,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                 "formats": ",".join(f.value for f in s.formats), "methods": ",".join(s.methods),
                 "space": self.space.describe(), "layers": len(self.layer_names),
                 "params_quantizable": self.reference.layer_table.total_params(),
-                "params_left_fp32": self.reference.layer_table.unquantized_params(), "optuna_storage": self.storage,
+                "params_left_fp32": self.reference.layer_table.unquantized_params(), "optuna_storage": self.storage_shown,
                 "metric": cfg.metric.name, "backend": cfg.measure.backend, "batch_size": cfg.measure.batch_size,
                 "reference_onnx": self.reference.onnx_path, "baselines": s.baselines, "eval_batch_size": cfg.measure.eval_batch,
             },
@@ -363,6 +365,9 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         fl = self.in_flight.pop(ref)
         outcome = dispatcher.collect(ref, fl.trial.number, fl.t0)
         fl.run_id = fl.run_id or self._late_run(fl)
+        placed = ray_exec.record_placement(fl.trial, outcome)  # node id, hostname, Ray attempt
+        if placed and fl.run_id:
+            self._track(self.tracker.tag_trial, fl.run_id, placed)
         values = None
         if outcome.status == "complete" and outcome.result is not None:
             result = outcome.result
@@ -469,7 +474,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             try:
                 # Model, data, batch memory, Optuna and MLflow first: a bad input ends here, before Ray.
                 self._setup()
-                started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose)
+                started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose, self.config)
                 res = self._res = ray_exec.cluster_resources(self.config, self.opts.parallel)
                 self.parallel = max(1, self.opts.parallel or res.capacity)
                 self.driver_node = ray_exec.driver_node()
@@ -480,13 +485,13 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                                       str(self.config.base_dir.resolve()), os.getcwd())
                 self._recover()
                 self._enqueue_baselines()
-                dispatcher = ray_exec.Dispatcher(res)
+                dispatcher = ray_exec.Dispatcher(res, ray_exec.share(self.config, self.reference))
                 # tags, not params: a resumed study may run with another --parallel
                 self._track(self.tracker.log_resources, self.parallel, res.cpus, res.gpus, res.where,
                             self.pinned_meter)
                 self.progress.message(escape(
                     f"study {self.study_name}: {self.space.describe()}; target {self.target} trials, "
-                    f"{self._finished()} already finished; {res.where}; optuna {self.storage}"))
+                    f"{self._finished()} already finished; {res.where}; optuna {self.storage_shown}"))
                 if self.orphans:
                     self.progress.message(f"resumed: {self.orphans} orphaned trial(s) marked failed and re-queued")
                 with self.progress:
@@ -565,10 +570,10 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         front.sort(key=lambda r: r.values[first.name], reverse=first.direction == "maximize")
         counts = study_counts(self.study)
         return SearchSummary(
-            study=self.study_name, storage=self.storage,
+            study=self.study_name, storage=self.storage_shown,
             trials_complete=int(summary["trials_complete"]), trials_failed=int(summary["trials_failed"]),
             front=front, objectives=self.infos, energy_note=self.energy_note or "",
-            hypervolume=summary.get("hypervolume"), tracking_uri=self.tracker.uri,
+            hypervolume=summary.get("hypervolume"), tracking_uri=mask_url(self.tracker.uri) or "",
             experiment=self.tracker.experiment_name, experiment_id=self.tracker.experiment_id,
             parent_run_id=self.tracker.parent_run_id, ui_hint=self.tracker.ui_hint(), wall_seconds=wall,
             parallel=self.parallel, cpus_per_trial=res.cpus, gpus_per_trial=res.gpus,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, SearchConfig
+from pipeline.urls import mask_url, normalize_db_url
 
 # Optuna study/trial user attributes (the study's own record; MLflow mirrors it).
 A_CONFIG_HASH = "config_hash"
@@ -236,11 +237,11 @@ def open_study(config: SearchConfig, study_name: str | None = None, storage: str
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = validate_study_name(study_name or config.name)
-    url = storage or default_storage(config)
+    url = normalize_db_url(storage or default_storage(config), "--storage")  # any postgresql spelling works
     try:
         return optuna.load_study(study_name=name, storage=url)
     except KeyError:
-        raise ConfigError(f"--study: no study {name!r} in {url}; run `precision-search search --config ... "
+        raise ConfigError(f"--study: no study {name!r} in {mask_url(url)}; run `precision-search search --config ... "
                           f"--study {name}` first") from None
 
 

@@ -1,8 +1,15 @@
 """The body of one trial, as it runs inside a Ray task (or inline, for tests and debugging).
 
 A worker process keeps one :class:`~pipeline.evaluation.Evaluator` per config
-(keyed by the config's hash), so the FP32 reference, datasets and the
-reference accuracy are loaded once per worker, not once per trial.
+and shared bundle, so the FP32 reference, datasets and the reference accuracy
+are set up once per worker, not once per trial. Under the search driver the
+reference and the datasets come from the driver through Ray's object store
+(:mod:`pipeline.search.payload`): a worker never re-exports the reference, calls
+the user's data functions or reads the driver's files. Called without a bundle
+(tests, debugging) the worker builds them itself.
+
+Each outcome says where it ran: the Ray node id, the hostname and Ray's attempt
+number (> 0 when Ray re-ran the task after a worker or node died).
 
 Nothing here raises for a bad candidate: quantizer errors, NaN outputs, out of
 memory and unexpected exceptions all come back as a failed
@@ -51,9 +58,17 @@ class TrialOutcome(BaseModel):
     result: TrialResult | None = None
     reason: str = ""  # why it failed, one paragraph
     seconds: float = 0.0
-    node: str = ""  # host (and Ray node) that ran it
+    node: str = ""  # hostname of the machine that ran it
+    node_id: str = ""  # Ray node id ("" outside Ray)
+    attempt: int = 0  # Ray's attempt number: > 0 when the task was re-run after a worker/node died
     # Artifact files (name -> bytes) when the worker's filesystem is not the driver's.
     files: dict[str, bytes] = Field(default_factory=dict)
+
+    def placement(self) -> dict[str, str]:
+        """Where it ran, as Optuna user attribute names (pipeline.search.ray_exec.A_*) -> value."""
+        if not (self.node_id or self.node):
+            return {}  # never reached a worker (Ray gave up on it)
+        return {"node_id": self.node_id, "hostname": self.node, "ray_attempt": str(self.attempt)}
 
 
 def config_key(config: dict[str, Any], base_dir: str, cwd: str) -> str:
@@ -61,15 +76,30 @@ def config_key(config: dict[str, Any], base_dir: str, cwd: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _evaluator(task: TrialTask):
+def _evaluator(task: TrialTask, shared: list | None = None):
+    """This worker's Evaluator for the task's config; with ``shared`` (``[ObjectRef]`` of a
+    :class:`pipeline.search.payload.SharedReference`) its reference and datasets are the driver's."""
     from pipeline.config import parse_config
     from pipeline.evaluation import Evaluator
 
-    key = config_key(task.config, task.base_dir, task.cwd)
+    key = config_key(task.config, task.base_dir, task.cwd) + (f"-{shared[0].hex()}" if shared else "")
     ev = _EVALUATORS.get(key)
     if ev is None:
-        cfg = parse_config(task.config, source=f"config of study {task.study}", base_dir=Path(task.base_dir))
+        # The driver already validated the config and imported its functions; a worker whose node lacks a
+        # module fails the trial when it is used, with the import error as the reason.
+        cfg = parse_config(task.config, source=f"config of study {task.study}", base_dir=Path(task.base_dir),
+                           check_imports=not shared)
         ev = Evaluator(cfg)
+        if shared:
+            import ray
+
+            from pipeline.search.payload import materialize
+
+            bundle = ray.get(shared[0])
+            # cached_property slots: set once, the Evaluator never builds them itself.
+            ev.reference = materialize(bundle)
+            ev.calibration = bundle.calibration
+            ev.eval_set = bundle.eval_set
         _EVALUATORS[key] = ev
     return ev
 
@@ -83,6 +113,20 @@ def _node_id() -> str | None:
     except Exception:  # noqa: BLE001 - outside Ray there is no node id
         pass
     return None
+
+
+def _attempt() -> int:
+    """Ray's attempt number of the running task (0 first, 1.. after retries); 0 outside Ray.
+
+    Ray 2.60 has no public accessor; the core worker's is used where present."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
+    except Exception:  # noqa: BLE001 - an older/newer Ray without it: recorded as 0
+        pass
+    return 0
 
 
 def _out_dir(task: TrialTask) -> Path:
@@ -107,25 +151,31 @@ def _collect_files(result: TrialResult) -> dict[str, bytes]:
 
 
 def warm_worker(config: dict[str, Any], base_dir: str, cwd: str) -> float:
-    """Prepare this worker for the study's trials: imports, datasets, the backend.
+    """Prepare this worker for the study's trials: the runtimes, the quantizer and the config's modules.
 
-    Everything a first trial would pay for except the FP32 reference, which the
-    driver is exporting meanwhile (workers must not race it). Returns seconds spent.
+    Not the reference or the datasets: the driver builds those once and ships them
+    (:mod:`pipeline.search.payload`). Returns seconds spent.
     """
+    import importlib
+
     t0 = time.perf_counter()
     if cwd and Path(cwd).is_dir() and os.getcwd() != cwd:
         os.chdir(cwd)
-    task = TrialTask(study="warm-up", number=-1, config=config, base_dir=base_dir, cwd=cwd, plan_yaml="",
-                     out_dir="")
-    ev = _evaluator(task)
-    _ = ev.calibration, ev.eval_set  # data sources (and their imports)
     import exporters.onnx_quant  # noqa: F401 - the quantizer and onnxruntime.quantization
+    import onnxruntime  # noqa: F401
+
+    data = config.get("data") or {}
+    for spec in ((config.get("model") or {}).get("factory"), (data.get("calibration") or {}).get("source"),
+                 (data.get("eval") or {}).get("source")):
+        if spec and ":" in spec:  # shipped user code: a problem shows here first
+            importlib.import_module(spec.partition(":")[0])
     return time.perf_counter() - t0
 
 
-def run_trial(task: TrialTask | dict[str, Any]) -> dict[str, Any]:
+def run_trial(task: TrialTask | dict[str, Any], shared: list | None = None) -> dict[str, Any]:
     """Quantize and measure one candidate; never raises for a bad candidate.
 
+    ``shared``: ``[ObjectRef]`` of the driver's reference bundle (None: build it here).
     Returns ``TrialOutcome.model_dump()`` (a plain dict crosses Ray cheaply).
     """
     from pipeline.measure import TrialFailure
@@ -133,20 +183,19 @@ def run_trial(task: TrialTask | dict[str, Any]) -> dict[str, Any]:
 
     task = TrialTask.model_validate(task)
     t0 = time.perf_counter()
-    node = socket.gethostname()
+    node, node_id, attempt = socket.gethostname(), _node_id() or "", _attempt()
     if task.cwd and Path(task.cwd).is_dir() and os.getcwd() != task.cwd:
         os.chdir(task.cwd)  # relative paths in the config mean the same thing as on the driver
     try:
-        ev = _evaluator(task)
+        ev = _evaluator(task, shared)
         plan = QuantPlan.model_validate(yaml.safe_load(task.plan_yaml))
         out = _out_dir(task)
         result = ev.evaluate(plan, out, energy=task.energy)
         files: dict[str, bytes] = {}
-        here = _node_id()
-        if task.driver_node_id and here and here != task.driver_node_id:
+        if task.driver_node_id and node_id and node_id != task.driver_node_id:
             files = _collect_files(result)
         return TrialOutcome(number=task.number, status="complete", result=result, seconds=time.perf_counter() - t0,
-                            node=node, files=files).model_dump()
+                            node=node, node_id=node_id, attempt=attempt, files=files).model_dump()
     except TrialFailure as exc:
         reason = str(exc)
     except MemoryError:
@@ -155,4 +204,4 @@ def run_trial(task: TrialTask | dict[str, Any]) -> dict[str, Any]:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
         reason = f"unexpected error: {type(exc).__name__}: {exc}\n{tb}"
     return TrialOutcome(number=task.number, status="fail", reason=reason, seconds=time.perf_counter() - t0,
-                        node=node).model_dump()
+                        node=node, node_id=node_id, attempt=attempt).model_dump()

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.search.records import StudyRecord, TrialRecord
 from pipeline.tracking import schema as S
 from pipeline.tracking.plots import front_csv, plot_front
+from pipeline.urls import mask_url, normalize_db_url
 
 if TYPE_CHECKING:
     from pipeline.config import SearchConfig
@@ -64,6 +65,9 @@ _SILENT = ("urllib3.connectionpool",)  # "Retrying ..." while a server is down: 
 def quiet_mlflow() -> None:
     """MLflow/alembic INFO lines would break the live progress view."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # "View run ... at: http://..." on stdout whenever a run ends against a tracking server: noise in
+    # --no-progress logs and in the live view (the summary prints the one link that matters).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in _SILENT:
@@ -351,6 +355,16 @@ class StudyTracker:
         self.client.log_batch(run_id, tags=[RunTag(S.TAG_STATE, "FAIL"), RunTag(S.TAG_FAIL_REASON, reason[:MAX_TAG])])
         self.client.set_terminated(run_id, status="FAILED")
 
+    _PLACEMENT_TAGS = {"node_id": S.TAG_NODE_ID, "hostname": S.TAG_HOSTNAME, "ray_attempt": S.TAG_RAY_ATTEMPT}
+
+    def tag_trial(self, run_id: str, placement: dict[str, str]) -> None:
+        """Where the trial ran (``TrialOutcome.placement()``: node id, hostname, Ray attempt) as run tags."""
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(self._PLACEMENT_TAGS.get(k, f"precision_search.{k}"), str(v)[:MAX_TAG])
+                for k, v in placement.items()]
+        self.client.log_batch(run_id, tags=tags)
+
     def mark_duplicates(self, run_id: str, numbers: Sequence[int]) -> None:
         """Tag a measured trial's run with the later trials that proposed the same plan (not measured again)."""
         self.client.set_tag(run_id, S.TAG_DUPLICATES, ",".join(str(n) for n in numbers)[:MAX_TAG])
@@ -435,7 +449,7 @@ class StudyTracker:
         if self.uri.startswith("sqlite:///"):
             where = f"make ui   (or: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)"
         else:
-            where = f"tracking server {self.uri}"
+            where = f"tracking server {mask_url(self.uri)}"
         return (f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}), "
                 f"parent run {self.parent_run_id} ({self.study}); {where}")
 
@@ -481,7 +495,7 @@ def read_study(client, experiment: str, study: str | None = None) -> StudyRecord
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise RecordError(
-            f"no MLflow experiment {experiment!r} at {client.tracking_uri}: run `precision-search search` first, "
+            f"no MLflow experiment {experiment!r} at {mask_url(client.tracking_uri)}: run `precision-search search` first, "
             "or point MLFLOW_TRACKING_URI / --tracking-uri at the server the search logged to"
         )
     filt = _tag_filter(S.TAG_ROLE, S.ROLE_STUDY)

@@ -28,6 +28,9 @@ TAG_FEASIBLE = "precision_search.feasible"  # child: "true" if the accuracy-drop
 TAG_MODEL_URI = "precision_search.model_uri"  # child: models:/<id> of the candidate's ONNX logged model
 TAG_MODEL_MISSING = "precision_search.model_missing"  # child: why the model was not logged (file gone on resume)
 TAG_DUPLICATES = "precision_search.duplicates"  # child: later trials that proposed this same plan ("12,15")
+TAG_NODE_ID = "precision_search.node_id"  # child: the Ray node that ran the trial (from inside its task)
+TAG_HOSTNAME = "precision_search.hostname"  # child: that node's hostname
+TAG_RAY_ATTEMPT = "precision_search.ray_attempt"  # child: Ray's attempt (> 0: re-run after a worker/node died)
 TAG_REGISTERED = "precision_search.registered"  # child: "<registered model>/<version>" once promoted
 
 # Parent (study) run tags.

@@ -19,6 +19,7 @@ from pipeline.tracking.search import run_search
 from pipeline.objectives import objective_infos
 from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box, study_objectives
 from pipeline.search.runner import SearchOptions
+from pipeline.search import ray_exec
 from pipeline.search.storage import config_hash, make_sampler, open_study
 from tests.conftest import ROOT
 
@@ -159,8 +160,11 @@ def test_twelve_trial_search_front_and_mlflow_record(ray_local, mlflow_uri, make
 @pytest.mark.slow
 def test_failing_trials_are_recorded_and_the_study_completes(ray_local, mlflow_uri, make_config, flaky_dir):
     # metric calls: 1 = trial 0 accuracy, 2 = reference accuracy (then cached on disk),
-    # 3 = trial 1 (raises), 4 = trial 2 (NaN), 5 = trial 3 (worker process dies), 6 = trial 4.
-    (flaky_dir / "fail_at").write_text(json.dumps({"3": "raise", "4": "nan", "5": "exit"}))
+    # 3 = trial 1 (raises), 4 = trial 2 (NaN), 5-7 = trial 3 (its worker dies on every attempt: Ray's
+    # MAX_RETRIES system-failure retries, then FAIL), 8 = trial 4 (worker dies once), 9 = trial 4 retried.
+    assert ray_exec.MAX_RETRIES == 2
+    (flaky_dir / "fail_at").write_text(json.dumps({"3": "raise", "4": "nan", "5": "exit", "6": "exit", "7": "exit",
+                                                   "8": "exit"}))
     cfg = make_config("digits_mlp.yaml", **{
         "metric": {"name": "tests.pipeline.flaky_metric:accuracy", "higher_is_better": True},
         "search.formats": ["fp32", "int8"], "search.trials": 5,
@@ -177,6 +181,8 @@ def test_failing_trials_are_recorded_and_the_study_completes(ray_local, mlflow_u
     assert "injected failure on metric call 3" in reasons[1]
     assert "not finite" in reasons[2]
     assert "Ray task failed" in reasons[3]
+    assert study.trials[4].user_attrs["ray_attempt"] == "1"  # re-run by Ray after its worker died
+    assert study.trials[0].user_attrs["ray_attempt"] == "0" and study.trials[0].user_attrs["node_id"]
     client = mlflow.MlflowClient(summary.tracking_uri)
     for number, reason in reasons.items():
         run = client.get_run(study.trials[number].user_attrs["mlflow_run_id"])

@@ -1,0 +1,149 @@
+"""Trials per minute on a 2-node Ray cluster versus 1 node: the same study, the same topology, one run.
+
+For each cluster size (1 node, then 2 nodes) this starts a fresh local cluster with
+``cluster/up.sh`` (Ray with token authentication, PostgreSQL for Optuna and as
+MLflow's backend store, an MLflow server), runs ``precision-search search`` on it
+exactly as ``make search`` does with ``cluster/.env`` present (same config, same
+``--trials``, a new study), reads the study back from PostgreSQL and stops the
+cluster with ``cluster/down.sh`` (its databases dropped).
+
+Reported per size:
+
+* ``trial window``: from the first measured trial's start to the last one's end,
+  as Optuna stored them; ``trials/min`` = measured trials / window. This is the
+  throughput the cluster gives once the study runs (the one-off setup - reference
+  export, connecting, MLflow's experiment - is not in it);
+* ``end to end``: the command's wall time, setup included;
+* ``per node``: how many trials each Ray node ran (from the ``node_id`` user
+  attribute every trial records), i.e. how evenly trials were spread.
+
+The ratio printed last is 2-node trials/min over 1-node trials/min (and the same for
+end-to-end). Both clusters run on this one host: each node is given
+``CLUSTER_CPUS`` CPUs (default 1, so a 2-core machine holds two nodes), the driver,
+the MLflow server and PostgreSQL share the remaining capacity, so the 2-node run
+is the harder one for the host. Needs PostgreSQL on 127.0.0.1:5432 (or
+``CLUSTER_PG_URL``) and the ``[cluster]`` extra.
+
+Run: ``.venv/bin/python benchmarks/cluster_scaling.py`` (a few minutes);
+``--trials N`` (default 16), ``--config`` (default search_spaces/digits_mlp.yaml),
+``--json`` for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(src: Path, tmp: Path, trials: int) -> Path:
+    cfg = yaml.safe_load(src.read_text())
+    cfg["workdir"] = str(tmp / "work")
+    cfg["search"]["trials"] = trials
+    path = tmp / src.name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def run_size(nodes: int, cpus: int, trials: int, config: Path, tmp: Path) -> dict:
+    """Start a ``nodes``-node cluster, run one study of ``trials`` trials on it, stop it; the numbers."""
+    work = tmp / f"nodes{nodes}"
+    scripts = work / "repo" / "cluster"
+    scripts.mkdir(parents=True)
+    for name in ("up.sh", "down.sh"):  # a copy: this run's cluster/.env never touches the checkout's
+        shutil.copy(ROOT / "cluster" / name, scripts / name)
+    (work / "repo" / "mlflow").symlink_to(ROOT / "mlflow")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "PRECISION_SEARCH_STORAGE", "MLFLOW_TRACKING_URI")}
+    env.update(CLUSTER_WORKERS=str(nodes - 1), CLUSTER_CPUS=str(cpus), CLUSTER_RAY_PORT=str(_free_port()),
+               CLUSTER_MLFLOW_PORT=str(_free_port()), CLUSTER_DB_PREFIX=f"psbench_{uuid.uuid4().hex[:8]}",
+               VENV_BIN=str(Path(sys.executable).parent), PYTHONPATH=str(ROOT))
+    up = subprocess.run(["bash", str(scripts / "up.sh")], env=env, capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        raise SystemExit(f"cluster/up.sh failed ({nodes} node(s)):\n{up.stdout}{up.stderr}")
+    try:
+        env.update(_read_env(scripts / ".env"))
+        cfg = _config(config, work, trials)
+        cli = Path(sys.executable).with_name("precision-search")
+        t0 = time.monotonic()
+        proc = subprocess.run([str(cli), "search", "--config", str(cfg), "--study", f"scale-{nodes}", "--json",
+                               "--no-progress"], env=env, cwd=work, capture_output=True, text=True, timeout=3600)
+        wall = time.monotonic() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"search failed on {nodes} node(s):\n{proc.stderr[-4000:]}")
+        summary = json.loads(proc.stdout)
+        import optuna
+
+        from pipeline.urls import normalize_db_url
+
+        study = optuna.load_study(study_name=f"scale-{nodes}",
+                                  storage=normalize_db_url(env["PRECISION_SEARCH_STORAGE"]))
+        done = [t for t in study.trials if t.state.name in ("COMPLETE", "FAIL") and t.datetime_complete
+                and t.user_attrs.get("duplicate_of") is None and not t.user_attrs.get("orphaned")]
+        start = min(t.datetime_start for t in done)
+        end = max(t.datetime_complete for t in done)
+        window = (end - start).total_seconds()
+        per_node = Counter(t.user_attrs.get("node_id", "?")[:8] for t in done)
+        return {"nodes": nodes, "cpus_per_node": cpus, "trials": len(done), "window_s": round(window, 1),
+                "trials_per_min": round(60 * len(done) / window, 2), "end_to_end_s": round(wall, 1),
+                "trials_per_min_end_to_end": round(60 * len(done) / wall, 2), "per_node": dict(per_node),
+                "parallel": summary["parallel"], "trials_failed": summary["trials_failed"]}
+    finally:
+        subprocess.run(["bash", str(scripts / "down.sh")], env={**env, "CLUSTER_DROP_DB": "1"},
+                       capture_output=True, text=True, timeout=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--config", default=str(ROOT / "search_spaces" / "digits_mlp.yaml"))
+    ap.add_argument("--cpus", type=int, default=int(os.environ.get("CLUSTER_CPUS", "1")),
+                    help="CPUs each node offers Ray (default $CLUSTER_CPUS or 1)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ps-scaling-") as tmp:
+        rows = [run_size(n, args.cpus, args.trials, Path(args.config), Path(tmp)) for n in (1, 2)]
+    one, two = rows
+    ratio = two["trials_per_min"] / one["trials_per_min"]
+    ratio_e2e = two["trials_per_min_end_to_end"] / one["trials_per_min_end_to_end"]
+    if args.json:
+        print(json.dumps({"rows": rows, "ratio_trial_window": round(ratio, 2),
+                          "ratio_end_to_end": round(ratio_e2e, 2), "host_cpus": os.cpu_count()}, indent=2))
+        return 0
+    print(f"host: {os.cpu_count()} CPU(s); study: {Path(args.config).name}, {args.trials} trials; "
+          f"{args.cpus} CPU(s) per node")
+    print(f"{'nodes':>5} {'trials':>6} {'window s':>9} {'trials/min':>10} {'end-to-end s':>12} "
+          f"{'e2e trials/min':>14}  per node")
+    for r in rows:
+        print(f"{r['nodes']:>5} {r['trials']:>6} {r['window_s']:>9} {r['trials_per_min']:>10} "
+              f"{r['end_to_end_s']:>12} {r['trials_per_min_end_to_end']:>14}  {r['per_node']}")
+    print(f"2 nodes / 1 node: {ratio:.2f}x trials/min over the trial window, {ratio_e2e:.2f}x end to end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
