@@ -71,18 +71,28 @@ def build_shared(config: SearchConfig, reference) -> SharedReference:
                            calibration=calibration, eval_set=load_eval_set(config))
 
 
-def node_cache_dir() -> Path:
-    """Where a node keeps materialised references (one folder per content key, shared by its workers)."""
+def node_cache_dir(workdir: str | Path | None = None) -> Path:
+    """Where a node keeps materialised references (one folder per content key, shared by its workers):
+    ``$PRECISION_SEARCH_NODE_CACHE``, else ``<workdir>/node-cache`` where this node can create it (the
+    config's workdir: the disk the user gave the project), else the system temp folder."""
     base = os.environ.get("PRECISION_SEARCH_NODE_CACHE")
     if base:
         return Path(base)
+    if workdir is not None:
+        folder = Path(workdir) / "node-cache"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:  # another machine's path: fall back to this node's temp folder
+            pass
     return Path(tempfile.gettempdir()) / f"precision-search-{os.getuid()}" / "reference"
 
 
-def materialize(shared: SharedReference):
+def materialize(shared: SharedReference, workdir: str | Path | None = None):
     """The reference with its ``onnx_path`` on this node's disk, written once per node (atomically: several
-    workers of one node may race; each writes a temp file and renames it)."""
-    folder = node_cache_dir() / shared.key
+    workers of one node may race; each writes a temp file and renames it). Results cached beside it (the
+    reference's accuracy on this node's backend) are this node's own."""
+    folder = node_cache_dir(workdir) / shared.key
     folder.mkdir(parents=True, exist_ok=True)
     for name, blob in shared.files.items():
         target = folder / name

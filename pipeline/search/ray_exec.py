@@ -18,6 +18,7 @@ failed outcome; a bad candidate stays bad).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -67,13 +68,47 @@ def ray_init(address: str | None, verbose: bool, config: SearchConfig | None = N
     else:
         # address="local" always starts a new single-node Ray for this process: a plain ray.init() would
         # attach to whatever cluster already runs on this host (another user's, or `make cluster-up`'s).
-        # It is advertised on 127.0.0.1, so no other host is told where to reach it; Ray's GCS, raylet,
-        # object manager and worker gRPC servers still bind their (random) ports on the machine's
-        # interfaces as Ray chooses, so on a shared host set RAY_AUTH_MODE=token, or firewall them.
         env = {"py_modules": user, "excludes": payload.SHIP_EXCLUDES} if user else None
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env=env, **quiet)
+        with _loopback_node():
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env, **quiet)
     return True
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """A local run's Ray advertises 127.0.0.1, and Ray's note that it turned token authentication on is not shown.
+
+    On Linux Ray replaces a loopback ``node_ip_address`` by the machine's routable address (it expects other
+    nodes to join); its single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the default on macOS and
+    Windows) advertises 127.0.0.1 instead, so no other host is told where this Ray is. The GCS, raylet, object
+    manager and worker gRPC servers still listen on ports Ray picks, on the interfaces Ray binds them to,
+    which is why token authentication stays on: Ray 2.60 enables it for a new local cluster (and says so in a
+    warning, filtered here: it is the default, not a problem). The processes Ray starts inherit the
+    environment at ``ray.init``; the driver's is restored afterwards.
+    """
+    from ray._private import ray_constants
+
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if flag is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def default_auth_note(record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+    auth_log.addFilter(default_auth_note)
+    try:
+        yield
+    finally:
+        auth_log.removeFilter(default_auth_note)
+        if flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = flag
+        if saved is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
 
 
 def _route_raylet_messages(verbose: bool) -> None:

@@ -97,7 +97,7 @@ def _evaluator(task: TrialTask, shared: list | None = None):
 
             bundle = ray.get(shared[0])
             # cached_property slots: set once, the Evaluator never builds them itself.
-            ev.reference = materialize(bundle)
+            ev.reference = materialize(bundle, ev.workdir)
             ev.calibration = bundle.calibration
             ev.eval_set = bundle.eval_set
         _EVALUATORS[key] = ev
