@@ -81,7 +81,7 @@ basename "$(readlink -f "$RAY_TMP/session_latest")" > "$STATE/ray-session"
 for i in $(seq 1 "$WORKERS"); do start_node "worker$i" --address="127.0.0.1:$RAY_PORT"; done
 
 # --- MLflow tracking server on PostgreSQL -------------------------------------------------------------
-MLFLOW_BACKEND_STORE_URI="$MLFLOW_STORE" MLFLOW_ARTIFACTS_DESTINATION="$STATE/mlartifacts" MLFLOW_PORT="$MLFLOW_PORT" \
+MLFLOW_BIN="$BIN/mlflow" MLFLOW_BACKEND_STORE_URI="$MLFLOW_STORE" MLFLOW_ARTIFACTS_DESTINATION="$STATE/mlartifacts" MLFLOW_PORT="$MLFLOW_PORT" \
   MLFLOW_HOST=127.0.0.1 MLFLOW_WORKERS=1 setsid nohup bash "$ROOT/mlflow/server.sh" >"$STATE/mlflow.log" 2>&1 < /dev/null &
 echo $! > "$STATE/mlflow.pid"
 for _ in $(seq 1 90); do

@@ -1,0 +1,107 @@
+"""What travels to the workers: the user's package found and shipped, the reference bundle used as is.
+
+The bundle test runs a real trial as a Ray task whose config names a model factory and data functions that
+raise: it can only pass if the worker builds nothing itself and uses the driver's reference and datasets.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.search import payload, ray_exec
+from pipeline.search.worker import TrialOutcome, TrialTask
+from tests.conftest import ROOT
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("a worker built the model or loaded data itself instead of using the driver's bundle")
+
+
+forbidden_factory = forbidden_data = _forbidden
+
+
+def _user_config(folder: Path, factory: str, data: str) -> dict:
+    return {"name": "user-pkg", "model": {"framework": "torch", "factory": factory},
+            "data": {"calibration": {"source": data}, "eval": {"source": data}}}
+
+
+def test_user_code_ships_the_configs_own_package_found_next_to_the_config(tmp_path, monkeypatch):
+    pkg = tmp_path / "acme_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("def build():\n    return None\n")
+    (tmp_path / "acme_data.py").write_text("def rows():\n    return None\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # user_code puts the config's folder on sys.path
+    cfg = parse_config(_user_config(tmp_path, "acme_models:build", "acme_data:rows"), base_dir=tmp_path,
+                       check_imports=False)
+    shipped = payload.user_code(cfg)
+    assert shipped == [str(pkg.resolve()), str((tmp_path / "acme_data.py").resolve())]
+    assert str(tmp_path.resolve()) in sys.path  # the driver imports it from there too
+
+
+def test_user_code_leaves_out_the_project_and_installed_packages(tmp_path):
+    cfg = parse_config(_user_config(tmp_path, "pipeline.examples.digits:mlp", "numpy:zeros"), base_dir=tmp_path,
+                       check_imports=False)
+    assert payload.user_code(cfg) == []
+    assert all(Path(p).is_dir() for p in payload.project_code())
+
+
+def test_materialize_writes_the_reference_once_per_node_cache(tmp_path, mlp_config):
+    from pipeline.models import get_adapter
+
+    ref = get_adapter(mlp_config).export_reference(mlp_config.work_path)
+    bundle = payload.build_shared(mlp_config, ref)
+    assert set(bundle.files) == {"reference.onnx"} and len(bundle.eval_set) > 0 and len(bundle.calibration) > 0
+    local = payload.materialize(bundle, tmp_path / "node")
+    assert Path(local.onnx_path).read_bytes() == Path(ref.onnx_path).read_bytes()
+    assert Path(local.onnx_path).parent == tmp_path / "node" / "node-cache" / bundle.key
+    assert local.layer_table == ref.layer_table
+    mtime = Path(local.onnx_path).stat().st_mtime_ns
+    assert payload.materialize(bundle, tmp_path / "node").onnx_path == local.onnx_path
+    assert Path(local.onnx_path).stat().st_mtime_ns == mtime  # not rewritten
+
+
+@pytest.fixture(scope="module")
+def ray_one_cpu():
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield
+    ray.shutdown()
+
+
+def test_a_trial_task_uses_the_drivers_bundle_and_records_where_it_ran(ray_one_cpu, make_config, tmp_path):
+    import ray
+
+    from pipeline.models import get_adapter
+    from search_spaces.space import SearchSpace
+
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"]})
+    ref = get_adapter(cfg).export_reference(cfg.work_path)  # the driver's side
+    shared = ray_exec.share(cfg, ref)
+    plan = SearchSpace.build(cfg.search, ref.layer_table.names).plan_from_params(
+        next(iter(SearchSpace.build(cfg.search, ref.layer_table.names).uniform_baselines().values())))
+    # The worker's copy of the config names functions that raise, in a workdir of its own: only the bundle works.
+    task_cfg = cfg.model_dump(mode="json")
+    task_cfg["model"]["factory"] = "tests.pipeline.search.test_payload:forbidden_factory"
+    for part in ("calibration", "eval", "train"):
+        task_cfg["data"][part]["source"] = "tests.pipeline.search.test_payload:forbidden_data"
+    task_cfg["workdir"] = str(tmp_path / "worker-work")
+    res = ray_exec.Resources(cpus=1.0, gpus=0.0, capacity=1, where="test")
+    task = TrialTask(study="bundle", number=0, config=task_cfg, base_dir=str(ROOT), cwd=str(tmp_path),
+                     plan_yaml=plan.to_yaml(), out_dir=str(tmp_path / "trial"), energy=False)
+    dispatcher = ray_exec.Dispatcher(res, shared)
+    outcome = dispatcher.collect(dispatcher.submit(task, "bundle-trial-0"), 0, 0.0)
+    assert outcome.status == "complete", outcome.reason
+    assert outcome.node_id == ray.get_runtime_context().get_node_id() and outcome.node and outcome.attempt == 0
+    assert outcome.placement() == {"node_id": outcome.node_id, "hostname": outcome.node, "ray_attempt": "0"}
+    assert not (tmp_path / "worker-work" / cfg.name / "reference").exists()  # nothing re-exported there
+    assert list((tmp_path / "worker-work" / cfg.name / "node-cache").glob("*/reference.onnx"))
+
+
+def test_an_outcome_that_never_reached_a_worker_has_no_placement():
+    assert TrialOutcome(number=1, status="fail", reason="the Ray task failed").placement() == {}
