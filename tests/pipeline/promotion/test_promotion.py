@@ -374,6 +374,27 @@ def test_cli_promote_then_load_runs_the_model_with_onnx_runtime(searched, tmp_pa
     assert rc == 2 and "not found in the registry" in capsys.readouterr().out
 
 
+def test_cli_promote_and_load_find_the_mlflow_record_from_the_study_storage(searched, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--storage alone (no --tracking-uri, no MLFLOW_TRACKING_URI): the study's recorded tracking URI is used."""
+    from pipeline.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PRECISION_SEARCH_STORAGE", raising=False)
+    cfg_path = _config_file(searched, tmp_path / "cfg.yaml", "digits-storage")
+    rc = main(["promote", "--config", str(cfg_path), "--study", STUDY, "--policy", "knee",
+               "--storage", searched.storage, "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    promoted = json.loads(out)
+    assert promoted["tracking_uri"] == searched.tracking_uri and promoted["name"] == "digits-storage"
+    rc = main(["load", "digits-storage@champion", "--config", str(cfg_path), "--study", STUDY,
+               "--storage", searched.storage, "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert json.loads(out)["version"] == promoted["version"]
+
+
 def test_documented_mlflow_calls_load_the_promoted_model(searched, tmp_path):
     """The model card's Python snippet: download_artifacts + ONNX Runtime, and mlflow.onnx.load_model."""
     import onnxruntime as ort
