@@ -42,8 +42,11 @@ A_ATTEMPT = "ray_attempt"
 class Resources:
     cpus: float
     gpus: float
-    capacity: int
+    capacity: int  # trials the cluster runs at once
     where: str
+    # Trials kept waiting in Ray's queue beyond ``capacity`` (one per node): a node that finishes a trial
+    # starts the next at once instead of idling while the driver records the last result and asks Optuna.
+    queued: int = 0
 
 
 def ray_init(address: str | None, verbose: bool, config: SearchConfig | None = None) -> bool:
@@ -172,7 +175,8 @@ def plan_resources(config: SearchConfig, parallel: int | None, total: dict[str, 
             raise ConfigError(f"measure.backend: {backend} needs a GPU, but the Ray cluster has none "
                               "(set RAY_ADDRESS to a GPU cluster, or use backend: ort-cpu)")
         cpus = float(config.measure.threads or 1)
-        return Resources(cpus, 1.0, gpus, f"{len(alive)} node(s), {gpus} GPU(s): 1 GPU per trial")
+        return Resources(cpus, 1.0, gpus, f"{len(alive)} node(s), {gpus} GPU(s): 1 GPU per trial",
+                         queued=max(1, len(alive)))
     if config.measure.threads:
         cpus = min(config.measure.threads, node_cpus)
     elif parallel:
@@ -181,7 +185,8 @@ def plan_resources(config: SearchConfig, parallel: int | None, total: dict[str, 
         cpus = node_cpus  # threads: 0 means "all cores": one trial per node, measured alone
     capacity = max(1, sum(int(n["Resources"]["CPU"]) // cpus for n in alive))
     return Resources(float(cpus), 0.0, capacity,
-                     f"{len(alive)} node(s), {int(total.get('CPU', 0))} CPU(s): {cpus} CPU(s)/ORT thread(s) per trial")
+                     f"{len(alive)} node(s), {int(total.get('CPU', 0))} CPU(s): {cpus} CPU(s)/ORT thread(s) per trial",
+                     queued=max(1, len(alive)))
 
 
 def driver_node() -> str:

@@ -477,6 +477,8 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                 started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose, self.config)
                 res = self._res = ray_exec.cluster_resources(self.config, self.opts.parallel)
                 self.parallel = max(1, self.opts.parallel or res.capacity)
+                # Without --parallel, one trial per node also waits in Ray's queue (ray_exec.Resources.queued).
+                self.in_flight_limit = self.parallel + (0 if self.opts.parallel else res.queued)
                 self.driver_node = ray_exec.driver_node()
                 # Workers import the runtimes and load the datasets while this process reconciles the
                 # study and asks for the first trials. Their results are not needed: a problem there
@@ -500,7 +502,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                     self._budget_t0 = time.monotonic()  # the budget counts the search, not the one-off setup
                     while True:
                         finished = self._finished()
-                        while (not self.stopped_early and len(self.in_flight) < self.parallel
+                        while (not self.stopped_early and len(self.in_flight) < self.in_flight_limit
                                and finished + len(self.in_flight) < self.target):
                             if self._budget_spent():
                                 break
