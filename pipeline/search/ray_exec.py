@@ -28,14 +28,12 @@ from typing import Any
 from pipeline.backends.registry import AUTO, needs_gpu
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.search import payload
-from pipeline.search.worker import TrialOutcome, TrialTask, run_trial, warm_worker
+from pipeline.search.worker import (  # noqa: F401 - A_*: the placement attribute names, re-exported
+    A_ATTEMPT, A_HOSTNAME, A_NODE_ID, TrialOutcome, TrialTask, run_trial, warm_worker,
+)
 
 MAX_RETRIES = 2  # re-runs of a trial whose worker or node died (Ray's system-failure retries)
 SCHEDULING = "SPREAD"  # trials round-robin over the nodes (Ray's default packs the driver's node first)
-# Optuna user attributes of a trial's placement (MLflow tags: pipeline.tracking.schema.TAG_NODE_ID, ...).
-A_NODE_ID = "node_id"
-A_HOSTNAME = "hostname"
-A_ATTEMPT = "ray_attempt"
 
 
 @dataclass

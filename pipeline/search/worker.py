@@ -35,6 +35,11 @@ from pydantic import BaseModel, Field
 
 from pipeline.results import TrialResult
 
+# Optuna user attributes of a trial's placement (MLflow tags: pipeline.tracking.schema.TAG_NODE_ID, ...).
+A_NODE_ID = "node_id"
+A_HOSTNAME = "hostname"
+A_ATTEMPT = "ray_attempt"
+
 _EVALUATORS: dict[str, Any] = {}  # config hash -> Evaluator, per worker process
 
 
@@ -65,10 +70,10 @@ class TrialOutcome(BaseModel):
     files: dict[str, bytes] = Field(default_factory=dict)
 
     def placement(self) -> dict[str, str]:
-        """Where it ran, as Optuna user attribute names (pipeline.search.ray_exec.A_*) -> value."""
+        """Where it ran, as Optuna user attribute names (A_NODE_ID, A_HOSTNAME, A_ATTEMPT) -> value."""
         if not (self.node_id or self.node):
             return {}  # never reached a worker (Ray gave up on it)
-        return {"node_id": self.node_id, "hostname": self.node, "ray_attempt": str(self.attempt)}
+        return {A_NODE_ID: self.node_id, A_HOSTNAME: self.node, A_ATTEMPT: str(self.attempt)}
 
 
 def config_key(config: dict[str, Any], base_dir: str, cwd: str) -> str:
