@@ -384,6 +384,9 @@ def _check_import_strings(cfg: SearchConfig) -> list[str]:
         fields.append(("metric.name", cfg.metric.name))
     if cfg.loss and ":" in cfg.loss:
         fields.append(("loss", cfg.loss))
+    from pipeline.importing import add_config_folder
+
+    add_config_folder(cfg.base_dir, [v for _, v in fields if v and ":" in v])  # `mymodel:build` beside the YAML
     for field, value in fields:
         if not value:
             continue

@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+
+def add_config_folder(folder: str | Path, specs: Iterable[str]) -> bool:
+    """Put a config file's folder on ``sys.path`` when a top-level module one of its import strings names
+    lives there and is not importable otherwise, so ``factory: mymodel:build`` next to the YAML works without
+    PYTHONPATH (the search then ships that module to Ray workers: pipeline.search.payload). True if added."""
+    base = Path(folder).resolve()
+    for spec in specs:
+        top = spec.partition(":")[0].split(".")[0]
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found and ((base / top).is_dir() or (base / f"{top}.py").is_file()):
+            if str(base) not in sys.path:
+                sys.path.insert(0, str(base))
+            return True
+    return False
 
 
 def import_object(spec: str) -> Any:

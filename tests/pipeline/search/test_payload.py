@@ -42,6 +42,19 @@ def test_user_code_ships_the_configs_own_package_found_next_to_the_config(tmp_pa
     assert str(tmp_path.resolve()) in sys.path  # the driver imports it from there too
 
 
+def test_a_config_loads_with_its_module_beside_it_and_ships_it(tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.config import load_config
+
+    (tmp_path / "beside_cfg.py").write_text("def build():\n    return None\n\ndef rows():\n    return None\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_user_config(tmp_path, "beside_cfg:build", "beside_cfg:rows")))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    cfg = load_config(path)  # the import check finds beside_cfg in the config's folder
+    assert payload.user_code(cfg) == [str((tmp_path / "beside_cfg.py").resolve())]
+
+
 def test_user_code_leaves_out_the_project_and_installed_packages(tmp_path):
     cfg = parse_config(_user_config(tmp_path, "pipeline.examples.digits:mlp", "numpy:zeros"), base_dir=tmp_path,
                        check_imports=False)
