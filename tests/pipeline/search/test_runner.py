@@ -161,7 +161,8 @@ def test_twelve_trial_search_front_and_mlflow_record(ray_local, mlflow_uri, make
 def test_failing_trials_are_recorded_and_the_study_completes(ray_local, mlflow_uri, make_config, flaky_dir):
     # metric calls: 1 = trial 0 accuracy, 2 = reference accuracy (then cached on disk),
     # 3 = trial 1 (raises), 4 = trial 2 (NaN), 5-7 = trial 3 (its worker dies on every attempt: Ray's
-    # MAX_RETRIES system-failure retries, then FAIL), 8 = trial 4 (worker dies once), 9 = trial 4 retried.
+    # MAX_RETRIES system-failure retries, then FAIL; its plan is re-queued), 8 = trial 4 (its worker dies
+    # once), 9 = trial 4 re-run by Ray, 10 = trial 5.
     assert ray_exec.MAX_RETRIES == 2
     (flaky_dir / "fail_at").write_text(json.dumps({"3": "raise", "4": "nan", "5": "exit", "6": "exit", "7": "exit",
                                                    "8": "exit"}))
