@@ -208,3 +208,8 @@ def gemm_to_matmul(model: onnx.ModelProto, node_name: str, names: NameScope) -> 
     for k, n in enumerate(new_nodes):
         model.graph.node.insert(idx + k, n)
     remove_unused_initializers(model)
+
+
+def is_scalar_init(t: onnx.TensorProto | None) -> bool:
+    """ORT's ``optimizer_utils::IsScalar``: rank 0, or rank 1 of length 1."""
+    return t is not None and (len(t.dims) == 0 or list(t.dims) == [1])

@@ -69,7 +69,8 @@ import numpy as np
 import onnx
 
 from exporters.quant.graph import NameScope, insert_after, insert_before, node, remove_unused_initializers
-from exporters.quant.ort_passes import DQ_PROPAGATES_THROUGH, _copy_value_info, _is_scalar_init
+from exporters.quant.graph import is_scalar_init
+from exporters.quant.ort_passes import DQ_PROPAGATES_THROUGH, _copy_value_info
 
 
 # --------------------------------------------------------------------------- other session rewrites
@@ -124,7 +125,7 @@ def block_nd_matmul_add_fusion(model: onnx.ModelProto, ranks: dict[str, int]) ->
 
 def _int8_scalar_qparams(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     """A Q/DQ with constant scalar scale and an int8 scalar zero point (what QDQS8ToU8 converts)."""
-    if len(n.input) < 3 or not _is_scalar_init(inits.get(n.input[1])) or not _is_scalar_init(inits.get(n.input[2])):
+    if len(n.input) < 3 or not is_scalar_init(inits.get(n.input[1])) or not is_scalar_init(inits.get(n.input[2])):
         return False
     return inits[n.input[2]].data_type == onnx.TensorProto.INT8
 
@@ -318,7 +319,7 @@ def relu_after_int8_layer_as_max(model: onnx.ModelProto) -> int:
 
     def constant_bounds(c: onnx.NodeProto) -> bool:
         bounds = [b for b in c.input[1:3] if b]
-        return bool(bounds) and all(b in inits and _is_scalar_init(inits[b]) for b in bounds)
+        return bool(bounds) and all(b in inits and is_scalar_init(inits[b]) for b in bounds)
 
     acts = []
     for n in model.graph.node:
