@@ -19,7 +19,8 @@ def register(sub) -> None:
                     "Runtime: on the config's eval set (--config: reports the task metric next to the registered one), "
                     "on --input (.npy/.npz), or on one random batch as a smoke test.",
     )
-    p.add_argument("model", help="NAME@ALIAS (e.g. digits-mlp@champion), NAME/VERSION or models:/...")
+    p.add_argument("model", nargs="?", help="NAME@ALIAS (e.g. digits-mlp@champion), NAME/VERSION or models:/... "
+                   "(default with --config: its tracking.registry_name@tracking.alias, what `promote` registered)")
     p.add_argument("--config", "-c", help="evaluate on this config's eval set (data.eval) with its metric")
     p.add_argument("--input", help=".npy (single-input model) or .npz (one array per input name) to run")
     p.add_argument("--output", help="write the outputs to this .npz")
@@ -80,6 +81,12 @@ def run(args) -> int:
         from pipeline.config import load_config
 
         cfg = load_config(args.config)
+    if args.model is None:
+        if cfg is None:
+            console.print("[red]error:[/red] model: give NAME@ALIAS (e.g. digits-mlp@champion), or --config to load "
+                          "what `promote` registered for it", highlight=False, soft_wrap=True)
+            return 2
+        args.model = f"{cfg.tracking.registry_name or cfg.name}@{cfg.tracking.alias}"
     uri = tracking_uri(args, cfg, args.study)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,13 +106,13 @@ def run(args) -> int:
                         "tensorrt_engine": loaded.tags.get("precision_search.tensorrt_engine")}
         out_names = report["outputs"]
         if cfg is not None:
-            from pipeline.data import load_dataset
+            from pipeline.data import load_eval_set
             from pipeline.measure import task_metric
 
-            ds = load_dataset(cfg.data.eval, cfg, "data.eval")
+            ds = load_eval_set(cfg)  # inputs apart from targets (data.targets) or the old (inputs, targets) form
             names = {i.name for i in session.get_inputs()}
             chunks: dict[str, list] = {n: [] for n in out_names}
-            for feeds in ds.batches(cfg.measure.batch_size):
+            for feeds in ds.batches(cfg.measure.eval_batch):
                 for n, o in zip(out_names, session.run(out_names, {k: v for k, v in feeds.items() if k in names})):
                     chunks[n].append(o)
             outputs = {k: np.concatenate(v) for k, v in chunks.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pipeline.hints import command
 from pipeline.cli.common import add_config_arg, add_store_args, console, load, tracking_uri
 
 
@@ -78,6 +79,6 @@ def run(args) -> int:
     console.print(f"trial {done.trial_number} ({done.policy}: {done.reason})", highlight=False, soft_wrap=True)
     console.print(f"{verb} [bold]{done.registered_name} v{done.version}[/bold]; alias @{done.alias} -> v{done.version}",
                   highlight=False, soft_wrap=True)
-    console.print(f"load it: precision-search load {done.registered_name}@{done.alias}   (tracking: {shown})",
+    console.print(f"load it: {command('load', f'{done.registered_name}@{done.alias}', '--tracking-uri', shown)}",
                   highlight=False, soft_wrap=True)
     return 0

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from rich.markup import escape
 
+from pipeline.hints import command
 from pipeline.cli.common import add_config_arg, parse_overrides
 from pipeline.cli.front import console
 
@@ -122,5 +123,6 @@ def print_summary(summary, config_path: str = "<config>") -> None:
     console.print(escape(summary.ui_hint))
     console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.svg; "
                   f"front trials are tagged pareto=true")
-    console.print(escape(f"  list it again: precision-search front --config {config_path} --study {summary.study}"))
+    console.print(escape(f"  list it again: {command('front', '--config', config_path, '--study', summary.study)}"))
+    console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study)}"))
     console.print(f"done in {summary.wall_seconds:.0f} s")

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_DIR = Path(os.environ.get("PRECISION_SEARCH_CACHE", Path.home() / ".cache" / "precision-search"))
+# Example weights, trained once per machine: $PRECISION_SEARCH_CACHE, else $XDG_CACHE_HOME/precision-search,
+# else ~/.cache/precision-search (README "make search").
+CACHE_DIR = Path(os.environ.get("PRECISION_SEARCH_CACHE")
+                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision-search")
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ hide it. Memory the allocator already held from earlier work and reuses is not
 counted, so it is a lower bound on the artifact's working memory in this runtime.
 
 The measurement code records it with :func:`peak_rss_probe` around the window (see
-the hook in ``pipeline/evaluate.py``); the value travels in ``Measurement.probes``
+the hook in ``pipeline/evaluation/evaluator.py``); the value travels in ``Measurement.probes``
 under :data:`PROBE_KEY`. Where the probe cannot run (not Linux), the key is absent
 and a study with this objective fails the trial with "did not measure".
 """

@@ -92,21 +92,6 @@ def default_tracking_uri(workdir: str | Path) -> str:
     return f"sqlite:///{path / DEFAULT_DB}"
 
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"  # the MLflow 3 UI's name for classic (non-GenAI) experiments
-
-
-def review_url(base: str, experiment_id: str) -> str:
-    """The MLflow UI page to review a study: its trials as a flat runs table (a filter on the trial role, so
-    they are not folded under the parent run), front first (sorted by the ``pareto`` tag), in the model-training
-    view (MLflow 3.17 reads ``workflowType`` from the URL before the browser's last choice)."""
-    from urllib.parse import quote
-
-    trials = quote(f"tags.`{S.TAG_ROLE}` = '{S.ROLE_TRIAL}'")
-    query = f"workflowType=machine_learning&searchFilter={trials}&orderByKey={quote('tags.`pareto`')}&orderByAsc=false"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
-
-
 def sqlite_artifact_location(uri: str, experiment: str) -> str | None:
     """For a server-less SQLite store: artifacts in ``mlartifacts/<experiment>`` next to the database
     (MLflow's own default is ./mlruns in whatever folder the command ran from)."""
@@ -202,15 +187,15 @@ class StudyTracker:
     def _experiment(self, name: str) -> str:
         # MLflow 3's UI opens an experiment without this tag on the GenAI traces overview; a study is classic
         # model development, so the runs table must be the first view.
-        kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        kind = {S.EXPERIMENT_KIND_TAG: S.EXPERIMENT_KIND}
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             return self.client.create_experiment(name, artifact_location=sqlite_artifact_location(self.uri, name),
                                                  tags=kind)
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
-        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
-            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if exp.tags.get(S.EXPERIMENT_KIND_TAG) is None:
+            self.client.set_experiment_tag(exp.experiment_id, S.EXPERIMENT_KIND_TAG, S.EXPERIMENT_KIND)
         return exp.experiment_id
 
     def _parent(self) -> str:
@@ -447,9 +432,13 @@ class StudyTracker:
 
     def ui_hint(self) -> str:
         if self.uri.startswith("sqlite:///"):
-            where = f"make ui   (or: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)"
+            port = os.environ.get("MLFLOW_PORT", "5000")
+            where = (f"make ui, then open {S.review_url(f'http://127.0.0.1:{port}', self.experiment_id)}   "
+                     f"(or: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)")
         else:
-            where = f"tracking server {mask_url(self.uri)}"
+            shown = mask_url(self.uri)
+            where = f"review: {S.review_url(shown, self.experiment_id)}" if shown.startswith("http") else \
+                f"tracking store {shown}"
         return (f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}), "
                 f"parent run {self.parent_run_id} ({self.study}); {where}")
 

@@ -73,3 +73,18 @@ ARTIFACT_FRONT_PLOT_PNG = "pareto/front.png"
 ARTIFACT_FRONT_PLOT_SVG = "pareto/front.svg"  # renders in the artifact viewer; no multi-MB HTML
 ARTIFACT_CONFIG = "config.yaml"  # on the parent run
 ARTIFACT_FAIL_REASON = "fail_reason.txt"  # on failed child runs
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the MLflow 3 UI's name for classic (non-GenAI) experiments
+
+
+def review_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page to review a study: its trials as a flat runs table (a filter on the trial role, so
+    they are not folded under the parent run), front first (sorted by the ``pareto`` tag), in the model-training
+    view (MLflow 3.17 reads ``workflowType`` from the URL before the browser's last choice)."""
+    from urllib.parse import quote
+
+    trials = quote(f"tags.`{TAG_ROLE}` = '{ROLE_TRIAL}'")
+    query = f"workflowType=machine_learning&searchFilter={trials}&orderByKey={quote('tags.`pareto`')}&orderByAsc=false"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.tracking.record import review_url
+from pipeline.tracking.schema import review_url
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
