@@ -251,6 +251,18 @@ class ResolvedPlan(Mapping[str, LayerChoice]):
         """Compact one-line description, e.g. ``fc1=int4(b32) fc2=int8(dyn)``."""
         return " ".join(f"{name}={t}" for name, t in self.tags().items())
 
+    def brief(self, max_layers: int = 6) -> str:
+        """What a progress line shows: every layer when there are few, else the count per format
+        (``int4(b32)x28 int8(dyn)x5 fp32x3``), and what decides the result besides formats (method,
+        calibration where something is calibrated). The full plan stays in ``summary()`` / MLflow."""
+        from collections import Counter
+
+        tags = self.tags()
+        body = self.summary() if len(tags) <= max_layers else " ".join(
+            f"{t}x{n}" for t, n in Counter(tags.values()).most_common())
+        knobs = [self.method] + ([f"calibration {self.calibration.value}"] if self.calibrated else [])
+        return f"{body} [{', '.join(knobs)}]"
+
 
 def resolved(plan: QuantPlan | ResolvedPlan, layer_names: list[str]) -> ResolvedPlan:
     """``plan`` as resolved for ``layer_names``: a :class:`ResolvedPlan` is passed through as is

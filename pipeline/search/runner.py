@@ -50,7 +50,7 @@ from pipeline.results import TrialResult
 from pipeline.search import ray_exec
 from pipeline.search.budget import format_duration
 from pipeline.search.observers import Finisher, NullRecorder, RecorderFactory
-from pipeline.search.plans import Duplicates, knobs, layer_tags, plan_key
+from pipeline.search.plans import Duplicates, knobs
 from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
@@ -102,6 +102,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         self.run_ids: dict[int, str] = {}  # trial number -> MLflow child run
         self.pinned_meter: str | None = None  # measure.energy.meter every dispatched trial runs with
         self._plan_key_cache: dict[int, str] = {}  # trial number -> plan_key
+        self._briefs: dict[int, str] = {}  # trial number -> the plan as its progress line shows it
         self.duplicates: dict[int, list[int]] = {}  # measured trial -> later proposals of the same plan
         self.consecutive_duplicates = 0
         self.stopped_early = ""
@@ -282,8 +283,9 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                 self._track(self.tracker.fail_trial, run_id, reason)
             self.progress.trial_finished(trial.number, "FAIL", reason, counts=study_counts(self.study))
             return
-        summary = plan.summary(self.layer_names)
-        key = plan_key(plan, self.layer_names)
+        resolved = plan.resolve(self.layer_names)  # once per proposal: summary, key, tags and brief read it
+        summary, key = resolved.summary(), resolved.key()
+        self._briefs[trial.number] = resolved.brief()
         proposed = label is None and retry_of is None and trial.user_attrs.get(T_SEED) is None
         skip = self.seeding.skip_reason(plan) if proposed else None
         if skip:  # the sensitivity table says it cannot meet the accuracy budget: no trial spent on it
@@ -304,7 +306,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         trial.set_user_attr(T_PLAN_KEY, key)
         self._plan_key_cache[trial.number] = key
         run_id = self._track(self.tracker.start_trial, trial.number, label, plan.to_yaml(), summary,
-                             layer_tags(plan, self.layer_names), knobs(plan, trial.params), retry_of)
+                             resolved.tags(), knobs(plan, trial.params), retry_of)
         if run_id:
             trial.set_user_attr(T_RUN_ID, run_id)
             self.run_ids[trial.number] = run_id
@@ -366,7 +368,9 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             text = "  ".join(f"{o.shown}={v:.4g}" for o, v in zip(self.infos, values))
             flag = "" if feasible is not False else "  [infeasible: accuracy drop]"
             self.progress.trial_finished(fl.trial.number, "COMPLETE",
-                                         f"{fl.label or ''} {text}{flag}  | {fl.trial.user_attrs.get(T_PLAN_SUMMARY, '')}".strip(),
+                                         f"{fl.label or ''} {text}{flag}  | "
+                                         f"{self._briefs.pop(fl.trial.number, fl.trial.user_attrs.get(T_PLAN_SUMMARY, ''))}"
+                                         .strip(),
                                          counts=study_counts(self.study))
         else:
             retried = self._retry_system_failure(fl, outcome.reason)

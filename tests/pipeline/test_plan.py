@@ -68,3 +68,16 @@ def test_a_pattern_shadowed_by_an_earlier_one_is_an_error_not_ignored():
         QuantPlan(layers={"fc*": "int8", "fc2": "int4", "*": "fp32"}).resolve(names)
     ok = QuantPlan(layers={"fc1": "int4", "fc*": "int8", "*": "fp32"}).resolve(names)
     assert {n: c.format.value for n, c in ok.items()} == {"fc1": "int4", "fc2": "int8", "head": "fp32"}
+
+
+def test_brief_counts_formats_on_a_deep_model_and_names_what_else_decides():
+    names = [f"encoder.layer.{i}.{p}" for i in range(6) for p in ("q", "k", "v", "o", "up", "down")]
+    plan = QuantPlan(layers={"encoder.layer.0.*": "fp32", "*.up": {"format": "int8", "int8_activations": "dynamic"},
+                             "*": "int4"}, calibration="percentile")
+    brief = plan.resolve(names).brief()
+    assert "int4(b32)x25" in brief and "int8(dyn)x5" in brief and "fp32x6" in brief
+    assert "[ptq]" in brief  # nothing calibrated: the calibration method does not matter, so it is not shown
+    static = QuantPlan(layers={"*": "int8"}, calibration="entropy").resolve(names).brief()
+    assert "int8x36" in static and "calibration entropy" in static and len(static) < 80
+    few = QuantPlan(layers={"*": "int4"}).resolve(["fc1", "fc2"]).brief()
+    assert few.startswith("fc1=int4(b32) fc2=int4(b32)")
