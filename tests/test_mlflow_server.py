@@ -192,9 +192,11 @@ def test_search_promote_and_rest_round_trip_over_http(server, tmp_path, monkeypa
 
     # `search --json` over HTTP: MLflow's "View run ... at http://..." lines go to stderr, stdout is one
     # JSON document (resuming the finished study: one more trial).
+    # (its Optuna storage is the one the search used: resuming against an empty default database is refused)
     rc = main(["search", "--config", str(cfg_file), "--study", "over-http", "--trials", str(TINY["search.trials"] + 1),
-               "--json", "--tracking-uri", base, "--no-progress"])
+               "--json", "--tracking-uri", base, "--storage", found.storage, "--no-progress"])
     out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
     summary = json.loads(out.out)
     assert rc == 0 and summary["study"] == "over-http" and "View run" not in out.out
 
