@@ -181,6 +181,10 @@ def _knee(study: StudyRecord, front: list[TrialRecord], policy: str, objectives:
     for o in keys:
         if O.get(o).one_source and not holds_latency(o):
             require_one_energy_source(front, f"knee ({o} is one of its objectives)")
+    chosen = [t for t in front if t.tags.get(S.TAG_KNEE) == "true"]
+    if len(chosen) == 1:  # the search's own knee: decided on the interleaved re-measurement, as `front` shows it
+        return Choice(chosen[0], policy, f"knee point of the {len(front)}-trial front, as the search decided it "
+                                         "(on the interleaved re-measurement where there was one)")
     idx = _knee_index(front, keys, higher_is_better)
     what = ", ".join("energy slot (holding latency p50: energy was only estimated)" if holds_latency(o) else o
                      for o in keys)

@@ -180,7 +180,7 @@ class StudyTracker:
                                   f"({_first_line(exc)}); point it at an MLflow database or server, or move the "
                                   "file aside to start a new one") from None
             raise
-        self._pareto_state: dict[str, bool] = {}
+        self._pareto_state: dict[str, tuple[bool, bool]] = {}  # run id -> (on the front, the knee)
         self._last_plot = 0.0
 
     # -- experiment and parent run -----------------------------------------------
@@ -411,9 +411,11 @@ class StudyTracker:
         for r in records:
             if r.state != "COMPLETE" or not r.run_id:
                 continue
-            if self._pareto_state.get(r.run_id) != r.on_front:
-                self.client.set_tag(r.run_id, S.TAG_PARETO, "true" if r.on_front else "false")
-                self._pareto_state[r.run_id] = r.on_front
+            state = (r.on_front, r.knee)  # the knee too: `promote --policy knee` takes the one the search chose
+            if self._pareto_state.get(r.run_id) != state:
+                self.client.log_batch(r.run_id, tags=[RunTag(S.TAG_PARETO, "true" if r.on_front else "false"),
+                                                      RunTag(S.TAG_KNEE, "true" if r.knee else "false")])
+                self._pareto_state[r.run_id] = state
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_run_id,
                               metrics=[Metric(k, float(v), now, step) for k, v in summary.items()])

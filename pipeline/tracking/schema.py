@@ -15,6 +15,7 @@ TAG_TRIAL_NUMBER = "precision_search.trial_number"  # Optuna trial number (child
 TAG_STATE = "precision_search.state"  # COMPLETE | FAIL | PRUNED (children)
 TAG_FAIL_REASON = "precision_search.fail_reason"
 TAG_PARETO = "pareto"  # "true" | "false" on children; refreshed as trials finish
+TAG_KNEE = "precision_search.knee"  # "true" on the front's knee as the search decided it (re-measured numbers)
 TAG_BASELINE = "precision_search.baseline"  # e.g. "uniform-int8" for the uniform baselines
 TAG_METHOD = "precision_search.method"  # ptq | qat
 TAG_BACKEND = "backend"
