@@ -178,3 +178,30 @@ def test_no_module_over_600_lines():
     allowed = {"pipeline/study.py", "pipeline/registry.py", "pipeline/models/keras_adapter.py",
                "exporters/quant/ort_passes.py"}  # other engineers' splits in progress
     assert not [x for x in long if x[0] not in allowed], long
+
+
+# Beyond the layer order: the objective vocabulary stays pure (no config, no services), and the search
+# loop never talks to MLflow itself (the tracker, an observer handed in by pipeline.tracking, does).
+SERVICE_FREE: dict[str, tuple[str, ...]] = {
+    "pipeline/objectives": ("pipeline.config", "mlflow", "optuna", "ray"),
+    "pipeline/search": ("mlflow",),
+}
+
+
+def _all_imported(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+    return out
+
+
+def test_objectives_and_the_search_loop_import_no_services():
+    bad = [f"{path.relative_to(ROOT)} imports {name}"
+           for package, forbidden in SERVICE_FREE.items()
+           for path in sorted((ROOT / package).rglob("*.py"))
+           for name in _all_imported(path)
+           if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    assert not bad, "\n".join(bad)
