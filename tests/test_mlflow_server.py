@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,14 +18,10 @@ import re
 
 import pytest
 
+from tests.servers import free_port, stop, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "mlflow" / "server.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(base: str, path: str, **query) -> dict:
@@ -49,18 +41,6 @@ def _assert_loopback_only(port: int) -> None:
     assert all(line.split()[3].startswith("127.0.0.1:") for line in out.splitlines()), out
 
 
-def _stop(proc: subprocess.Popen, log) -> None:
-    """End the process group this test started (mlflow and its workers), then close its log."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    log.close()
-
-
 def _server_env(tmp: Path, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -77,28 +57,16 @@ def _server_env(tmp: Path, port: int) -> dict[str, str]:
 
 @pytest.fixture
 def server(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(["bash", str(SERVER)], env=_server_env(tmp_path, port), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited ({proc.returncode}):\n{(tmp_path / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no /health after 90 s:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
+        wait_healthy(proc, base, tmp_path / "server.log")
         yield base, tmp_path
     finally:
-        _stop(proc, log)
+        stop(proc, log)
 
 
 def test_server_script_binds_loopback_and_reads_its_settings(tmp_path):
@@ -209,7 +177,7 @@ def test_ui_script_serves_the_local_store_on_loopback(tmp_path):
     workdir.mkdir()
     MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").create_experiment(
         "from-the-search", artifact_location=(workdir / "mlartifacts" / "x").as_uri())
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_PORT=str(port), PRECISION_SEARCH_WORKDIR=str(workdir),
                MLFLOW_BIN=str(Path(sys.executable).with_name("mlflow")))
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -218,19 +186,11 @@ def test_ui_script_serves_the_local_store_on_loopback(tmp_path):
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "ui.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, (tmp_path / "ui.log").read_text()
-                time.sleep(0.5)
+        wait_healthy(proc, base, tmp_path / "ui.log")
         names = [e["name"] for e in _get(base, "/api/2.0/mlflow/experiments/search", max_results=10)["experiments"]]
         assert "from-the-search" in names
         with urllib.request.urlopen(f"{base}/", timeout=10) as r:
             assert b"<html" in r.read(200).lower()
         _assert_loopback_only(port)
     finally:
-        _stop(proc, log)
+        stop(proc, log)

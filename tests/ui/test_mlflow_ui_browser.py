@@ -15,12 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import pytest
 import yaml
 
 from pipeline.tracking.schema import review_url
+from tests.servers import free_port, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,12 +36,6 @@ pytestmark = [
     pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                        reason="no Chromium/ChromeDriver: apt-get install -y chromium chromium-driver (.ci/run does)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, cwd: Path, env: dict) -> str:
@@ -73,7 +65,7 @@ def reviewed(tmp_path_factory):
     promoted = json.loads(_cli("promote", "--config", str(cfg_file), "--study", "ui", "--policy", "knee", "--json",
                                cwd=tmp, env=env))
 
-    port = _free_port()
+    port = free_port()
     ui_env = dict(env, MLFLOW_PORT=str(port), PRECISION_SEARCH_WORKDIR=str(work),
                   MLFLOW_BIN=str(Path(sys.executable).with_name("mlflow")))
     log = (tmp / "ui.log").open("w")
@@ -81,24 +73,10 @@ def reviewed(tmp_path_factory):
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp / "ui.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, (tmp / "ui.log").read_text()
-                time.sleep(0.5)
+        wait_healthy(proc, base, tmp / "ui.log", timeout=120)
         yield {"base": base, "summary": summary, "promoted": promoted, "tmp": tmp}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop(proc, log)
 
 
 @pytest.fixture(scope="module")
