@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret-cluster-pw"  # trust auth accepts any password: it must still appear nowhere
@@ -40,12 +41,6 @@ def _pg_ready() -> str | None:
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_pg_ready() is not None, reason=str(_pg_ready()))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cluster_env(prefix: str, ray_port: int, mlflow_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "PRECISION_SEARCH_STORAGE", "MLFLOW_TRACKING_URI")}
@@ -64,7 +59,7 @@ def _read_env(path: Path) -> dict[str, str]:
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     prefix = f"pstest_{uuid.uuid4().hex[:8]}"
-    ray_port, mlflow_port = _free_port(), _free_port()
+    ray_port, mlflow_port = free_port(), free_port()
     env = _cluster_env(prefix, ray_port, mlflow_port)
     # A copy of the cluster scripts, so that this test's cluster/.env never touches the developer's checkout.
     scripts = tmp / "repo" / "cluster"

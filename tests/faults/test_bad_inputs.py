@@ -8,18 +8,13 @@ databases, and an Optuna database lost under a live MLflow record, are in test_s
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.servers import free_port
+
 from tests.faults.helpers import search_args
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mlflow_db(path: Path) -> str:
@@ -65,7 +60,7 @@ CASES = {
     "tracking uri is a folder": (lambda t: ["--tracking-uri", f"sqlite:///{t}"], ["--tracking-uri", "is a folder"]),
     "tracking uri is an Optuna database": (lambda t: ["--tracking-uri", _optuna_db(t / "o.db")],
                                            ["--tracking-uri", "cannot be opened as an MLflow store"]),
-    "tracking server down": (lambda t: ["--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
+    "tracking server down": (lambda t: ["--tracking-uri", f"http://127.0.0.1:{free_port()}"],
                              ["--tracking-uri", "does not answer"]),
     "batch size beyond memory": (lambda t: ["--set", "measure.batch_size=2000000000"],
                                  ["measure.batch_size", "GiB", "available"]),

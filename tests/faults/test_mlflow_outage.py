@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 from tests.faults.helpers import ROOT, cli, optuna_study, search_args, start_cli, stop_group, study_runs
-from tests.test_mlflow_server import _free_port, _server_env
+from tests.servers import free_port as _free_port, wait_healthy
+from tests.test_mlflow_server import _server_env
 
 SERVER = ROOT / "mlflow" / "server.sh"
 
@@ -21,17 +21,8 @@ def _start_server(tmp: Path, port: int, n: int) -> subprocess.Popen:
     log = open(tmp / f"server{n}.log", "w")
     proc = subprocess.Popen(["bash", str(SERVER)], env=_server_env(tmp, port), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, (tmp / f"server{n}.log").read_text()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, (tmp / f"server{n}.log").read_text()
-        time.sleep(0.5)
+    wait_healthy(proc, f"http://127.0.0.1:{port}", tmp / f"server{n}.log", timeout=120)
+    return proc
 
 
 def _wait_for(log: Path, pattern: str, proc, timeout: float) -> bool:
