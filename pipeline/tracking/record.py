@@ -285,7 +285,7 @@ class StudyTracker:
         run_id = run.info.run_id
         params = {**{k: v for k, v in knobs.items()}, S.PARAM_PLAN: plan_summary}
         params.update({f"{S.PARAM_LAYER_PREFIX}{n}": f for n, f in layer_formats.items()})
-        plist = [Param(k[:250], str(v)[:MAX_PARAM]) for k, v in params.items()]
+        plist = [Param(S.param_key(k), str(v)[:MAX_PARAM]) for k, v in params.items()]
         for i in range(0, len(plist), 100):
             self.client.log_batch(run_id, params=plist[i : i + 100])
         self.client.log_text(run_id, plan_yaml, S.ARTIFACT_PLAN)

@@ -58,6 +58,16 @@ VTAG_ENGINE = "precision_search.tensorrt_engine"
 # Child-run params and metrics written by pipeline.tracking.record.
 PARAM_PLAN = "plan"  # plan summary
 PARAM_LAYER_PREFIX = "layer."  # + layer name: its format
+
+
+def param_key(name: str) -> str:
+    """An MLflow-legal param/metric key for ``name``: MLflow allows only alphanumerics and ``_ - . : /``
+    and spaces, while search parameters such as ``group:encoder.layer.*.attention.self.query``
+    (``search.group_layers: role``) and user layer names may hold other characters; those become
+    ``_`` (``*`` becomes ``all``, so a role group still reads as one), cut to MLflow's 250."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-.:/ ]", "_", name.replace("*", "all"))[:250]
 METRIC_TRIAL_SECONDS = "trial_seconds"
 METRIC_OBJECTIVE_PREFIX = "objective."  # + objective name: the exact value Optuna optimised
 

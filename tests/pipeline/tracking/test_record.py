@@ -158,3 +158,15 @@ def test_plots_label_baselines_and_mark_the_front(tmp_path):
     plot_front_png([TrialRecord(number=0, state="FAIL")], OBJ, tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 0
     assert front_csv([], OBJ).startswith("trial,baseline,knee,feasible,accuracy")
+
+
+def test_role_group_params_are_logged_under_legal_keys(store, monkeypatch):
+    """``search.group_layers: role`` names its Optuna params ``group:...layer.*.query``; MLflow refuses ``*``."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tr = StudyTracker("exp-groups", "s", store, "cafe")
+    knobs = {"method": "ptq", "group:enc.layer.*.attention.self.query": "int8", "layer:head(1)": "int4"}
+    run_id = tr.start_trial(0, None, "layers: {}\n", "int8x2", {"enc.layer.0.attention.self.query": "int8"}, knobs)
+    params = tr.client.get_run(run_id).data.params
+    assert params["group:enc.layer.all.attention.self.query"] == "int8"
+    assert params["layer:head_1_"] == "int4"
+    assert params[S.PARAM_LAYER_PREFIX + "enc.layer.0.attention.self.query"] == "int8"
