@@ -60,6 +60,7 @@ class Measured:
         self.work = workdir
         self.cache: dict[str, tuple[float, float, float] | None] = {}
         self.artifacts: dict[str, str] = {}
+        self.cost: dict[str, float] = {}  # seconds the first measurement of each plan took
         self.seconds = 0.0
 
     @staticmethod
@@ -89,7 +90,8 @@ class Measured:
             except Exception as exc:  # noqa: BLE001 - a failed plan is a failed trial for every strategy
                 print(f"  plan failed: {type(exc).__name__}: {exc}"[:200])
                 self.cache[k] = None
-            self.seconds += time.perf_counter() - start
+            self.cost[k] = time.perf_counter() - start
+            self.seconds += self.cost[k]
         return self.cache[k]
 
     def remeasure(self, keys: list[str], rounds: int, runs: int) -> dict[str, float]:
@@ -124,12 +126,15 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = measured.names
     keys, skipped = [], 0
+    trace: list[tuple[int, str | None]] = []  # (trial index, plan key or None when pruned/failed), in order
     if name == "uniform":
-        for f in config.search.formats:
+        for i, f in enumerate(config.search.formats):
             plan = QuantPlan.uniform(f)
+            k = measured.key(plan, names)
+            trace.append((i, k if measured(plan) else None))
             if measured(plan):
-                keys.append(measured.key(plan, names))
-        return {"keys": keys, "trials": len(config.search.formats), "skipped": 0}
+                keys.append(k)
+        return {"keys": keys, "trace": trace, "trials": len(config.search.formats), "skipped": 0}
     kwargs = space_inputs(config, None, seeding) if name == "seeded" else {}
     space = SearchSpace.build(config.search, names, **kwargs)
     if name == "random":
@@ -145,20 +150,47 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
                 study.enqueue_trial(space.params_for({n: c.format for n, c in plan.resolve(names).items()}))
             except ValueError as exc:
                 print(f"  seed not in the space: {exc}")
-    for _ in range(n_trials):
+    for i in range(n_trials):
         trial = study.ask()
         plan = space.suggest(trial)
         if name == "seeded" and seeding.skip_reason(plan):
             skipped += 1
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            trace.append((i, None))
             continue
         r = measured(plan)
         if r is None:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            trace.append((i, None))
             continue
         study.tell(trial, list(r))
         keys.append(measured.key(plan, names))
-    return {"keys": keys, "trials": n_trials, "skipped": skipped}
+        trace.append((i, keys[-1]))
+    return {"keys": keys, "trace": trace, "trials": n_trials, "skipped": skipped}
+
+
+def prefix_after_trials(trace: list[tuple[int, str | None]], n: int) -> list[str]:
+    """The plans a strategy had measured within its first ``n`` trials (pruned/failed ones count as trials)."""
+    return [k for i, k in trace if i < n and k is not None]
+
+
+def prefix_after_seconds(trace: list[tuple[int, str | None]], cost: dict[str, float], seconds: float,
+                         upfront: float = 0.0) -> list[str]:
+    """The plans a strategy had measured within ``seconds`` of measurement time: each trial is charged the
+    seconds its plan's first measurement took (a plan it repeats costs nothing, as the product's study
+    answers a repeated proposal from the first one);
+    ``upfront`` is the one-off cost paid before the first trial (the seeded search's sensitivity table)."""
+    spent, out, seen = upfront, [], set()
+    for _, k in trace:
+        if k is None:
+            continue
+        if k not in seen:  # a repeat costs nothing: generous to the baselines' samplers
+            spent += cost.get(k, 0.0)
+            seen.add(k)
+        if spent > seconds:
+            break
+        out.append(k)
+    return out
 
 
 def score(points, ref_acc: float, budget: float, fp32_lat: float, fp32_size: float) -> float:
@@ -178,6 +210,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-rows", type=int, default=None, help="cap the eval rows of every trial (all by default)")
     ap.add_argument("--runs", type=int, default=10, help="timed batches per trial and per re-timing round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved re-timing rounds after the search")
+    ap.add_argument("--after-trials", type=int, nargs="*", default=[10, 40],
+                    help="also score each strategy after its first N trials (e.g. seeded after 10 vs TPE after 40)")
+    ap.add_argument("--after-minutes", type=float, nargs="*", default=[],
+                    help="also score each strategy after T minutes of measurement (the seeded search is charged "
+                         "its sensitivity table first)")
     ap.add_argument("--workdir", default=str(ROOT / ".precision-search" / "bench-search-quality"))
     args = ap.parse_args(argv)
 
@@ -205,12 +242,17 @@ def main(argv=None) -> int:
             console.print(f"sensitivity: {len(t.cells)} cells, {t.eval_label}, "
                           f"{'from the cache' if t.from_cache else f'{sens_s:.0f} s (one-off, cached)'}; "
                           f"{len(seeding.plans)} seed plans", highlight=False)
+        upfront = 0.0
+        if seeding:
+            upfront = sum(c.seconds for c in seeding.table.cells) if seeding.table.from_cache else sens_s
+        traces: dict[tuple[str, int], list] = {}
         runs: dict[tuple[str, int], list[str]] = {}
         skipped: dict[str, int] = {s: 0 for s in args.strategies}
         for seed in args.seeds:
             for s in args.strategies:
                 out = run_strategy(s, seed, config, measured, seeding, args.trials)
                 runs[(s, seed)] = out["keys"]
+                traces[(s, seed)] = out["trace"]
                 skipped[s] += out["skipped"]
         # Latency of every feasible plan and FP32, re-timed interleaved: the numbers the score uses.
         fp32_key = measured.key(QuantPlan.uniform("fp32"), measured.names)
@@ -223,6 +265,19 @@ def main(argv=None) -> int:
             points = [(measured.cache[k][0], latency[k], measured.cache[k][2]) for k in keys if k in latency]
             results[s].append(score(points, ref_acc, budget, latency[fp32_key], fp32[2]))
             console.print(f"  seed {seed} {s:8s} hypervolume {results[s][-1]:.4f}", highlight=False)
+        at: dict[str, dict[str, list[float]]] = {}  # checkpoint label -> strategy -> per-seed hypervolume
+
+        def hv(keys: list[str]) -> float:
+            pts = [(measured.cache[k][0], latency[k], measured.cache[k][2]) for k in keys if k in latency]
+            return score(pts, ref_acc, budget, latency[fp32_key], fp32[2])
+
+        for (s, seed), trace in traces.items():
+            for n in args.after_trials:
+                if n <= args.trials or s == "uniform":
+                    at.setdefault(f"{n} trials", {}).setdefault(s, []).append(hv(prefix_after_trials(trace, n)))
+            for m in args.after_minutes:
+                keys = prefix_after_seconds(trace, measured.cost, 60 * m, upfront if s == "seeded" else 0.0)
+                at.setdefault(f"{m:g} min", {}).setdefault(s, []).append(hv(keys))
     table = Table(title=f"hypervolume after {args.trials} trials (accuracy x latency x size, reference = FP32 at the "
                         f"budget; mean over seeds {args.seeds}; latency re-timed interleaved, median of "
                         f"{args.rounds} rounds)")
@@ -234,6 +289,22 @@ def main(argv=None) -> int:
         table.add_row(s, f"{base[s]:.4f}", f"{min(vals):.4f}", f"{max(vals):.4f}", rel("random"), rel("uniform"),
                       str(skipped[s]))
     console.print(table)
+    if at:
+        cp = Table(title="hypervolume at checkpoints (mean over seeds): after a strategy's first N trials, and "
+                         "after T minutes of measurement (seeded: its sensitivity table charged first)")
+        cp.add_column("checkpoint")
+        for s in args.strategies:
+            cp.add_column(s, justify="right")
+        for label, by in at.items():
+            cp.add_row(label, *[f"{statistics.mean(by[s]):.4f}" if s in by else "-" for s in args.strategies])
+        console.print(cp)
+    import datetime
+    import os
+    import platform
+
+    console.print(f"measured {datetime.datetime.now().isoformat(timespec='minutes')} on {platform.node()} "
+                  f"({measured.ev.backend.device()}), load average {os.getloadavg()[0]:.1f}; sensitivity one-off "
+                  f"cost {upfront:.0f} s", highlight=False)
     console.print(f"{len(measured.cache)} distinct plans measured in {measured.seconds:.0f} s; FP32 re-timed p50 "
                   f"{latency[fp32_key]:.3f} ms", highlight=False)
     return 0
