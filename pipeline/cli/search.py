@@ -84,11 +84,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))
         return 0
-    print_summary(summary, args.config)
+    print_summary(summary, args.config, workdir=f"{cfg.work_root} ({cfg.work_where})")
     return 0
 
 
-def print_summary(summary, config_path: str = "<config>") -> None:
+def print_summary(summary, config_path: str = "<config>", workdir: str | None = None) -> None:
     from pipeline.cli.front import print_front
 
     console.print()
@@ -119,7 +119,9 @@ def print_summary(summary, config_path: str = "<config>") -> None:
         console.print(f"resumed: {summary.orphans_recovered} orphaned trial(s) were marked failed and retried")
     for err in summary.tracking_errors:
         console.print(f"[yellow]warning:[/yellow] {escape(err)} (run the command again to reconcile MLflow)")
-    console.print(escape(f"Optuna study: {summary.storage} (study {summary.study})"))
+    if workdir:  # where everything of this config lives; front/promote/load/ui look here too
+        console.print(escape(f"workdir: {workdir}"), soft_wrap=True)
+    console.print(escape(f"Optuna study: {summary.storage} (study {summary.study})"), soft_wrap=True)
     console.print(escape(summary.ui_hint))
     console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.svg; "
                   f"front trials are tagged pareto=true")
