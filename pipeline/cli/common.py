@@ -38,7 +38,8 @@ def load(args):
 
 
 STORAGE_HELP = ("Optuna storage URL, any SQLAlchemy URL; postgresql://, postgresql+psycopg:// and "
-                "postgresql+psycopg2:// all work (default: $PRECISION_SEARCH_STORAGE or sqlite:///<workdir>/<name>/optuna.db)")
+                "postgresql+psycopg2:// all work (default: $PRECISION_SEARCH_STORAGE or sqlite:///<workdir>/<name>/optuna.db; "
+                "a relative workdir is under the config's project root)")
 TRACKING_HELP = ("MLflow tracking URI: http://host:5000 for a server, or a database URL (default: "
                  "$MLFLOW_TRACKING_URI, else the one the study recorded in --storage, else sqlite:///<workdir>/mlflow.db)")
 

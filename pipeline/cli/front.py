@@ -180,7 +180,7 @@ def print_front(records, infos, title: str, energy_source: str | None = None, pr
     if any(r.knee for r in records):
         notes.append("* knee point (balanced trade-off; "
                      + (f"promote it: {promote}" if promote else "`promote --policy knee` picks it") + ")")
-    if not full and any(r.short_plan != r.plan_summary for r in records):
+    if not full and any(" · " in r.short_plan for r in records):
         notes.append("plan: format counts, then what differs from the nearest uniform baseline, [method, "
                      "calibration]; every layer: --full, or the run's `plan` and layer.* params in MLflow")
     notes.append("MLflow child runs are named <baseline|trial>-<trial number>; --json gives their run ids")
