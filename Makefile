@@ -59,8 +59,9 @@ sensitivity: $(STAMP)
 load: $(STAMP)
 	$(BIN)/precision-search load $(MODEL) --config $(CONFIG)
 
+# The MLflow UI on the store of CONFIG's workdir (PRECISION_SEARCH_WORKDIR overrides).
 ui: $(STAMP)
-	bash mlflow/ui.sh
+	PRECISION_SEARCH_CONFIG=$(CONFIG) bash mlflow/ui.sh
 
 mlflow-server: $(STAMP)
 	bash mlflow/server.sh

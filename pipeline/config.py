@@ -332,10 +332,12 @@ class SearchConfig(_OmitNewDefaults):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     loss: str | None = None  # QAT loss: "cross_entropy", "mse" or import string
-    workdir: str = ".precision-search"
+    workdir: str = ".precision-search"  # relative: under the config's project root (see `work_root`)
 
     # Set by load_config: the folder the YAML lives in, for relative paths.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    # Set by load_config: the YAML file itself (absolute); None for configs built in memory.
+    config_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("name")
     @classmethod
@@ -366,8 +368,41 @@ class SearchConfig(_OmitNewDefaults):
         return alt if alt.exists() else path
 
     @property
+    def work_root(self) -> Path:
+        """The workdir as an absolute path: THE place every store (``optuna.db``, ``mlflow.db``,
+        artifacts, caches) lives. A relative ``workdir`` is anchored to the config's project root
+        (:func:`project_root`), so ``promote --config /abs/my.yaml`` run from any folder finds the
+        store ``search`` wrote; a config built in memory (``pipeline.api``) keeps the current folder."""
+        path = Path(os.path.expandvars(os.path.expanduser(self.workdir)))
+        if path.is_absolute():
+            return path
+        anchor = project_root(self.config_file.parent, path) if self.config_file is not None else Path.cwd()
+        return (anchor / path).resolve()
+
+    @property
+    def work_where(self) -> str:
+        """Where ``work_root`` came from, in words, for messages that name a store."""
+        if Path(os.path.expanduser(self.workdir)).is_absolute():
+            return f"workdir {self.workdir!r}"
+        origin = f"config {self.config_file}" if self.config_file is not None else "the current folder"
+        return f"workdir {self.workdir!r} of {origin}"
+
+    @property
     def work_path(self) -> Path:
-        return Path(self.workdir) / self.name
+        return self.work_root / self.name
+
+
+PROJECT_MARKERS = ("pyproject.toml", ".git")
+
+
+def project_root(folder: Path, workdir: Path = Path(".precision-search")) -> Path:
+    """The nearest folder at or above ``folder`` holding ``pyproject.toml``, ``.git`` or an existing
+    ``workdir`` folder (the repo a preset lives in, or a project already searched), else ``folder``."""
+    folder = Path(folder).resolve()
+    for d in (folder, *folder.parents):
+        if any((d / m).exists() for m in PROJECT_MARKERS) or (d / workdir).is_dir():
+            return d
+    return folder
 
 
 def _check_import_strings(cfg: SearchConfig) -> list[str]:
@@ -457,4 +492,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None, check
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    return parse_config(data, source=str(path), base_dir=path.parent, check_imports=check_imports)
+    cfg = parse_config(data, source=str(path), base_dir=path.parent, check_imports=check_imports)
+    cfg.config_file = path.resolve()
+    return cfg

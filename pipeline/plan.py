@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal, Union
@@ -251,17 +252,63 @@ class ResolvedPlan(Mapping[str, LayerChoice]):
         """Compact one-line description, e.g. ``fc1=int4(b32) fc2=int8(dyn)``."""
         return " ".join(f"{name}={t}" for name, t in self.tags().items())
 
-    def brief(self, max_layers: int = 6) -> str:
-        """What a progress line shows: every layer when there are few, else the count per format
-        (``int4(b32)x28 int8(dyn)x5 fp32x3``), and what decides the result besides formats (method,
-        calibration where something is calibrated). The full plan stays in ``summary()`` / MLflow."""
-        from collections import Counter
-
+    def brief(self, max_layers: int = 6, max_names: int = 3) -> str:
+        """What a progress line, ``front`` and MLflow's ``plan_brief`` show: every layer when there are few,
+        else the count per format and what differs from the nearest uniform baseline
+        (``int8x33 fp32x3 · uniform int8 except 3 fp32 (encoder.layer.0.attention.*, classifier)``), then what
+        decides the result besides formats (method, calibration where something is calibrated; activations
+        are in the tags, ``int8(dyn)``). The full plan stays in ``summary()`` / MLflow / ``front --full``."""
         tags = self.tags()
         body = self.summary() if len(tags) <= max_layers else " ".join(
-            f"{t}x{n}" for t, n in Counter(tags.values()).most_common())
+            f"{t}x{n}" for t, n in Counter(tags.values()).most_common()) + " · " + self.baseline_diff(max_names)
         knobs = [self.method] + ([f"calibration {self.calibration.value}"] if self.calibrated else [])
         return f"{body} [{', '.join(knobs)}]"
+
+    def baseline_diff(self, max_names: int = 3) -> str:
+        """How the plan differs from its nearest uniform baseline (the format most layers have; a tie goes to
+        the one that comes first in layer order): ``uniform int8 except 3 fp32 (encoder.layer.0.attention.*,
+        classifier)``. Layers are listed as glob patterns of the plan's own syntax: a dotted (or ``/``) prefix
+        whose layers all differ the same way is one ``prefix.*``; at most ``max_names`` patterns, then
+        ``+N more``."""
+        tags = self.tags()
+        base = Counter(tags.values()).most_common(1)[0][0]
+        groups: dict[str, list[str]] = {}
+        for name, tag in tags.items():
+            if tag != base:
+                groups.setdefault(tag, []).append(name)
+        if not groups:
+            return f"uniform {base}"
+        parts, budget = [], max_names
+        for tag, names in groups.items():
+            patterns = layer_patterns(names, list(tags))
+            shown, budget = patterns[:max(budget, 0)], budget - len(patterns)
+            more = f"{', ' if shown else ''}+{len(patterns) - len(shown)} more" if len(shown) < len(patterns) else ""
+            parts.append(f"{len(names)} {tag} ({', '.join(shown)}{more})")
+        return f"uniform {base} except {', '.join(parts)}"
+
+
+def layer_patterns(selected: list[str], all_names: list[str]) -> list[str]:
+    """``selected`` layer names as few glob patterns: each name becomes the shortest ``prefix.*`` (split at
+    ``.`` or ``/``) that matches two or more layers, all of them in ``selected``; else the name itself.
+    In layer order, so the result is deterministic."""
+    chosen = set(selected)
+    out: list[str] = []
+    covered: set[str] = set()
+    for name in selected:
+        if name in covered:
+            continue
+        pattern = name
+        for i, ch in enumerate(name):
+            if ch not in "./" or i == 0:
+                continue
+            under = [n for n in all_names if n.startswith(name[: i + 1])]
+            if len(under) > 1 and all(n in chosen for n in under):
+                pattern = name[: i + 1] + "*"
+                covered.update(under)
+                break
+        covered.add(name)
+        out.append(pattern)
+    return out
 
 
 def resolved(plan: QuantPlan | ResolvedPlan, layer_names: list[str]) -> ResolvedPlan:

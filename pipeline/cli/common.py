@@ -38,7 +38,8 @@ def load(args):
 
 
 STORAGE_HELP = ("Optuna storage URL, any SQLAlchemy URL; postgresql://, postgresql+psycopg:// and "
-                "postgresql+psycopg2:// all work (default: $PRECISION_SEARCH_STORAGE or sqlite:///<workdir>/<name>/optuna.db)")
+                "postgresql+psycopg2:// all work (default: $PRECISION_SEARCH_STORAGE or sqlite:///<workdir>/<name>/optuna.db; "
+                "a relative workdir is under the config's project root)")
 TRACKING_HELP = ("MLflow tracking URI: http://host:5000 for a server, or a database URL (default: "
                  "$MLFLOW_TRACKING_URI, else the one the study recorded in --storage, else sqlite:///<workdir>/mlflow.db)")
 
@@ -50,16 +51,22 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def tracking_uri(args, cfg=None, study: str | None = None) -> str:
-    """Where the MLflow record is: ``--tracking-uri``; else $MLFLOW_TRACKING_URI; else the URI the study
-    recorded in its Optuna storage (``--storage``/$PRECISION_SEARCH_STORAGE: a cluster's record is found
-    from the study alone); else ``sqlite:///<workdir>/mlflow.db``. Database URLs go to the installed driver."""
+    """Where the MLflow record is, for the read commands: ``--tracking-uri``; else $MLFLOW_TRACKING_URI; else
+    the URI the study recorded in its Optuna storage (``--storage``/$PRECISION_SEARCH_STORAGE: a cluster's record
+    is found from the study alone); else ``sqlite:///<work_root>/mlflow.db``. Database URLs go to the installed
+    driver. A SQLite file that does not exist is refused with where it looked (:mod:`pipeline.cli.stores`),
+    never created."""
     import os
+    from pathlib import Path
 
+    from pipeline.cli.stores import must_exist
     from pipeline.search.storage import A_TRACKING_URI
     from pipeline.tracking.record import default_tracking_uri, user_tracking_uri
     from pipeline.urls import normalize_db_url
 
+    config_arg = getattr(args, "config", None)
     uri = getattr(args, "tracking_uri", None) or user_tracking_uri()
+    origin = "given by --tracking-uri or $MLFLOW_TRACKING_URI" if uri else None
     storage = getattr(args, "storage", None) or os.environ.get("PRECISION_SEARCH_STORAGE")
     if not uri and storage and cfg is not None:
         import optuna
@@ -68,11 +75,17 @@ def tracking_uri(args, cfg=None, study: str | None = None) -> str:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         name = validate_study_name(study or cfg.name)
+        storage = must_exist(normalize_db_url(storage, "--storage"), "--storage", "Optuna study database", cfg,
+                             config_arg, origin="given by --storage or $PRECISION_SEARCH_STORAGE")
         try:
-            recorded = optuna.load_study(study_name=name, storage=normalize_db_url(storage, "--storage")).user_attrs
-            uri = recorded.get(A_TRACKING_URI)
+            uri = optuna.load_study(study_name=name, storage=storage).user_attrs.get(A_TRACKING_URI)
+            origin = f"recorded by study {name!r} in --storage" if uri else None
         except KeyError:  # no such study there: fall back to the default record
             uri = None
     if not uri:
-        uri = default_tracking_uri(cfg.workdir if cfg is not None else ".precision-search")
-    return normalize_db_url(uri, "--tracking-uri")
+        from pipeline.config import project_root
+
+        work = cfg.work_root if cfg is not None else project_root(Path.cwd()) / ".precision-search"
+        uri = default_tracking_uri(work, create=False)
+    uri = normalize_db_url(uri, "--tracking-uri")
+    return must_exist(uri, "--tracking-uri", "MLflow tracking database", cfg, config_arg, origin=origin)

@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL (default: $PRECISION_SEARCH_STORAGE or sqlite:///<workdir>/<name>/optuna.db)")
     p.add_argument("--all", action="store_true", help="list every trial, not only the front")
+    p.add_argument("--full", action="store_true",
+                   help="show every layer's format in the plan column (default: the plan in brief: format counts and "
+                        "what differs from the nearest uniform baseline)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -34,8 +37,10 @@ def run(args) -> int:
     from pipeline.search.records import build_records, study_objectives
     from pipeline.search.storage import A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_PARENT_RUN, open_study
 
+    from pipeline.cli.stores import read_storage
+
     cfg = load(args)
-    study = open_study(cfg, args.study, args.storage)
+    study = open_study(cfg, args.study, read_storage(cfg, args.storage, args.config))
     infos = study_objectives(study, cfg.metric.name)
     records = build_records(study, infos)
     shown = records if args.all else [r for r in records if r.on_front]
@@ -61,7 +66,7 @@ def run(args) -> int:
         return 0
     print_front(shown, infos, title=f"study {study.study_name}: "
                 + (f"all {len(shown)} trials" if args.all else f"Pareto front ({len(shown)} of {len(records)} trials)"),
-                energy_source=attrs.get(A_ENERGY_SOURCE),
+                energy_source=attrs.get(A_ENERGY_SOURCE), full=args.full,
                 promote=command("promote", "--config", args.config, "--study", study.study_name, "--policy", "knee"))
     if pin.get("meter"):
         console.print(escape(f"energy meter pinned to {pin['meter']} ({pin.get('by', '')})"))
@@ -104,7 +109,8 @@ def energy_sources(records) -> dict[str, list[int]]:
     return out
 
 
-def print_front(records, infos, title: str, energy_source: str | None = None, promote: str | None = None) -> None:
+def print_front(records, infos, title: str, energy_source: str | None = None, promote: str | None = None,
+                full: bool = False) -> None:
     """The front as a table, with its notes; ``promote`` is the command that promotes the knee (a hint that
     runs verbatim, :func:`pipeline.hints.command`)."""
     """The table; the energy column names its source, and a mix of sources is called out."""
@@ -159,7 +165,7 @@ def print_front(records, infos, title: str, energy_source: str | None = None, pr
         cells.append(("-" if drop is None else f"{drop:+.4f}") + flag)
         bits = r.metrics.get("effective_bits_per_weight")
         cells.append("-" if bits is None else f"{bits:.2f}")
-        cells.append(escape(r.plan_summary))
+        cells.append(escape(r.plan_summary if full else r.short_plan))
         t.add_row(*cells)
     console.print(t)
     if len(sources) > 1:
@@ -174,6 +180,9 @@ def print_front(records, infos, title: str, energy_source: str | None = None, pr
     if any(r.knee for r in records):
         notes.append("* knee point (balanced trade-off; "
                      + (f"promote it: {promote}" if promote else "`promote --policy knee` picks it") + ")")
+    if not full and any(" · " in r.short_plan for r in records):
+        notes.append("plan: format counts, then what differs from the nearest uniform baseline, [method, "
+                     "calibration]; every layer: --full, or the run's `plan` and layer.* params in MLflow")
     notes.append("MLflow child runs are named <baseline|trial>-<trial number>; --json gives their run ids")
     for n in notes:
         console.print(escape(n))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 from collections.abc import Iterator
 
@@ -84,11 +85,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))
         return 0
-    print_summary(summary, args.config)
+    print_summary(summary, args.config, workdir=f"{cfg.work_root} ({cfg.work_where})")
     return 0
 
 
-def print_summary(summary, config_path: str = "<config>") -> None:
+def print_summary(summary, config_path: str = "<config>", workdir: str | None = None) -> None:
     from pipeline.cli.front import print_front
 
     console.print()
@@ -119,10 +120,23 @@ def print_summary(summary, config_path: str = "<config>") -> None:
         console.print(f"resumed: {summary.orphans_recovered} orphaned trial(s) were marked failed and retried")
     for err in summary.tracking_errors:
         console.print(f"[yellow]warning:[/yellow] {escape(err)} (run the command again to reconcile MLflow)")
-    console.print(escape(f"Optuna study: {summary.storage} (study {summary.study})"))
-    console.print(escape(summary.ui_hint))
+    if workdir:  # where everything of this config lives; front/promote/load/ui look here too
+        console.print(escape(f"workdir: {workdir}"), soft_wrap=True)
+    console.print(escape(f"Optuna study: {summary.storage} (study {summary.study})"), soft_wrap=True)
+    console.print(escape(summary.ui_hint.replace("make ui,", make_ui(config_path) + ",", 1)), soft_wrap=True)
     console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.svg; "
                   f"front trials are tagged pareto=true")
     console.print(escape(f"  list it again: {command('front', '--config', config_path, '--study', summary.study)}"))
     console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study)}"))
     console.print(f"done in {summary.wall_seconds:.0f} s")
+
+
+def make_ui(config_path: str) -> str:
+    """``make ui`` for this config, runnable verbatim where the user is: plain ``make ui`` serves the default
+    config's workdir, and ``make`` needs the repo's Makefile (``-C`` from elsewhere, then an absolute path)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    if Path.cwd().resolve() == repo:
+        return f"make ui CONFIG={shlex.quote(config_path)}"
+    return f"make -C {shlex.quote(str(repo))} ui CONFIG={shlex.quote(str(Path(config_path).resolve()))}"

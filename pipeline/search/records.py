@@ -22,6 +22,9 @@ from pipeline.results import TrialResult
 from pipeline.search import storage as A
 
 FP32_BASELINE = "uniform-fp32"  # the uniform FP32 baseline's label (search_spaces.space.uniform_baselines)
+# The plan in brief (ResolvedPlan.brief: format counts, what differs from the nearest uniform baseline,
+# method): a trial's Optuna user attribute and its MLflow child run's param of the same name.
+T_PLAN_BRIEF = "plan_brief"
 
 
 # -- small helpers, defined once --------------------------------------------------------------------
@@ -52,7 +55,8 @@ class TrialRecord(BaseModel):
     on_front: bool = False
     knee: bool = False
     run_id: str | None = None
-    plan_summary: str = ""
+    plan_summary: str = ""  # every layer's format (ResolvedPlan.summary)
+    plan_brief: str = ""  # ResolvedPlan.brief; "" for trials recorded before it existed
     fail_reason: str = ""
     orphaned: bool = False
     retry_of: int | None = None
@@ -65,6 +69,11 @@ class TrialRecord(BaseModel):
     values_in_search: dict[str, float] = {}
     on_front_in_search: bool | None = None
     remeasured: str = ""
+
+    @property
+    def short_plan(self) -> str:
+        """The plan as tables show it: the brief (Optuna attribute or MLflow param), else the full summary."""
+        return self.plan_brief or str(self.params.get(T_PLAN_BRIEF) or "") or self.plan_summary
 
     @property
     def pareto(self) -> bool:
@@ -171,6 +180,7 @@ def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
             # a duplicate repeats its original's point: the front lists the measured trial once
             on_front=t.number in front_numbers and duplicate_of is None,
             run_id=repaired.get(str(t.number)) or ua.get(A.T_RUN_ID), plan_summary=ua.get(A.T_PLAN_SUMMARY, ""),
+            plan_brief=ua.get(T_PLAN_BRIEF, ""),
             fail_reason=ua.get(A.T_FAIL_REASON, ""),
             orphaned=bool(ua.get(A.T_ORPHANED) or ua.get(A.T_SYSTEM_RETRIED)),  # both retried, neither counted
             retry_of=ua.get(A.T_RETRY_OF), duplicate_of=duplicate_of, energy_source=energy_source,

@@ -51,7 +51,7 @@ from pipeline.search import ray_exec
 from pipeline.search.budget import format_duration
 from pipeline.search.observers import Finisher, NullRecorder, RecorderFactory
 from pipeline.search.plans import Duplicates, knobs
-from pipeline.search.records import TrialRecord, build_records, front_summary, hypervolume_box
+from pipeline.search.records import T_PLAN_BRIEF, TrialRecord, build_records, front_summary, hypervolume_box
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
     A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
@@ -261,6 +261,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
     def _task_config(self, res: ray_exec.Resources) -> dict[str, Any]:
         cfg = self.config.model_dump(mode="json")
         cfg["measure"]["threads"] = int(res.cpus)  # ORT threads = CPUs the task holds
+        cfg["workdir"] = str(self.config.work_root)  # anchored here: a worker has no config file to anchor to
         pinned = getattr(self, "pinned_meter", None)
         if pinned:  # the study's energy source: an explicit meter fails loudly where it is missing
             cfg["measure"]["energy"]["meter"] = pinned
@@ -285,7 +286,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             return
         resolved = plan.resolve(self.layer_names)  # once per proposal: summary, key, tags and brief read it
         summary, key = resolved.summary(), resolved.key()
-        self._briefs[trial.number] = resolved.brief()
+        self._briefs[trial.number] = brief = resolved.brief()
         proposed = label is None and retry_of is None and trial.user_attrs.get(T_SEED) is None
         skip = self.seeding.skip_reason(plan) if proposed else None
         if skip:  # the sensitivity table says it cannot meet the accuracy budget: no trial spent on it
@@ -304,9 +305,10 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         self.consecutive_duplicates = 0
         trial.set_user_attr(T_PLAN_SUMMARY, summary)
         trial.set_user_attr(T_PLAN_KEY, key)
+        trial.set_user_attr(T_PLAN_BRIEF, brief)
         self._plan_key_cache[trial.number] = key
         run_id = self._track(self.tracker.start_trial, trial.number, label, plan.to_yaml(), summary,
-                             resolved.tags(), knobs(plan, trial.params), retry_of)
+                             resolved.tags(), {**knobs(plan, trial.params), T_PLAN_BRIEF: brief}, retry_of)
         if run_id:
             trial.set_user_attr(T_RUN_ID, run_id)
             self.run_ids[trial.number] = run_id

@@ -83,12 +83,14 @@ def user_tracking_uri() -> str | None:
     return env if env and env not in _SET_BY_US else None
 
 
-def default_tracking_uri(workdir: str | Path) -> str:
+def default_tracking_uri(workdir: str | Path, create: bool = True) -> str:
+    """$MLFLOW_TRACKING_URI, else ``<workdir>/mlflow.db``; ``create=False`` (read commands) makes no folder."""
     env = user_tracking_uri()
     if env:
         return env
     path = Path(workdir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / DEFAULT_DB}"
 
 
@@ -237,7 +239,7 @@ class StudyTracker:
     def factory(cls, config: "SearchConfig", tracking_uri: str | None = None):
         """A recorder factory for :class:`pipeline.search.runner.StudyRunner`: (study, config hash) -> tracker."""
         experiment = config.tracking.experiment or config.name
-        return lambda study, config_hash: cls(experiment, study, config.workdir, config_hash, tracking_uri)
+        return lambda study, config_hash: cls(experiment, study, config.work_root, config_hash, tracking_uri)
 
     # -- what the runner reports about the study (parent-run tags) ----------------------
     _ENERGY_TAGS = {"source": S.TAG_ENERGY_SOURCE, "meter": S.TAG_ENERGY_METER, "pinned": S.TAG_ENERGY_METER_PINNED,

@@ -81,3 +81,51 @@ def test_brief_counts_formats_on_a_deep_model_and_names_what_else_decides():
     assert "int8x36" in static and "calibration entropy" in static and len(static) < 80
     few = QuantPlan(layers={"*": "int4"}).resolve(["fc1", "fc2"]).brief()
     assert few.startswith("fc1=int4(b32) fc2=int4(b32)")
+
+
+@pytest.fixture(scope="module")
+def encoder_layers(tmp_path_factory):
+    """The tiny encoder's real layer table (exported from the model, not typed in)."""
+    from pipeline.models import get_adapter
+    from tests.conftest import _config
+
+    cfg = _config("tiny_encoder.yaml", tmp_path_factory.mktemp("enc"))
+    return get_adapter(cfg).export_reference(cfg.work_path).layer_table.names
+
+
+def test_brief_says_what_differs_from_the_nearest_uniform_baseline(encoder_layers):
+    import fnmatch
+
+    from pipeline.plan import layer_patterns
+
+    names = encoder_layers
+    block = next(n.rsplit(".", 1)[0] for n in names if n.count(".") >= 2)  # a sub-module holding several layers
+    inside = [n for n in names if n.startswith(block + ".")]
+    assert len(inside) >= 2, names
+    last = names[-1]
+    plan = QuantPlan(layers={f"{block}.*": "fp32", last: "fp32", "*": "int8"})
+    brief = plan.resolve(names).brief()
+    base, _, rest = brief.partition(" · ")
+    assert f"int8x{len(names) - len(inside) - 1}" in base and f"fp32x{len(inside) + 1}" in base
+    assert rest.startswith(f"uniform int8 except {len(inside) + 1} fp32 ({block}.*, {last})"), brief
+    assert rest.endswith("[ptq, calibration minmax]"), brief
+    assert brief == plan.resolve(names).brief()  # deterministic
+    # the listed patterns are the plan's own globs: they match exactly the layers that differ
+    pats = layer_patterns(inside + [last], names)
+    assert sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)) == sorted(inside + [last])
+    uniform = QuantPlan.uniform("int8").resolve(names).brief()
+    assert "uniform int8 [" in uniform and "except" not in uniform
+
+
+def test_brief_caps_the_listed_names_and_counts_the_rest(encoder_layers):
+    names = encoder_layers
+    scattered = names[::2]  # every other layer: no prefix covers only these, so each is listed on its own
+    plan = QuantPlan(layers={**{n: "int4" for n in scattered}, "*": "int8"})
+    diff = plan.resolve(names).baseline_diff(max_names=3)
+    listed = diff[diff.index("(") + 1: diff.rindex(")")].split(", ")
+    # the nearest baseline is the format most layers have; a tie goes to the first layer's (int4 here)
+    base = "int8" if len(names) - len(scattered) > len(scattered) else "int4(b32)"
+    other = len(names) - len(scattered) if base == "int4(b32)" else len(scattered)
+    assert diff.startswith(f"uniform {base} except {other} ")
+    assert len(listed) == 4 and listed[-1].startswith("+") and listed[-1].endswith(" more"), diff
+    assert len(diff) < 200
