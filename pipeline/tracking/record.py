@@ -30,8 +30,6 @@ Default store: ``sqlite:///<workdir>/mlflow.db`` with artifacts in
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -43,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.search.records import StudyRecord, TrialRecord
 from pipeline.tracking import schema as S
+from pipeline.tracking.layers_table import execution_tag, layers_csv
 from pipeline.tracking.plots import front_csv, plot_front
 from pipeline.urls import mask_url, normalize_db_url
 
@@ -107,27 +106,13 @@ def _quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
-# S.ARTIFACT_LAYERS, per trial run: one row per layer (format, native/emulated, the kernel observed,
-# detail), the same rows as result.json's ``layers`` in a form a spreadsheet or pandas opens.
-LAYER_CSV_FIELDS = ("name", "onnx_op", "format", "execution", "kernel", "params", "detail")
+def _mlflow_ui_command(uri: str) -> str:
+    """``mlflow ui`` by the venv's path: a fresh shell does not have the venv's ``mlflow`` on its PATH."""
+    import shlex
+    import sys
 
-
-def layers_csv(result: "TrialResult") -> str:
-    """The trial's layer table as CSV; ``kernel`` is empty where the backend was not observed."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(LAYER_CSV_FIELDS)
-    for l in result.layers:
-        w.writerow([l.name, l.onnx_op, l.format.value, l.execution, l.kernel or "", l.params, l.detail])
-    return buf.getvalue()
-
-
-def execution_tag(result: "TrialResult") -> str:
-    """native if every non-FP32 layer ran natively, emulated if none did, else mixed."""
-    kinds = {l.execution for l in result.layers if l.format.value != "fp32"}
-    if not kinds:
-        return "native"
-    return kinds.pop() if len(kinds) == 1 else "mixed"
+    exe = Path(sys.executable).with_name("mlflow")
+    return shlex.join([str(exe) if exe.is_file() else "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1"])
 
 
 class StudyTracker:
@@ -438,7 +423,7 @@ class StudyTracker:
         if self.uri.startswith("sqlite:///"):
             port = os.environ.get("MLFLOW_PORT", "5000")
             where = (f"make ui, then open {S.review_url(f'http://127.0.0.1:{port}', self.experiment_id)}   "
-                     f"(or: mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1)")
+                     f"(or: {_mlflow_ui_command(self.uri)})")
         else:
             shown = mask_url(self.uri)
             where = f"review: {S.review_url(shown, self.experiment_id)}" if shown.startswith("http") else \
