@@ -61,11 +61,15 @@ def run(args) -> int:
             "mlflow_parent_run_id": attrs.get(A_PARENT_RUN),
             "rows": [r.model_dump(mode="json") for r in shown],
             "latency_method": verdict.label if verdict else "in-search",
+            "timing_batch_size": cfg.measure.batch_size,
+            "eval_batch_size": cfg.measure.eval_batch,
             "remeasure": verdict.sentences if verdict else [],
         }, indent=2))
         return 0
     print_front(shown, infos, title=f"study {study.study_name}: "
-                + (f"all {len(shown)} trials" if args.all else f"Pareto front ({len(shown)} of {len(records)} trials)"),
+                + (f"all {len(shown)} trials" if args.all else f"Pareto front ({len(shown)} of {len(records)} trials)")
+                # What decides every row's numbers besides its plan (dynamic INT8 scales per eval batch):
+                + f"; timing batch {cfg.measure.batch_size}, eval batch {cfg.measure.eval_batch}",
                 energy_source=attrs.get(A_ENERGY_SOURCE), full=args.full,
                 promote=command("promote", "--config", args.config, "--study", study.study_name, "--policy", "knee"))
     if pin.get("meter"):

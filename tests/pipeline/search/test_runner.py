@@ -150,6 +150,7 @@ def test_twelve_trial_search_front_and_mlflow_record(ray_local, mlflow_uri, make
     out = json.loads(capsys.readouterr().out)
     assert {r["number"] for r in out["rows"]} == front_numbers
     assert all(r["run_id"] for r in out["rows"])
+    assert out["eval_batch_size"] == cfg.measure.eval_batch and out["timing_batch_size"] == cfg.measure.batch_size
 
     # -- running it again with the same target does nothing new (resume is idempotent) ---------
     again = run_search(cfg, SearchOptions(trials=12, parallel=2, progress="off", tracking_uri=mlflow_uri))
