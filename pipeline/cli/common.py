@@ -52,7 +52,8 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 def tracking_uri(args, cfg=None, study: str | None = None) -> str:
     """Where the MLflow record is: ``--tracking-uri``; else $MLFLOW_TRACKING_URI; else the URI the study
     recorded in its Optuna storage (``--storage``/$PRECISION_SEARCH_STORAGE: a cluster's record is found
-    from the study alone); else ``sqlite:///<workdir>/mlflow.db``. Database URLs go to the installed driver."""
+    from the study alone; it is recorded without a password, which PGPASSWORD / ~/.pgpass then supply); else
+    ``sqlite:///<workdir>/mlflow.db``. Database URLs go to the installed driver."""
     import os
 
     from pipeline.search.storage import A_TRACKING_URI
@@ -73,6 +74,12 @@ def tracking_uri(args, cfg=None, study: str | None = None) -> str:
             uri = recorded.get(A_TRACKING_URI)
         except KeyError:  # no such study there: fall back to the default record
             uri = None
+        if uri and "://" in uri and not uri.startswith(("http://", "https://", "sqlite:", "file:")):
+            from pipeline.urls import check_login
+
+            # Recorded without its password (pipeline.urls.without_password): libpq takes it from the environment.
+            check_login(uri, "--tracking-uri", "the study records the tracking URI without its password; pass "
+                                               "--tracking-uri or set PGPASSWORD / ~/.pgpass")
     if not uri:
         uri = default_tracking_uri(cfg.workdir if cfg is not None else ".precision-search")
     return normalize_db_url(uri, "--tracking-uri")
