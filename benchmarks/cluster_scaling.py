@@ -32,9 +32,17 @@ ratio below 2 whatever the scheduler does: 2 nodes can at most reach
 keeps each size's best run: noise from other work on the host only ever slows a run.
 Needs PostgreSQL on 127.0.0.1:5432 (or ``CLUSTER_PG_URL``) and the ``[cluster]`` extra.
 
+Trial length matters: the driver records every trial (Optuna, MLflow run, artifacts, the
+logged model) at a roughly fixed cost, so very short trials measure that overhead more
+than the cluster. ``--preset quick`` (the default) runs the digits MLP as configured
+(~1.7 s trials); ``--preset realistic`` lengthens each trial's measurement window
+(``measure.energy.min_seconds``) so trials take ~10 s, closer to real models' tens of
+seconds. ``--set KEY=VALUE`` passes any other config override to the search.
+
 Run: ``.venv/bin/python benchmarks/cluster_scaling.py`` (a few minutes);
-``--trials N`` (default 16), ``--repeat N`` (default 1), ``--config`` (default
-search_spaces/digits_mlp.yaml), ``--json`` for machine-readable output.
+``--trials N`` (default 16), ``--repeat N`` (default 1), ``--preset quick|realistic``,
+``--set KEY=VALUE``, ``--config`` (default search_spaces/digits_mlp.yaml), ``--json`` for
+machine-readable output.
 """
 
 from __future__ import annotations
@@ -58,6 +66,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Config overrides per preset (``--set`` values, YAML): how long one trial takes.
+PRESETS: dict[str, list[str]] = {
+    "quick": [],  # the config as it is: digits MLP trials of ~1.7 s, mostly the 3 x 0.5 s energy window
+    "realistic": ["measure.energy.min_seconds=3"],  # 3 x 3 s energy windows: trials of ~10 s
+}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -78,7 +92,7 @@ def _read_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
 
-def run_size(nodes: int, cpus: int, trials: int, config: Path, tmp: Path) -> dict:
+def run_size(nodes: int, cpus: int, trials: int, config: Path, tmp: Path, overrides: list[str] = ()) -> dict:
     """Start a ``nodes``-node cluster, run one study of ``trials`` trials on it, stop it; the numbers."""
     work = tmp / f"nodes{nodes}"
     scripts = work / "repo" / "cluster"
@@ -100,8 +114,10 @@ def run_size(nodes: int, cpus: int, trials: int, config: Path, tmp: Path) -> dic
         cli = Path(sys.executable).with_name("precision-search")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
+        sets = [a for o in overrides for a in ("--set", o)]
         proc = subprocess.run([str(cli), "search", "--config", str(cfg), "--study", f"scale-{nodes}", "--json",
-                               "--no-progress"], env=env, cwd=work, capture_output=True, text=True, timeout=3600)
+                               "--no-progress", *sets], env=env, cwd=work, capture_output=True, text=True,
+                              timeout=3600)
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         driver_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -139,13 +155,18 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=int(os.environ.get("CLUSTER_CPUS", "1")),
                     help="CPUs each node offers Ray (default $CLUSTER_CPUS or 1)")
     ap.add_argument("--repeat", type=int, default=1, help="interleave the sizes this many times, keep each's best")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                    help="trial length: quick (~1.7 s digits MLP trials) or realistic (~10 s)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the search (repeatable), after the preset's")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    overrides = PRESETS[args.preset] + args.set
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ps-scaling-") as tmp:
         for i in range(args.repeat):
             for n in (1, 2):
-                runs.append(run_size(n, args.cpus, args.trials, Path(args.config), Path(tmp) / f"r{i}"))
+                runs.append(run_size(n, args.cpus, args.trials, Path(args.config), Path(tmp) / f"r{i}", overrides))
                 print(f"  run {len(runs)}: {runs[-1]}", file=sys.stderr)
     rows = [max((r for r in runs if r["nodes"] == n), key=lambda r: r["trials_per_min"]) for n in (1, 2)]
     one, two = rows
@@ -153,10 +174,11 @@ def main() -> int:
     ratio_e2e = two["trials_per_min_end_to_end"] / one["trials_per_min_end_to_end"]
     if args.json:
         print(json.dumps({"rows": rows, "runs": runs, "ratio_trial_window": round(ratio, 2),
-                          "ratio_end_to_end": round(ratio_e2e, 2), "host_cpus": os.cpu_count()}, indent=2))
+                          "ratio_end_to_end": round(ratio_e2e, 2), "host_cpus": os.cpu_count(),
+                          "preset": args.preset, "overrides": overrides}, indent=2))
         return 0
-    print(f"host: {os.cpu_count()} CPU(s); study: {Path(args.config).name}, {args.trials} trials; "
-          f"{args.cpus} CPU(s) per node")
+    print(f"host: {os.cpu_count()} CPU(s); study: {Path(args.config).name}, {args.trials} trials, preset "
+          f"{args.preset} {overrides or ''}; {args.cpus} CPU(s) per node")
     print(f"{'nodes':>5} {'trials':>6} {'window s':>9} {'trials/min':>10} {'end-to-end s':>12} "
           f"{'e2e trials/min':>14} {'trial s':>7} {'driver CPU s/trial':>18} {'load':>5}  per node")
     for r in rows:

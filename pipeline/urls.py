@@ -7,7 +7,10 @@ rewriting them to the driver that is importable here, so Optuna's RDB storage an
 both connect without the user choosing a driver. Nothing else of the URL changes.
 
 Why masking lives here: the same URL is printed by ``search``, logged as an MLflow param and shown in error
-messages; each of those goes through :func:`mask_url` so a password never lands in a log or in MLflow.
+messages; each of those goes through :func:`mask_url` so a password never lands in a log or in MLflow. A URL that
+is *stored* for later use (the MLflow tracking URI a study records in Optuna) goes through :func:`without_password`
+instead: ``***`` would be sent as a password, while a URL without one lets libpq take it from ``PGPASSWORD`` or
+``~/.pgpass`` (:func:`check_login` says so when the server refuses).
 """
 
 from __future__ import annotations
@@ -29,6 +32,60 @@ def mask_url(url: str | None) -> str | None:
         return url
     masked = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
     return _QUERY_SECRET.sub(r"\1***", masked)
+
+
+def without_password(url: str | None) -> str | None:
+    """``url`` with its password removed, not masked (``postgresql://ps:pw@h/db`` -> ``postgresql://ps@h/db``;
+    a ``password=`` query parameter is dropped): a URL to store, which still connects where the password comes
+    from elsewhere (``PGPASSWORD``, ``~/.pgpass``, ``MLFLOW_TRACKING_PASSWORD``)."""
+    if not url:
+        return url
+    out = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}@" if m["user"] else m["scheme"], url)
+    base, sep, query = out.partition("?")
+    if sep:
+        kept = [kv for kv in query.split("&") if kv.split("=", 1)[0].lower() not in _PASSWORD_KEYS]
+        out = base + (f"?{'&'.join(kept)}" if kept else "")
+    return out
+
+
+_PASSWORD_KEYS = ("password", "passwd", "pwd")
+_AUTH_WORDS = re.compile(r'password authentication failed|no password supplied|no pg_hba\.conf entry|'
+                         r'role "[^"]*" does not exist')
+
+
+def login_refused(exc: BaseException) -> bool:
+    """True when a database refused the login (PostgreSQL SQLSTATE class 28: a wrong or missing password, an
+    unknown role, no pg_hba.conf entry), as opposed to a server that is down or a database that does not exist.
+    libpq reports a refused connection without a SQLSTATE, so its messages are matched too."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+        if isinstance(state, str) and state.startswith("28"):
+            return True
+        if _AUTH_WORDS.search(str(exc)):
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+def check_login(url: str, field: str, hint: str, timeout_s: int = 10) -> None:
+    """Connect once to a database URL; a refused login raises :class:`ConfigError` naming ``field``, the
+    server's reason and ``hint``. Other failures are left to the caller's own use of the URL."""
+    import sqlalchemy as sa
+
+    args = {"connect_timeout": timeout_s} if url.startswith("postgresql") else {}
+    engine = sa.create_engine(normalize_db_url(url, field), connect_args=args, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - only a refused login is ours to explain
+        if not login_refused(exc):
+            return
+        reason = next((line.strip() for line in str(getattr(exc, "orig", exc)).splitlines() if line.strip()), "")
+        raise ConfigError(f"{field}: {mask_url(url)} refused the login ({reason[:300]}): {hint}") from None
+    finally:
+        engine.dispose()
 
 
 def _importable(module: str) -> bool:

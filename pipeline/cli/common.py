@@ -53,7 +53,8 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 def tracking_uri(args, cfg=None, study: str | None = None) -> str:
     """Where the MLflow record is, for the read commands: ``--tracking-uri``; else $MLFLOW_TRACKING_URI; else
     the URI the study recorded in its Optuna storage (``--storage``/$PRECISION_SEARCH_STORAGE: a cluster's record
-    is found from the study alone); else ``sqlite:///<work_root>/mlflow.db``. Database URLs go to the installed
+    is found from the study alone; it is recorded without a password, which
+    PGPASSWORD / ~/.pgpass then supply); else ``sqlite:///<work_root>/mlflow.db``. Database URLs go to the installed
     driver. A SQLite file that does not exist is refused with where it looked (:mod:`pipeline.cli.stores`),
     never created."""
     import os
@@ -82,6 +83,12 @@ def tracking_uri(args, cfg=None, study: str | None = None) -> str:
             origin = f"recorded by study {name!r} in --storage" if uri else None
         except KeyError:  # no such study there: fall back to the default record
             uri = None
+        if uri and "://" in uri and not uri.startswith(("http://", "https://", "sqlite:", "file:")):
+            from pipeline.urls import check_login
+
+            # Recorded without its password (pipeline.urls.without_password): libpq takes it from the environment.
+            check_login(uri, "--tracking-uri", "the study records the tracking URI without its password; pass "
+                                               "--tracking-uri or set PGPASSWORD / ~/.pgpass")
     if not uri:
         from pipeline.config import project_root
 

@@ -26,7 +26,12 @@ class SearchOptions:
     ray_address: str | None = None  # default: RAY_ADDRESS, else a local Ray started here
     progress: str = "auto"  # auto (live panel on a terminal, else lines) | lines | off
     verbose: bool = False
-    plot_every_s: float = 15.0  # front plots refresh at most this often (and at the end)
+    # The driver records every trial, so what it does per trial bounds a cluster's trials/min: the MLflow
+    # front (pareto tags, table, metrics) refreshes at most every front_every_s and its plots (matplotlib,
+    # ~1-2 CPU-s each) every plot_every_s; both are refreshed at the end. Each trial's own run is complete
+    # as soon as it finishes.
+    plot_every_s: float = 60.0
+    front_every_s: float = 5.0
     energy: bool = True
     # Stop asking after this many proposals in a row were plans the study already measured.
     max_consecutive_duplicates: int = MAX_CONSECUTIVE_DUPLICATES

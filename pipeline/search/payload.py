@@ -88,6 +88,16 @@ def node_cache_dir(workdir: str | Path | None = None) -> Path:
     return Path(tempfile.gettempdir()) / f"precision-search-{os.getuid()}" / "reference"
 
 
+def node_workdir(workdir: str | Path) -> Path:
+    """The config's work folder where this node can create it (one machine, or a shared filesystem), else a
+    node-local one: a worker given the driver's bundle needs no file of the driver's folder."""
+    try:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        return Path(workdir)
+    except OSError:  # another machine's path (not there, not writable, or a file in the way)
+        return Path(tempfile.gettempdir()) / f"precision-search-{os.getuid()}" / "work" / Path(workdir).name
+
+
 def materialize(shared: SharedReference, workdir: str | Path | None = None):
     """The reference with its ``onnx_path`` on this node's disk, written once per node (atomically: several
     workers of one node may race; each writes a temp file and renames it). Results cached beside it (the

@@ -146,6 +146,7 @@ def _route_raylet_messages(verbose: bool) -> None:
 def shutdown() -> None:
     import ray
 
+    _SHARED.clear()  # object references die with the Ray session
     ray.shutdown()
 
 
@@ -203,11 +204,30 @@ def warm(n: int, res: Resources, config: dict[str, Any], base_dir: str, cwd: str
             .remote(config, base_dir, cwd) for _ in range(n)]
 
 
+_SHARED: dict[str, Any] = {}  # shared_key(config) -> the bundle's ObjectRef, for this Ray session
+
+
+def shared_key(config: SearchConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{config.model_dump_json()}|{config.base_dir}".encode()).hexdigest()[:16]
+
+
 def share(config: SearchConfig, reference) -> Any:
-    """Build the study's reference bundle on the driver and put it in Ray's object store once."""
+    """Build the study's reference bundle on the driver and put it in Ray's object store once; what runs
+    later in this Ray session for the same config (the re-measurement) finds it with :func:`shared_for`."""
     import ray
 
-    return ray.put(payload.build_shared(config, reference))
+    ref = ray.put(payload.build_shared(config, reference))
+    _SHARED[shared_key(config)] = ref
+    return ref
+
+
+def shared_for(config: SearchConfig) -> Any:
+    """The bundle :func:`share` put for ``config`` in the running Ray session, or None."""
+    import ray
+
+    return _SHARED.get(shared_key(config)) if ray.is_initialized() else None
 
 
 def record_placement(trial, outcome: TrialOutcome) -> dict[str, str]:

@@ -220,18 +220,22 @@ def candidates(records: Sequence["TrialRecord"], infos: Sequence["ObjectiveInfo"
     return [Variant(str(n), by_number[n].label, artifacts[n]) for n in picked[:limit]]
 
 
-def remeasure_task(payload: dict[str, Any]) -> dict[str, Any]:
+def remeasure_task(payload: dict[str, Any], shared: list | None = None) -> dict[str, Any]:
     """The re-measurement as one Ray task (or inline): plain data in, ``RemeasureReport`` dump out.
 
     ``files`` (variant key -> file name -> bytes) carries the artifacts when the task runs on
     another node than the driver; they are written to a temporary folder there first.
+    ``shared`` (``[ObjectRef]`` of the search's reference bundle, :mod:`pipeline.search.payload`): the eval
+    batch comes from it, as the trials' did, so this task never calls the user's data functions or reads
+    the driver's files; without it (no Ray, or a study re-measured outside its search) it loads them here.
     """
-    from pipeline.config import parse_config
+    from pipeline.search.worker import evaluator_for
 
     if payload.get("cwd") and Path(payload["cwd"]).is_dir():
         os.chdir(payload["cwd"])
-    cfg = parse_config(payload["config"], source="the study's config (re-measurement)",
-                       base_dir=Path(payload["base_dir"]))
+    ev = evaluator_for(payload["config"], payload["base_dir"], payload.get("cwd", ""),
+                       "the study's config (re-measurement)", shared)
+    cfg = ev.config
     variants = [Variant(**v) for v in payload["variants"]]
     with tempfile.TemporaryDirectory(prefix="remeasure-") as tmp:
         if payload.get("files"):
@@ -243,7 +247,8 @@ def remeasure_task(payload: dict[str, Any]) -> dict[str, Any]:
                     (folder / name).write_bytes(blob)
                 moved.append(Variant(v.key, v.label, str(folder / Path(v.artifact).name)))
             variants = moved
-        report = remeasure_artifacts(cfg, variants, int(payload["threads"]), payload.get("energy_source", ""))
+        report = remeasure_artifacts(cfg, variants, int(payload["threads"]), payload.get("energy_source", ""),
+                                     evaluator=ev)
     return report.model_dump(mode="json")
 
 
@@ -286,7 +291,7 @@ def remeasure_study(config, study, infos: Sequence["ObjectiveInfo"] | None = Non
                "cwd": os.getcwd(), "variants": [v.__dict__ for v in chosen], "threads": threads,
                "energy_source": energy_source}
     try:
-        raw = _run(payload, backends)
+        raw = _run(payload, backends, config)
         report = RemeasureReport.model_validate(raw)
         if backends and report.backend not in backends:
             report.error = (f"re-measured on {report.backend}, but the trials ran on {sorted(backends)}: not "
@@ -299,7 +304,7 @@ def remeasure_study(config, study, infos: Sequence["ObjectiveInfo"] | None = Non
     return report
 
 
-def _run(payload: dict[str, Any], backends: set[str]) -> dict[str, Any]:
+def _run(payload: dict[str, Any], backends: set[str], config=None) -> dict[str, Any]:
     try:
         import ray
     except ImportError:  # pragma: no cover - ray is a dependency
@@ -307,6 +312,9 @@ def _run(payload: dict[str, Any], backends: set[str]) -> dict[str, Any]:
     if not ray.is_initialized():
         return remeasure_task(payload)
     from pipeline.backends.registry import needs_gpu
+    from pipeline.search.ray_exec import shared_for
+
+    shared = shared_for(config) if config is not None else None
 
     gpus = 1.0 if any(needs_gpu(b) for b in backends if b) else 0.0
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -314,7 +322,9 @@ def _run(payload: dict[str, Any], backends: set[str]) -> dict[str, Any]:
         payload = dict(payload, files={v["key"]: _artifact_files(v["artifact"]) for v in payload["variants"]})
     cpus = max(1.0, min(float(payload["threads"]), float(ray.cluster_resources().get("CPU", 1))))
     task = ray.remote(max_retries=0)(remeasure_task).options(num_cpus=cpus, num_gpus=gpus, name="remeasure")
-    return ray.get(task.remote(payload))
+    # Nested in a list, the bundle is passed as a reference (as to the trials): a worker that ran trials
+    # already holds it (pipeline.search.worker.evaluator_for caches the Evaluator per config and bundle).
+    return ray.get(task.remote(payload, [shared] if shared is not None else None))
 
 
 # -- the final front on the re-measured numbers ---------------------------------------------------------

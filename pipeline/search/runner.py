@@ -63,7 +63,7 @@ from pipeline.search.storage import (
 from pipeline.search.retries import Retries
 from pipeline.search.spool import Spool, Tracking
 from pipeline.search.worker import TrialTask
-from pipeline.urls import mask_url, normalize_db_url
+from pipeline.urls import mask_url, normalize_db_url, without_password
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         if held == 0:
             self._refuse_lost_study()
         self.study.set_user_attr(A_PARENT_RUN, self.tracker.parent_run_id)
-        self.study.set_user_attr(A_TRACKING_URI, self.tracker.uri)
+        # Stored without its password (never masked: ``***`` would be sent as one); readers take it from
+        # PGPASSWORD / ~/.pgpass or --tracking-uri (pipeline.cli.common.tracking_uri).
+        self.study.set_user_attr(A_TRACKING_URI, without_password(self.tracker.uri))
         s = cfg.search
         self.tracker.log_study(
             params={
@@ -267,7 +269,9 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             cfg["measure"]["energy"]["meter"] = pinned
         return cfg
 
-    def _dispatch(self, dispatcher: ray_exec.Dispatcher, res: ray_exec.Resources) -> None:
+    def _dispatch(self, dispatcher: ray_exec.Dispatcher, res: ray_exec.Resources) -> bool:
+        """Ask for a trial and send it to Ray; True when it was told at once instead (failed plan, pruned,
+        duplicate): only then can the study's finished count have changed."""
         from optuna.trial import TrialState
 
         trial = self.study.ask()
@@ -283,7 +287,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             if run_id:
                 self._track(self.tracker.fail_trial, run_id, reason)
             self.progress.trial_finished(trial.number, "FAIL", reason, counts=study_counts(self.study))
-            return
+            return True
         resolved = plan.resolve(self.layer_names)  # once per proposal: summary, key, tags and brief read it
         summary, key = resolved.summary(), resolved.key()
         self._briefs[trial.number] = brief = resolved.brief()
@@ -295,13 +299,13 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             self.study.tell(trial, state=TrialState.PRUNED)
             self.progress.trial_finished(trial.number, "PRUNED", skip, counts=study_counts(self.study))
             self.consecutive_duplicates += 1  # a sampler stuck on hopeless plans stops like one stuck on repeats
-            return
+            return True
         if label is None and retry_of is None:  # baselines and orphan retries are always measured
             original = self._measured_plans().get(key)
             if original is not None:
                 self._tell_duplicate(trial, original, summary)
                 self.consecutive_duplicates += 1
-                return
+                return True
         self.consecutive_duplicates = 0
         trial.set_user_attr(T_PLAN_SUMMARY, summary)
         trial.set_user_attr(T_PLAN_KEY, key)
@@ -319,6 +323,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                          driver_node_id=self.driver_node)
         ref = dispatcher.submit(task, f"{self.study_name}-trial-{trial.number}")
         self.in_flight[ref] = _InFlight(trial, run_id, time.monotonic(), label, out_dir)
+        return False
 
     def _handle(self, ref, dispatcher: ray_exec.Dispatcher) -> None:
         from optuna.trial import TrialState
@@ -326,9 +331,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         fl = self.in_flight.pop(ref)
         outcome = dispatcher.collect(ref, fl.trial.number, fl.t0)
         fl.run_id = fl.run_id or self._late_run(fl)
-        placed = ray_exec.record_placement(fl.trial, outcome)  # node id, hostname, Ray attempt
-        if placed and fl.run_id:
-            self._track(self.tracker.tag_trial, fl.run_id, placed)
+        placed = ray_exec.record_placement(fl.trial, outcome)  # node id, hostname, Ray attempt (+ MLflow tags below)
         values = None
         if outcome.status == "complete" and outcome.result is not None:
             result = outcome.result
@@ -366,7 +369,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             self.study.tell(fl.trial, values)
             if fl.run_id:
                 self._track(self.tracker.finish_trial, fl.run_id, outcome.result,
-                            dict(zip([o.name for o in self.infos], values)), feasible, outcome.seconds)
+                            dict(zip([o.name for o in self.infos], values)), feasible, outcome.seconds, placed)
             text = "  ".join(f"{o.shown}={v:.4g}" for o, v in zip(self.infos, values))
             flag = "" if feasible is not False else "  [infeasible: accuracy drop]"
             self.progress.trial_finished(fl.trial.number, "COMPLETE",
@@ -383,7 +386,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
             self.study.tell(fl.trial, state=TrialState.FAIL)
             if fl.run_id:
-                self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds)
+                self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds, placed)
             self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip(),
                                          counts=study_counts(self.study))
 
@@ -401,9 +404,11 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                 self._track(self.tracker.log_study, {"hypervolume_reference": box["reference"],
                                                      "hypervolume_ideal": box["ideal"]})
         summary = front_summary(records, self.infos, box)
-        plots = force_plots or self.tracker.seconds_since_plot() >= self.opts.plot_every_s
-        self._track(self.tracker.update_front, records, self.infos, summary, int(summary["trials_complete"]
-                    + summary["trials_failed"]), plots)
+        if force_plots or time.monotonic() - getattr(self, "_front_at", -1e9) >= self.opts.front_every_s:
+            plots = force_plots or self.tracker.seconds_since_plot() >= self.opts.plot_every_s
+            self._track(self.tracker.update_front, records, self.infos, summary, int(summary["trials_complete"]
+                        + summary["trials_failed"]), plots)
+            self._front_at = time.monotonic()
         self.records = records
         return summary
 
@@ -463,13 +468,13 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                     summary = self._refresh_front()
                     self.progress.update(self._state(summary, res))
                     self._budget_t0 = time.monotonic()  # the budget counts the search, not the one-off setup
+                    finished = self._finished()  # read again only when a trial was told (one query each)
                     while True:
-                        finished = self._finished()
                         while (not self.stopped_early and len(self.in_flight) < self.in_flight_limit
                                and finished + len(self.in_flight) < self.target):
                             if self._budget_spent():
                                 break
-                            self._dispatch(dispatcher, res)
+                            told = self._dispatch(dispatcher, res)
                             if self.consecutive_duplicates >= self.opts.max_consecutive_duplicates:
                                 self.stopped_early = (
                                     f"stopped asking for new trials: the sampler proposed "
@@ -479,7 +484,8 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                                 self.progress.message(self.stopped_early)
                                 self._track(self.tracker.log_stopped_early, self.stopped_early)
                                 break
-                            finished = self._finished()
+                            if told:
+                                finished = self._finished()
                         if not self.in_flight:
                             break
                         if self.spool.down:
@@ -489,6 +495,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                             self._handle(ref, dispatcher)
                         if ready:
                             summary = self._refresh_front()
+                            finished = self._finished()
                         self.progress.update(self._state(summary, res))
                     if self.spool.down:  # one last look before the end: backfill now if it is back
                         self.spool._last_probe = 0.0

@@ -82,29 +82,35 @@ def config_key(config: dict[str, Any], base_dir: str, cwd: str) -> str:
 
 
 def _evaluator(task: TrialTask, shared: list | None = None):
-    """This worker's Evaluator for the task's config; with ``shared`` (``[ObjectRef]`` of a
-    :class:`pipeline.search.payload.SharedReference`) its reference and datasets are the driver's."""
+    return evaluator_for(task.config, task.base_dir, task.cwd, f"config of study {task.study}", shared)
+
+
+def evaluator_for(config: dict[str, Any], base_dir: str, cwd: str, source: str, shared: list | None = None):
+    """This worker's Evaluator for ``config`` (trials and the re-measurement share it); with ``shared``
+    (``[ObjectRef]`` of a :class:`pipeline.search.payload.SharedReference`) its reference and datasets are
+    the driver's, and its work folder is the config's where this node can create it, else node-local."""
     from pipeline.config import parse_config
     from pipeline.evaluation import Evaluator
 
-    key = config_key(task.config, task.base_dir, task.cwd) + (f"-{shared[0].hex()}" if shared else "")
+    key = config_key(config, base_dir, cwd) + (f"-{shared[0].hex()}" if shared else "")
     ev = _EVALUATORS.get(key)
     if ev is None:
         # The driver already validated the config and imported its functions; a worker whose node lacks a
         # module fails the trial when it is used, with the import error as the reason.
-        cfg = parse_config(task.config, source=f"config of study {task.study}", base_dir=Path(task.base_dir),
-                           check_imports=not shared)
-        ev = Evaluator(cfg)
+        cfg = parse_config(config, source=source, base_dir=Path(base_dir), check_imports=not shared)
         if shared:
             import ray
 
-            from pipeline.search.payload import materialize
+            from pipeline.search.payload import materialize, node_workdir
 
+            ev = Evaluator(cfg, workdir=node_workdir(cfg.work_path))
             bundle = ray.get(shared[0])
             # cached_property slots: set once, the Evaluator never builds them itself.
             ev.reference = materialize(bundle, ev.workdir)
             ev.calibration = bundle.calibration
             ev.eval_set = bundle.eval_set
+        else:
+            ev = Evaluator(cfg)
         _EVALUATORS[key] = ev
     return ev
 

@@ -168,7 +168,7 @@ class StudyTracker:
                                   "file aside to start a new one") from None
             raise
         self._pareto_state: dict[str, tuple[bool, bool]] = {}  # run id -> (on the front, the knee)
-        self._last_plot = 0.0
+        self._last_plot = time.monotonic()  # the first plots after plot_every_s (and at the end)
 
     # -- experiment and parent run -----------------------------------------------
     def _experiment(self, name: str) -> str:
@@ -279,19 +279,24 @@ class StudyTracker:
         return run_id
 
     def finish_trial(self, run_id: str, result: "TrialResult", objective_values: dict[str, float],
-                     feasible: bool | None, seconds: float) -> None:
+                     feasible: bool | None, seconds: float, placement: dict[str, str] | None = None) -> None:
+        """The trial's artifacts, then its metrics and tags (``placement``: where it ran) in one batch.
+
+        Why metrics last: ``mlflow.onnx.log_model`` links the run's metrics to the logged model by reading
+        every metric's history back (one request per metric); logged after it, with the model's id, they
+        are linked in the same single request. The driver records every trial, so its requests per trial
+        bound a cluster's trials/min (docs/cluster.md)."""
         import mlflow.onnx
         import onnx
         from mlflow.entities import Metric, RunTag
 
         m = result.measurement
-        now = int(time.time() * 1000)
         metrics = {**result.flat_metrics(), S.METRIC_TRIAL_SECONDS: seconds}
         metrics.update({f"{S.METRIC_OBJECTIVE_PREFIX}{k}": v for k, v in objective_values.items()})
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.log_text(run_id, result.model_dump_json(indent=2), S.ARTIFACT_RESULT)
         self.client.log_text(run_id, layers_csv(result), S.ARTIFACT_LAYERS)
         tags = {
+            **self._placement_tags(placement),
             S.TAG_BACKEND: m.backend,
             S.TAG_DEVICE: m.device,
             S.TAG_ENERGY_SOURCE: m.energy.source if m.energy else "none",
@@ -300,6 +305,7 @@ class StudyTracker:
         }
         if feasible is not None:
             tags[S.TAG_FEASIBLE] = "true" if feasible else "false"
+        model_id = None
         art = Path(result.artifact_path)
         if art.is_file():
             on_disk = sum(p.stat().st_size for p in art.parent.glob(art.stem + "*") if p.is_file())
@@ -310,32 +316,33 @@ class StudyTracker:
                 metadata={S.VTAG_PLAN: result.plan_summary[:2000]},
             )
             tags[S.TAG_MODEL_URI] = info.model_uri
+            model_id = info.model_id
         else:  # re-logged on resume after the trial folder was removed
             tags[S.TAG_MODEL_MISSING] = f"artifact {art} no longer exists"
         if result.engine_path and Path(result.engine_path).exists():
             self.client.log_artifact(run_id, result.engine_path, S.ARTIFACT_ENGINE)
         tags[S.TAG_STATE] = "COMPLETE"  # last: a COMPLETE tag means every artifact above is there
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id)
+                                               for k, v in metrics.items()],
+                              tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
         self.client.set_terminated(run_id, status="FINISHED")
 
-    def fail_trial(self, run_id: str, reason: str, seconds: float | None = None) -> None:
+    def fail_trial(self, run_id: str, reason: str, seconds: float | None = None,
+                   placement: dict[str, str] | None = None) -> None:
         from mlflow.entities import Metric, RunTag
 
         self.client.log_text(run_id, reason, S.ARTIFACT_FAIL_REASON)
-        if seconds is not None:
-            self.client.log_batch(run_id, metrics=[Metric(S.METRIC_TRIAL_SECONDS, float(seconds), int(time.time() * 1000), 0)])
-        self.client.log_batch(run_id, tags=[RunTag(S.TAG_STATE, "FAIL"), RunTag(S.TAG_FAIL_REASON, reason[:MAX_TAG])])
+        metrics = [] if seconds is None else [Metric(S.METRIC_TRIAL_SECONDS, float(seconds), int(time.time() * 1000), 0)]
+        tags = {**self._placement_tags(placement), S.TAG_STATE: "FAIL", S.TAG_FAIL_REASON: reason}
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
         self.client.set_terminated(run_id, status="FAILED")
 
     _PLACEMENT_TAGS = {"node_id": S.TAG_NODE_ID, "hostname": S.TAG_HOSTNAME, "ray_attempt": S.TAG_RAY_ATTEMPT}
 
-    def tag_trial(self, run_id: str, placement: dict[str, str]) -> None:
+    def _placement_tags(self, placement: dict[str, str] | None) -> dict[str, str]:
         """Where the trial ran (``TrialOutcome.placement()``: node id, hostname, Ray attempt) as run tags."""
-        from mlflow.entities import RunTag
-
-        tags = [RunTag(self._PLACEMENT_TAGS.get(k, f"precision_search.{k}"), str(v)[:MAX_TAG])
-                for k, v in placement.items()]
-        self.client.log_batch(run_id, tags=tags)
+        return {self._PLACEMENT_TAGS.get(k, f"precision_search.{k}"): str(v) for k, v in (placement or {}).items()}
 
     def mark_duplicates(self, run_id: str, numbers: Sequence[int]) -> None:
         """Tag a measured trial's run with the later trials that proposed the same plan (not measured again)."""

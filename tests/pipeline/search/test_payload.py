@@ -2,10 +2,14 @@
 
 The bundle test runs a real trial as a Ray task whose config names a model factory and data functions that
 raise: it can only pass if the worker builds nothing itself and uses the driver's reference and datasets.
+The re-measurement test does the same for the re-measurement after a search: its data functions work only
+in the driver's process and the driver's workdir is gone before the Ray task runs.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +26,21 @@ def _forbidden(*args, **kwargs):
 
 
 forbidden_factory = forbidden_data = _forbidden
+DRIVER_PID = "PS_TEST_DRIVER_PID"  # set in the driver after Ray started: no worker process has this pid
+
+
+def _driver_only(name: str):
+    def rows():
+        if os.environ.get(DRIVER_PID) != str(os.getpid()):
+            raise AssertionError("a Ray worker called the user's data function instead of using the driver's bundle")
+        from pipeline.examples import digits
+
+        return getattr(digits, name)()
+
+    return rows
+
+
+driver_only_calibration, driver_only_eval = _driver_only("mlp_calibration"), _driver_only("mlp_eval")
 
 
 def _user_config(folder: Path, factory: str, data: str) -> dict:
@@ -118,3 +137,39 @@ def test_a_trial_task_uses_the_drivers_bundle_and_records_where_it_ran(ray_one_c
 
 def test_an_outcome_that_never_reached_a_worker_has_no_placement():
     assert TrialOutcome(number=1, status="fail", reason="the Ray task failed").placement() == {}
+
+
+def test_the_remeasurement_on_a_worker_uses_the_bundle_not_the_drivers_files(ray_one_cpu, make_config, tmp_path,
+                                                                             monkeypatch):
+    import ray
+
+    from pipeline.evaluation import Evaluator
+    from pipeline.search import remeasure
+    from search_spaces.space import SearchSpace
+
+    monkeypatch.setenv(DRIVER_PID, str(os.getpid()))
+    here = "tests.pipeline.search.test_payload"
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"], "search.int8_activations": ["dynamic"],
+                                            "measure.remeasure_rounds": 2,
+                                            "data.calibration.source": f"{here}:driver_only_calibration",
+                                            "data.eval.source": f"{here}:driver_only_eval"})
+    ev = Evaluator(cfg)  # the driver: builds the reference and the candidates with its own data functions
+    space = SearchSpace.build(cfg.search, ev.reference.layer_table.names)
+    variants = []
+    for i, (label, params) in enumerate(space.uniform_baselines().items()):
+        artifact = ev.quantize(space.plan_from_params(params), tmp_path / "artifacts" / label)[0]
+        variants.append(remeasure.Variant(str(i), label, str(artifact)))
+    shared = ray_exec.share(cfg, ev.reference)
+    assert ray_exec.shared_for(cfg) is shared
+    # The driver's workdir is gone, and a file stands where it was: no worker can read or recreate it.
+    shutil.rmtree(cfg.work_path.parent)
+    cfg.work_path.parent.write_text("not a folder")
+    job = {"config": cfg.model_dump(mode="json"), "base_dir": str(cfg.base_dir.resolve()), "cwd": str(tmp_path),
+           "variants": [v.__dict__ for v in variants], "threads": 1, "energy_source": "none"}
+    report = remeasure.RemeasureReport.model_validate(remeasure._run(job, {"ort-cpu"}, cfg))
+    assert not report.error and report.backend == "ort-cpu" and report.rounds == 2
+    assert set(report.variants) == {v.key for v in variants}
+    for stats in report.variants.values():
+        assert not stats.error and stats.latency_ms_p50 > 0 and len(stats.round_medians) == 2
+    with pytest.raises(ray.exceptions.RayTaskError):  # the control: without the bundle the worker needs the driver's data
+        remeasure._run(job, {"ort-cpu"}, None)
