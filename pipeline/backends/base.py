@@ -102,6 +102,11 @@ class Backend(ABC):
         """The FP32 artifact this backend runs, against which accuracy drops are measured."""
         return inputs.reference.onnx_path
 
+    def peer_artifacts(self, raw_onnx: str | Path, out_dir: Path) -> dict[str, str]:
+        """``{label: artifact}``: what users of this runtime run today in one call, built from the model's
+        FP32 reference graph, so the search's front is judged against it (``pipeline.search.peers``). Default: none."""
+        return {}
+
     def bits_per_weight(self, artifact: str | Path, reference_artifact: str | Path, quantizable_params: int) -> float | None:
         """Storage bits per quantizable weight of a non-ONNX artifact; None: an ONNX artifact, which the
         evaluator accounts for from its initializers."""

@@ -66,6 +66,28 @@ class VariantStats(BaseModel):
         return {k: float(v) for k, v in out.items() if v is not None}
 
 
+PEER_PREFIX = "peer:"  # a peer's key in the interleaving (``RemeasureReport.order``); trial keys are numbers
+
+
+class PeerResult(BaseModel):
+    """The runtime's one-liner (``pipeline.search.peers``): one peer artifact's accuracy and size, measured like a trial's."""
+
+    label: str
+    artifact: str = ""
+    accuracy: float | None = None  # the task metric through the backend, on the study's eval set
+    reference_accuracy: float | None = None
+    accuracy_drop: float | None = None  # sign-adjusted like a trial's: > 0 means worse than FP32
+    size_bytes: int | None = None
+    max_accuracy_drop: float | None = None  # the study's budget
+    feasible: bool | None = None  # accuracy_drop <= max_accuracy_drop
+    stats: VariantStats | None = None  # its timing in the re-measurement's interleaving
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        return PEER_PREFIX + self.label
+
+
 class RemeasureReport(BaseModel):
     """What the re-measurement found: stored on the study (``remeasured`` user attribute)."""
 
@@ -80,6 +102,9 @@ class RemeasureReport(BaseModel):
     energy_note: str = ""
     order: list[str] = []  # variant keys in the order their timing windows ran (the interleaving, recorded)
     variants: dict[str, VariantStats] = {}
+    # The runtime's one-liner(s) (Backend.peer_artifacts), scored on the eval set and timed in the same
+    # interleaving (PeerResult.stats; ``variants`` holds trials only); never on the front: the yardstick.
+    peers: list[PeerResult] = []
     through_trial: int = -1  # the highest trial number the study held: later trials void this report
     seconds: float = 0.0
     lock_wait_s: float = 0.0

@@ -41,7 +41,7 @@ SIZE_GAIN = 0.95  # smaller than 95 % of FP32's size counts as "buys size"
 
 @dataclass
 class Row:
-    kind: str  # fp32 | uniform | front | candidate
+    kind: str  # fp32 | uniform | peer (the runtime's one-liner, not a trial: trial -1) | front | candidate
     trial: int
     plan: str
     on_front: bool
@@ -95,6 +95,24 @@ def _row(r: TrialRecord, fp32: TrialRecord | None) -> Row:
     )
 
 
+def _peer_rows(report: RemeasureReport, fp32: Row | None) -> list[Row]:
+    """The runtime's one-liner(s) as rows (trial -1): scored and timed like the trials, in the same interleaving."""
+    rows = []
+    for p in report.peers:
+        v = p.stats
+        if p.error or v is None or v.latency_ms_p50 is None:
+            continue
+        rows.append(Row(
+            kind="peer", trial=-1, plan=p.label, on_front=False, on_front_in_search=False, knee=False,
+            accuracy=p.accuracy, accuracy_drop=p.accuracy_drop, latency_ms_in_search=None,
+            latency_ms_remeasured=v.latency_ms_p50, latency_ms_q25=v.latency_ms_q25, latency_ms_q75=v.latency_ms_q75,
+            latency_ms_round_min=v.latency_ms_round_min, latency_ms_round_max=v.latency_ms_round_max,
+            speedup_vs_fp32=_ratio(fp32.latency_ms_remeasured if fp32 else None, v.latency_ms_p50),
+            size_bytes=p.size_bytes, size_ratio_vs_fp32=_ratio(p.size_bytes, fp32.size_bytes if fp32 else None),
+            joules_in_search=None, joules_remeasured=v.joules_per_inference, feasible=p.feasible))
+    return rows
+
+
 def _faster(a: Row, b: Row) -> bool:
     """``a`` is faster than ``b`` beyond the noise: its upper quartile is below ``b``'s lower one."""
     return None not in (a.latency_ms_q75, b.latency_ms_q25) and a.latency_ms_q75 < b.latency_ms_q25
@@ -106,7 +124,8 @@ def _versus(name: str, plan: Row, base: Row, what: str, higher_is_better: bool) 
     drop = (None if plan.accuracy is None or base.accuracy is None
             else (base.accuracy - plan.accuracy) * (1 if higher_is_better else -1))
     noise = "" if _faster(plan, base) or _faster(base, plan) else " (within the noise: the IQRs overlap)"
-    return (f"{name} vs {what} {base.plan} (#{base.trial}): {speed:.2f}x its speed "
+    which = f"{base.plan} (#{base.trial})" if base.trial >= 0 else base.plan
+    return (f"{name} vs {what} {which}: {speed:.2f}x its speed "
             f"({plan.latency_ms_remeasured:.4g} vs {base.latency_ms_remeasured:.4g} ms){noise}, "
             f"{size:.2f}x its size, accuracy {'drop' if (drop or 0) >= 0 else 'gain'} "
             f"{abs(drop or 0):.4g}" if speed is not None and size is not None else
@@ -121,8 +140,10 @@ def comparison(records: Sequence[TrialRecord], report: RemeasureReport, higher_i
         return out
     measured = [r for r in records if r.remeasured and r.metric("latency_ms_p50_remeasured") is not None]
     fp32 = next((r for r in measured if r.baseline == FP32_BASELINE), None)
-    order = {"fp32": 0, "uniform": 1, "front": 2, "candidate": 3}
-    out.rows = sorted((_row(r, fp32) for r in measured), key=lambda x: (order[x.kind], x.trial))
+    order = {"fp32": 0, "uniform": 1, "peer": 2, "front": 3, "candidate": 4}
+    rows = [_row(r, fp32) for r in measured]
+    peers = _peer_rows(report, next((x for x in rows if x.kind == "fp32"), None))
+    out.rows = sorted(rows + peers, key=lambda x: (order[x.kind], x.trial))
     base = [x for x in out.rows if x.kind in ("fp32", "uniform") and x.feasible is not False]
     fp = next((x for x in out.rows if x.kind == "fp32"), None)
     front = [x for x in out.rows if x.on_front and x.latency_ms_remeasured is not None]
@@ -176,6 +197,20 @@ def comparison(records: Sequence[TrialRecord], report: RemeasureReport, higher_i
         elif fastest_base is not None and fastest_base.trial == plan.trial:
             out.sentences.append(f"{name} #{plan.trial} is itself the fastest simple baseline within the accuracy "
                                  f"budget ({plan.plan}): no mixed plan beats it on re-measured latency")
+        for peer in peers:
+            out.sentences.append(_versus(f"{name} #{plan.trial}", plan, peer, "the runtime's one-liner",
+                                         higher_is_better))
+            for key in keys:
+                out.metrics[f"{key}_speedup_vs_peer_remeasured"] = _ratio(peer.latency_ms_remeasured,
+                                                                          plan.latency_ms_remeasured) or 0.0
+                out.metrics[f"{key}_size_ratio_vs_peer"] = _ratio(plan.size_bytes, peer.size_bytes) or 0.0
+    for p in report.peers:
+        if p.feasible is False:
+            out.sentences.append(f"{p.label}: accuracy drop {p.accuracy_drop:.4g} exceeds search.max_accuracy_drop "
+                                 f"({p.max_accuracy_drop:g}): not a feasible alternative here")
+    for p in report.peers:
+        if p.error:
+            out.sentences.append(f"{p.label}: not compared ({p.error})")
     return out
 
 
@@ -203,7 +238,7 @@ def table_markdown(c: Comparison, title: str = "") -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in c.rows:
         lines.append(
-            f"| {r.plan} | {r.trial} | {r.kind} | {'yes' if r.on_front else 'no'} "
+            f"| {r.plan} | {r.trial if r.trial >= 0 else '-'} | {r.kind} | {'yes' if r.on_front else 'no'} "
             f"({'yes' if r.on_front_in_search else 'no'}) | {'*' if r.knee else ''} | {_n(r.accuracy, '.4f')} | "
             f"{_n(r.accuracy_drop, '+.4f')} | {_n(r.latency_ms_in_search, '.4g')} | "
             f"{_n(r.latency_ms_remeasured, '.4g')} | {_n(r.latency_ms_q25, '.4g')}-{_n(r.latency_ms_q75, '.4g')} | "

@@ -54,6 +54,11 @@ class OrtCpuBackend(Backend):
         """Read from ORT's optimized graph (:func:`observe_kernels`): one extra session build."""
         return observe_kernels(artifact, layer_table, formats)
 
+    def peer_artifacts(self, raw_onnx: str | Path, out_dir: Path) -> dict[str, str]:
+        from pipeline.backends.ort.peers import quantize_dynamic_artifact
+
+        return quantize_dynamic_artifact(raw_onnx, out_dir)
+
     def runtime_version(self) -> str:
         import onnxruntime
 

@@ -168,7 +168,10 @@ def test_the_remeasurement_on_a_worker_uses_the_bundle_not_the_drivers_files(ray
            "variants": [v.__dict__ for v in variants], "threads": 1, "energy_source": "none"}
     report = remeasure.RemeasureReport.model_validate(remeasure._run(job, {"ort-cpu"}, cfg))
     assert not report.error and report.backend == "ort-cpu" and report.rounds == 2
+    # the runtime's one-liner is built there too, from the bundle's reference graph
+    assert [p.error for p in report.peers] == [""]
     assert set(report.variants) == {v.key for v in variants}
+    assert report.peers[0].stats.latency_ms_p50 > 0
     for stats in report.variants.values():
         assert not stats.error and stats.latency_ms_p50 > 0 and len(stats.round_medians) == 2
     with pytest.raises(ray.exceptions.RayTaskError):  # the control: without the bundle the worker needs the driver's data

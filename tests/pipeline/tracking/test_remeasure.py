@@ -104,8 +104,8 @@ def test_quantization_that_buys_size_but_not_speed_is_said_plainly(searched):
     infos = study_objectives(study)
     data = dict(study.user_attrs[A.A_REMEASURED])
     fp32 = next(t.number for t in study.trials if t.user_attrs.get(A.T_BASELINE) == FP32_BASELINE)
-    data["variants"] = {k: dict(v, latency_ms_p50=(1.0 if int(k) == fp32 else 5.0), latency_ms_q25=(
-        0.9 if int(k) == fp32 else 4.0), latency_ms_q75=(1.1 if int(k) == fp32 else 6.0))
+    data["variants"] = {k: dict(v, latency_ms_p50=(1.0 if k == str(fp32) else 5.0), latency_ms_q25=(
+        0.9 if k == str(fp32) else 4.0), latency_ms_q75=(1.1 if k == str(fp32) else 6.0))
         for k, v in data["variants"].items()}
     records = build_records(study, infos)
     for r in records:
@@ -146,3 +146,22 @@ def test_front_cli_shows_both_numbers(searched, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "re-measured" in text and "in-search" in text
+
+
+def test_front_is_judged_against_the_runtimes_one_liner(searched):
+    """ORT's quantize_dynamic is built from the reference, scored on the eval set and timed in the same rounds."""
+    cfg, study, summary, client = searched
+    report = RemeasureReport.model_validate(study.user_attrs[A.A_REMEASURED])
+    assert [p.label for p in report.peers] == ["ORT quantize_dynamic (one-liner)"]
+    peer = report.peers[0]
+    assert not peer.error and peer.size_bytes > 0 and 0 < peer.accuracy <= 1
+    assert peer.feasible == (peer.accuracy_drop <= cfg.search.max_accuracy_drop + 1e-12)
+    assert peer.key not in report.variants  # variants are trials; the peer's timing travels with it
+    stats = peer.stats
+    assert stats.latency_ms_p50 > 0 and len(stats.round_medians) == 3
+    assert peer.key in report.order  # timed inside the interleaving, not after it
+    md = open(client.download_artifacts(summary.parent_run_id, R.ARTIFACT_TABLE_MD)).read()
+    assert "| ORT quantize_dynamic (one-liner) | - | peer |" in md
+    verdict = client.get_run(summary.parent_run_id).data.tags[R.TAG_VERDICT]
+    assert "the runtime's one-liner ORT quantize_dynamic (one-liner)" in verdict
+    assert any(k.endswith("_speedup_vs_peer_remeasured") for k in client.get_run(summary.parent_run_id).data.metrics)
