@@ -111,6 +111,8 @@ def print_summary(summary, config_path: str = "<config>", workdir: str | None = 
     if summary.energy_meter_pinned:
         console.print(f"energy meter pinned to {summary.energy_meter_pinned}: every trial of this study is metered "
                       "by it (a worker without it fails its trial instead of switching source)")
+    for sentence in summary.verdict:  # the re-measured front vs FP32, the baselines and the runtime's one-liner
+        console.print(escape(sentence), soft_wrap=True)
     if summary.trials_duplicate:
         console.print(f"{summary.trials_duplicate} proposal(s) repeated an already measured plan: told the "
                       "original's values, not measured again, not counted in --trials")

@@ -65,4 +65,7 @@ class SearchSummary(BaseModel):
     stopped_early: str = ""  # why the search ended before --trials (duplicates only, or the time budget spent)
     trials_orphaned: int = 0  # FAIL in the storage because a driver stopped while they ran (their plans retried)
     trials_retried: int = 0  # FAIL because their worker died (killed, OOM, node lost); their plans retried
+    # The re-measured front against FP32, the uniform baselines and the runtime's one-liner, in sentences
+    # (pipeline.tracking.remeasure.comparison; empty when nothing was re-measured).
+    verdict: list[str] = []
     mlflow_spooled: int = 0  # tracking events still spooled (MLflow unreachable at the end); 0 when in step

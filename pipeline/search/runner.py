@@ -54,7 +54,8 @@ from pipeline.search.plans import Duplicates, knobs
 from pipeline.search.records import T_PLAN_BRIEF, TrialRecord, build_records, front_summary, hypervolume_box
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
-    A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, CONSTRAINT, T_BASELINE,
+    A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, A_VERDICT, CONSTRAINT,
+    T_BASELINE,
     T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, T_SEED,
     Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage,
     init_lock_path, make_sampler, measured_count, set_metric_names, store_init_lock, study_counts,
@@ -553,6 +554,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             trials_duplicate=int(summary.get("trials_duplicate", 0)), energy_meter_pinned=self.pinned_meter or "",
             stopped_early=self.stopped_early, trials_orphaned=counts.orphaned, trials_retried=counts.retried,
             mlflow_spooled=self.spool.pending() if self.spool.down else 0,
+            verdict=list(self.study.user_attrs.get(A_VERDICT) or []) if A_REMEASURED in self.study.user_attrs else [],
         )
 
 

@@ -37,6 +37,7 @@ A_TRACKING_URI = "mlflow_tracking_uri"  # without its password (pipeline.urls.wi
 A_ENERGY_SOURCE = "energy_source"  # nvml | rapl | estimated | none: the source every trial must share
 A_ENERGY_METER = "energy_meter"  # the first trial's meter description
 A_ENERGY_PIN = "energy_meter_pinned"  # {"meter": nvml|rapl|estimated, "by": why}, once pinned
+A_VERDICT = "remeasure_verdict"  # the comparison's sentences (front vs FP32, baselines, the one-liner), once made
 A_REMEASURED = "remeasured"  # pipeline.search.remeasure.RemeasureReport (dumped), set once the search ends
 T_BASELINE = "baseline"
 T_SEED = "sensitivity_seed"  # a plan the sensitivity solver enqueued ("sensitivity-<i>"); measured like a proposal

@@ -277,7 +277,7 @@ def remeasure_finisher(config):
     def finish(tracker, study) -> None:
         from pipeline.search.records import build_records, front_summary, study_objectives
         from pipeline.search.remeasure import remeasure_study
-        from pipeline.search.storage import A_HV_BOX
+        from pipeline.search.storage import A_HV_BOX, A_VERDICT
 
         report = remeasure_study(config, study)
         if report is None or not getattr(tracker, "parent_run_id", ""):
@@ -287,8 +287,9 @@ def remeasure_finisher(config):
         summary = front_summary(records, infos, study.user_attrs.get(A_HV_BOX))
         tracker.update_front(records, infos, summary, int(summary["trials_complete"] + summary["trials_failed"]),
                              True)
-        log_remeasured(tracker.client, tracker.parent_run_id, records, report,
-                       bool(config.metric.higher_is_better), title=f"study {study.study_name}")
+        c = log_remeasured(tracker.client, tracker.parent_run_id, records, report,
+                           bool(config.metric.higher_is_better), title=f"study {study.study_name}")
+        study.set_user_attr(A_VERDICT, c.sentences)  # the search's summary prints them
 
     finish.__name__ = "remeasure"
     return finish

@@ -165,3 +165,11 @@ def test_front_is_judged_against_the_runtimes_one_liner(searched):
     verdict = client.get_run(summary.parent_run_id).data.tags[R.TAG_VERDICT]
     assert "the runtime's one-liner ORT quantize_dynamic (one-liner)" in verdict
     assert any(k.endswith("_speedup_vs_peer_remeasured") for k in client.get_run(summary.parent_run_id).data.metrics)
+
+
+def test_search_summary_carries_the_verdict(searched):
+    """What `make search` prints at the end: the comparison's sentences, the one-liner's included."""
+    cfg, study, summary, client = searched
+    assert summary.verdict == study.user_attrs[A.A_VERDICT]
+    assert any("the runtime's one-liner" in s for s in summary.verdict)
+    assert summary.verdict[0].startswith("latency: re-measured interleaved")
