@@ -278,8 +278,11 @@ class SearchSpec(_OmitNewDefaults):
     # out of the searched choices unless this is true (search_spaces/space.py says which, once).
     include_emulated: bool = False
     # Search one format per group of layers: "layer" (none), "block" (same name up to the last
-    # numeric index, e.g. encoder.layer.3.*), "role" (same name with indices wildcarded).
-    group_layers: Literal["layer", "block", "role"] = "layer"
+    # numeric index, e.g. encoder.layer.3.*), "role" (same name with indices wildcarded), or "auto":
+    # "role" when more than 24 layers are searched and roles at least halve the choices (a 36-layer
+    # encoder: 9 choices, which a few dozen trials can learn; TPE over 36 independent layers is
+    # barely better than random at that budget), else "layer" (search_spaces.pruning.group_mode).
+    group_layers: Literal["auto", "layer", "block", "role"] = "auto"
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
 
     @field_validator("formats")

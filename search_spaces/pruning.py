@@ -69,11 +69,27 @@ def group_key(name: str, mode: str) -> str:
     return ".".join("*" if p.isdigit() else p for p in parts)
 
 
+AUTO_GROUP_MIN_LAYERS = 24
+"""``group_layers: auto`` groups by role above this many searched layers (and only where roles at least
+halve the choices): the budget a user gives a search (tens of trials) cannot learn more independent choices."""
+
+
+def group_mode(spec: SearchSpec, searched: Sequence[str]) -> str:
+    """The grouping ``search.group_layers`` means for these searched layers (``auto`` resolved)."""
+    mode = getattr(spec, "group_layers", "layer")
+    if mode != "auto":
+        return mode
+    if len(searched) <= AUTO_GROUP_MIN_LAYERS:
+        return "layer"
+    roles = {group_key(n, "role") for n in searched}
+    return "role" if 2 * len(roles) <= len(searched) else "layer"
+
+
 def layer_choices(spec: SearchSpec, searched: Sequence[str], *,
                   emulated: Mapping[str, set[Format]] | None = None,
                   allowed: Mapping[str, Sequence[Format]] | None = None) -> LayerChoices:
     include_emulated = getattr(spec, "include_emulated", False)
-    mode = getattr(spec, "group_layers", "layer")
+    mode = group_mode(spec, searched)
     per_layer: dict[str, list[Format]] = {}
     left_out: dict[Format, int] = {}
     pruned: dict[Format, list[str]] = {}
@@ -122,5 +138,7 @@ def layer_choices(spec: SearchSpec, searched: Sequence[str], *,
         notes.append(f"no searched format left for {', '.join(emptied[:4])}{' ...' if len(emptied) > 4 else ''}: "
                      "kept fp32")
     if mode != "layer":
-        notes.append(f"{len(searched)} layers searched as {len(params)} {mode} group(s)")
+        why = (f" (search.group_layers: auto, more than {AUTO_GROUP_MIN_LAYERS} layers; set it to layer to search "
+               "each one)") if getattr(spec, "group_layers", "") == "auto" else ""
+        notes.append(f"{len(searched)} layers searched as {len(params)} {mode} group(s){why}")
     return LayerChoices(groups=params, formats=formats, notes=tuple(notes))

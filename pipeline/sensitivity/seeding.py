@@ -106,11 +106,12 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
         allowed[n] = [f]
     for n in fixed.excluded:
         allowed[n] = [Format.FP32]
-    from search_spaces.pruning import group_key
+    from search_spaces.pruning import group_key, group_mode
 
+    mode = group_mode(spec, [n for n in sens.layers if n not in fixed.pinned and n not in fixed.excluded])
     groups: dict[str, list[str]] = {}
     for n in sens.layers:
-        groups.setdefault(group_key(n, spec.group_layers), []).append(n)
+        groups.setdefault(group_key(n, mode), []).append(n)
     plans = seed_plans(sens, spec.sensitivity.bits_budgets, max_drop=spec.max_accuracy_drop, groups=groups,
                        allowed=allowed, greedy=spec.sensitivity.greedy_plans, knobs=plan_knobs(config))
     return Seeding(table=sens, plans=plans, allowed=allowed, emulated=emulated, budget=spec.max_accuracy_drop)

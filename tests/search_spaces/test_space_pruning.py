@@ -111,3 +111,19 @@ def test_a_group_takes_only_formats_all_its_layers_allow():
                               allowed=allowed)
     for _, plan in _plans(space, 30, seed=2):
         assert plan.resolve(LAYERS)["encoder.1.q"].format is not Format.INT4
+
+
+def test_auto_grouping_searches_roles_only_for_many_repeated_layers():
+    from search_spaces.pruning import AUTO_GROUP_MIN_LAYERS, group_mode
+
+    spec = SearchSpec(formats=["fp32", "int8", "int4"])
+    assert spec.group_layers == "auto"
+    assert group_mode(spec, LAYERS) == "layer"  # 6 layers: each is its own choice
+    blocks = AUTO_GROUP_MIN_LAYERS // 6 + 1
+    encoder = ["embed"] + [f"enc.layer.{i}.{r}" for i in range(blocks) for r in ("q", "k", "v", "o", "ff1", "ff2")]
+    assert len(encoder) > AUTO_GROUP_MIN_LAYERS and group_mode(spec, encoder) == "role"
+    space = SearchSpace.build(spec, encoder)
+    assert f"{len(encoder)} layers searched as 7 role group(s) (search.group_layers: auto" in space.describe()
+    unrepeated = [f"conv{i}" for i in range(AUTO_GROUP_MIN_LAYERS + 5)]  # no block structure: nothing to share
+    assert group_mode(spec, unrepeated) == "layer"
+    assert group_mode(SearchSpec(group_layers="layer"), encoder) == "layer"  # an explicit choice stands
