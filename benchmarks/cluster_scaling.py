@@ -18,8 +18,11 @@ Reported per size:
   attribute every trial records), i.e. how evenly trials were spread.
 
 * ``driver CPU s/trial``: CPU time of the search process (the driver: Optuna, MLflow
-  client, front plots) per trial, and ``load``: the host's 1-minute load average
-  when the run ended (other work on the host slows both sizes, unevenly).
+  client, front plots) per trial, its start (imports, the reference) and end (the
+  review) included; ``in window``: the same between the first trial's start and the
+  last one's end (sampled from /proc), i.e. what recording a trial costs the driver;
+  ``load``: the host's 1-minute load average when the run ended (other work on the
+  host slows both sizes, unevenly).
 
 The ratio printed last is 2-node trials/min over 1-node trials/min (and the same for
 end-to-end). Both clusters run on this one host: each node is given
@@ -92,6 +95,34 @@ def _read_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (Linux /proc), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _sample_cpu(proc: subprocess.Popen, every_s: float = 0.25) -> list[tuple[float, float]]:
+    samples = []
+    while proc.poll() is None:
+        cpu = _cpu_seconds(proc.pid)
+        if cpu is not None:
+            samples.append((time.time(), cpu))
+        time.sleep(every_s)
+    return samples
+
+
+def _window_cpu(samples: list[tuple[float, float]], start: float, end: float, trials: int) -> float | None:
+    """The driver's CPU seconds per trial between the first trial's start and the last one's end: what it
+    spends recording trials (Optuna, MLflow, the front), without its one-off start and finish."""
+    inside = [c for t, c in samples if start <= t <= end]
+    if len(inside) < 2 or not trials:
+        return None
+    return round((inside[-1] - inside[0]) / trials, 3)
+
+
 def run_size(nodes: int, cpus: int, trials: int, config: Path, tmp: Path, overrides: list[str] = ()) -> dict:
     """Start a ``nodes``-node cluster, run one study of ``trials`` trials on it, stop it; the numbers."""
     work = tmp / f"nodes{nodes}"
@@ -115,16 +146,20 @@ def run_size(nodes: int, cpus: int, trials: int, config: Path, tmp: Path, overri
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         sets = [a for o in overrides for a in ("--set", o)]
-        proc = subprocess.run([str(cli), "search", "--config", str(cfg), "--study", f"scale-{nodes}", "--json",
-                               "--no-progress", *sets], env=env, cwd=work, capture_output=True, text=True,
-                              timeout=3600)
+        with open(work / "search.out", "w+") as out, open(work / "search.err", "w+") as err:
+            proc = subprocess.Popen([str(cli), "search", "--config", str(cfg), "--study", f"scale-{nodes}", "--json",
+                                     "--no-progress", *sets], env=env, cwd=work, stdout=out, stderr=err, text=True)
+            samples = _sample_cpu(proc)  # (wall clock, the driver's CPU seconds so far), every 0.25 s
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         driver_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         load = os.getloadavg()[0]
         if proc.returncode != 0:
-            raise SystemExit(f"search failed on {nodes} node(s):\n{proc.stderr[-4000:]}")
-        summary = json.loads(proc.stdout)
+            raise SystemExit(f"search failed on {nodes} node(s):\n{stderr[-4000:]}")
+        summary = json.loads(stdout)
         import optuna
 
         from pipeline.urls import normalize_db_url
@@ -142,6 +177,7 @@ def run_size(nodes: int, cpus: int, trials: int, config: Path, tmp: Path, overri
                 "trials_per_min_end_to_end": round(60 * len(done) / wall, 2), "per_node": dict(per_node),
                 "parallel": summary["parallel"], "trials_failed": summary["trials_failed"],
                 "driver_cpu_s_per_trial": round(driver_cpu / max(1, len(done)), 2), "load_1min": round(load, 1),
+                "driver_cpu_s_per_trial_in_window": _window_cpu(samples, start.timestamp(), end.timestamp(), len(done)),
                 "trial_seconds_median": round(sorted(t.user_attrs.get("seconds", 0.0) for t in done)[len(done) // 2], 2)}
     finally:
         subprocess.run(["bash", str(scripts / "down.sh")], env={**env, "CLUSTER_DROP_DB": "1"},
@@ -180,11 +216,12 @@ def main() -> int:
     print(f"host: {os.cpu_count()} CPU(s); study: {Path(args.config).name}, {args.trials} trials, preset "
           f"{args.preset} {overrides or ''}; {args.cpus} CPU(s) per node")
     print(f"{'nodes':>5} {'trials':>6} {'window s':>9} {'trials/min':>10} {'end-to-end s':>12} "
-          f"{'e2e trials/min':>14} {'trial s':>7} {'driver CPU s/trial':>18} {'load':>5}  per node")
+          f"{'e2e trials/min':>14} {'trial s':>7} {'driver CPU s/trial':>18} {'in window':>9} {'load':>5}  per node")
     for r in rows:
         print(f"{r['nodes']:>5} {r['trials']:>6} {r['window_s']:>9} {r['trials_per_min']:>10} "
               f"{r['end_to_end_s']:>12} {r['trials_per_min_end_to_end']:>14} {r['trial_seconds_median']:>7} "
-              f"{r['driver_cpu_s_per_trial']:>18} {r['load_1min']:>5}  {r['per_node']}")
+              f"{r['driver_cpu_s_per_trial']:>18} {str(r['driver_cpu_s_per_trial_in_window']):>9} "
+              f"{r['load_1min']:>5}  {r['per_node']}")
     print(f"(best of {args.repeat} interleaved run(s) per size)")
     print(f"2 nodes / 1 node: {ratio:.2f}x trials/min over the trial window, {ratio_e2e:.2f}x end to end")
     return 0

@@ -405,6 +405,7 @@ class Resume:
         closed ones first.
         """
         from pipeline.results import TrialResult
+        from pipeline.search.worker import A_ATTEMPT, A_HOSTNAME, A_NODE_ID
 
         if t.user_attrs.get(T_DUPLICATE_OF) is not None:  # never had a run of its own (see _tell_duplicate)
             if t.number not in self.duplicates.get(t.user_attrs[T_DUPLICATE_OF], []):
@@ -422,14 +423,16 @@ class Resume:
             if run_id is None:
                 return
             self.run_ids[t.number] = run_id
+        placement = {k: t.user_attrs[k] for k in (A_NODE_ID, A_HOSTNAME, A_ATTEMPT) if k in t.user_attrs}
         if t.state.name == "COMPLETE" and t.user_attrs.get(T_RESULT):
             result = TrialResult.model_validate(t.user_attrs[T_RESULT])
             values = dict(zip([o.name for o in self.infos], t.values))
             feasible = all(v <= 0 for v in t.constraints.values()) if t.constraints else None
             self._track(self.tracker.finish_trial, run_id, result, values, feasible,
-                        t.user_attrs.get(T_SECONDS, 0.0))
+                        t.user_attrs.get(T_SECONDS, 0.0), placement)
         else:
-            self._track(self.tracker.fail_trial, run_id, t.user_attrs.get(T_FAIL_REASON, "failed (no reason stored)"))
+            self._track(self.tracker.fail_trial, run_id, t.user_attrs.get(T_FAIL_REASON, "failed (no reason stored)"),
+                        None, placement)
 
     def _enqueue_baselines(self) -> None:
         if not self.config.search.baselines:
