@@ -117,15 +117,26 @@ def test_brief_says_what_differs_from_the_nearest_uniform_baseline(encoder_layer
     assert "uniform int8 [" in uniform and "except" not in uniform
 
 
-def test_brief_caps_the_listed_names_and_counts_the_rest(encoder_layers):
-    names = encoder_layers
-    scattered = names[::2]  # every other layer: no prefix covers only these, so each is listed on its own
+def test_brief_caps_the_listed_names_and_counts_the_rest():
+    names = [f"enc.blk.{b}.r{r}" for b in range(2) for r in range(5)] + ["head"]
+    # every other layer: neither a block prefix nor a role (the same layer in every block) covers only these
+    scattered = names[:10:2]
     plan = QuantPlan(layers={**{n: "int4" for n in scattered}, "*": "int8"})
     diff = plan.resolve(names).baseline_diff(max_names=3)
-    listed = diff[diff.index("(") + 1: diff.rindex(")")].split(", ")
-    # the nearest baseline is the format most layers have; a tie goes to the first layer's (int4 here)
-    base = "int8" if len(names) - len(scattered) > len(scattered) else "int4(b32)"
-    other = len(names) - len(scattered) if base == "int4(b32)" else len(scattered)
-    assert diff.startswith(f"uniform {base} except {other} ")
-    assert len(listed) == 4 and listed[-1].startswith("+") and listed[-1].endswith(" more"), diff
+    listed = diff.split("int4(b32) (", 1)[1].removesuffix(")").split(", ")
+    assert diff.startswith("uniform int8 except 5 int4(b32) ")  # the format most layers have
+    assert listed[:3] == scattered[:3]
+    assert len(listed) == 4 and listed[-1] == "+2 more", diff
     assert len(diff) < 200
+
+
+def test_brief_names_a_role_changed_in_every_block_with_one_pattern(encoder_layers):
+    import fnmatch
+    import re
+
+    names = encoder_layers
+    role = next(re.sub(r"(?<=[./])\d+(?=[./]|$)", "*", n) for n in names if re.search(r"\.\d+\.", n))
+    members = [n for n in names if fnmatch.fnmatchcase(n, role)]
+    assert len(members) >= 2, names
+    plan = QuantPlan(layers={role: "fp32", "*": "int8"})
+    assert plan.resolve(names).baseline_diff() == f"uniform int8 except {len(members)} fp32 ({role})"
