@@ -58,3 +58,14 @@ def cnn_config(shared_workdir):
 @pytest.fixture(scope="session")
 def encoder_config(shared_workdir):
     return _config("tiny_encoder.yaml", shared_workdir)
+
+
+# A search small enough for tests that need a finished, re-measured study (search and tracking re-measurement tests).
+TINY_REMEASURE = {
+    "search.formats": ["fp32", "int8", "int4"],
+    "search.int8_activations": ["dynamic"],
+    "search.calibrations": ["minmax"],
+    "search.int4_block_sizes": [32],
+    "search.max_accuracy_drop": 0.02,
+    "measure.remeasure_rounds": 3,
+}

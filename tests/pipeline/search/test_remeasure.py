@@ -26,15 +26,9 @@ from pipeline.search.remeasure import (
     round_order,
 )
 from pipeline.search.runner import SearchOptions, run_search
+from tests.conftest import TINY_REMEASURE
 
-TINY = {
-    "search.formats": ["fp32", "int8", "int4"],
-    "search.int8_activations": ["dynamic"],
-    "search.calibrations": ["minmax"],
-    "search.int4_block_sizes": [32],
-    "search.max_accuracy_drop": 0.02,
-    "measure.remeasure_rounds": 3,
-}
+TINY = TINY_REMEASURE
 TRIALS = 5  # 3 uniform baselines + 2 sampled plans
 
 

@@ -20,17 +20,9 @@ from pipeline.search.records import FP32_BASELINE, build_records, study_objectiv
 from pipeline.search.remeasure import RemeasureReport, apply_remeasured
 from pipeline.tracking import remeasure as R
 from pipeline.tracking import schema as S
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_REMEASURE
 
-TINY = {
-    "search.formats": ["fp32", "int8", "int4"],
-    "search.int8_activations": ["dynamic"],
-    "search.calibrations": ["minmax"],
-    "search.int4_block_sizes": [32],
-    "search.max_accuracy_drop": 0.02,
-    "search.trials": 5,
-    "measure.remeasure_rounds": 3,
-}
+TINY = {**TINY_REMEASURE, "search.trials": 5}
 
 
 @pytest.fixture(scope="module")
