@@ -287,30 +287,32 @@ class ResolvedPlan(Mapping[str, LayerChoice]):
         return f"uniform {base} except {', '.join(parts)}"
 
 
+def role_pattern(name: str) -> str:
+    """``name`` with every numeric block index wildcarded (``enc.layer.3.query`` -> ``enc.layer.*.query``): the
+    layer's role, what ``search.group_layers: role`` searches as one choice (``search_spaces.pruning.group_key``)
+    and what a plan brief names when the role changed in every block."""
+    return ".".join("*" if p.isdigit() else p for p in name.split("."))
+
+
 def layer_patterns(selected: list[str], all_names: list[str]) -> list[str]:
     """``selected`` layer names as few glob patterns: a role present in every block (``enc.layer.*.query``)
     when all its layers are selected; else the shortest ``prefix.*`` (split at ``.`` or ``/``) that matches two
     or more layers, all of them in ``selected``; else the name itself.
     In layer order, so the result is deterministic."""
-    import re
-
     chosen = set(selected)
     out: list[str] = []
     covered: set[str] = set()
-
-    def role(n: str) -> str:  # every block index wildcarded: what search.group_layers: role searches as one
-        return re.sub(r"(?<=[./])\d+(?=[./]|$)", "*", n)
-
     for name in selected:
         if name in covered:
             continue
         pattern = name
-        same_role = [n for n in all_names if role(n) == role(name)]
-        if role(name) != name and len(same_role) > 1 and all(n in chosen for n in same_role):
+        role = role_pattern(name)
+        same_role = [n for n in all_names if role_pattern(n) == role]
+        if role != name and len(same_role) > 1 and all(n in chosen for n in same_role):
             # the same role in every block (encoder.layer.*.attention.output.dense): one pattern, and the one
             # a role-grouped search varies
             covered.update(same_role)
-            out.append(role(name))
+            out.append(role)
             continue
         for i, ch in enumerate(name):
             if ch not in "./" or i == 0:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import SearchSpec
 from pipeline.formats import WEIGHT_BITS, Format
+from pipeline.plan import role_pattern
 
 LAYER_PREFIX = "layer:"
 GROUP_PREFIX = "group:"
@@ -66,7 +67,7 @@ def group_key(name: str, mode: str) -> str:
         return name  # a layer outside any repeated block keeps its own choice
     if mode == "block":
         return ".".join(parts[: numeric[-1] + 1])
-    return ".".join("*" if p.isdigit() else p for p in parts)
+    return role_pattern(name)
 
 
 AUTO_GROUP_MIN_LAYERS = 24

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def build_peers(ev: "Evaluator", out_dir: Path) -> list[PeerResult]:
     """The backend's one-liner artifacts for this model, each scored on the eval set (cached per folder)."""
     from pipeline.data_check import onnx_input_specs

@@ -205,12 +205,11 @@ def comparison(records: Sequence[TrialRecord], report: RemeasureReport, higher_i
                                                                           plan.latency_ms_remeasured) or 0.0
                 out.metrics[f"{key}_size_ratio_vs_peer"] = _ratio(plan.size_bytes, peer.size_bytes) or 0.0
     for p in report.peers:
-        if p.feasible is False:
-            out.sentences.append(f"{p.label}: accuracy drop {p.accuracy_drop:.4g} exceeds search.max_accuracy_drop "
-                                 f"({p.max_accuracy_drop:g}): not a feasible alternative here")
-    for p in report.peers:
         if p.error:
             out.sentences.append(f"{p.label}: not compared ({p.error})")
+        elif p.feasible is False:
+            out.sentences.append(f"{p.label}: accuracy drop {p.accuracy_drop:.4g} exceeds search.max_accuracy_drop "
+                                 f"({p.max_accuracy_drop:g}): not a feasible alternative here")
     return out
 
 

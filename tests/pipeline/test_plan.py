@@ -134,8 +134,10 @@ def test_brief_names_a_role_changed_in_every_block_with_one_pattern(encoder_laye
     import fnmatch
     import re
 
+    from pipeline.plan import role_pattern
+
     names = encoder_layers
-    role = next(re.sub(r"(?<=[./])\d+(?=[./]|$)", "*", n) for n in names if re.search(r"\.\d+\.", n))
+    role = next(role_pattern(n) for n in names if re.search(r"\.\d+\.", n))
     members = [n for n in names if fnmatch.fnmatchcase(n, role)]
     assert len(members) >= 2, names
     plan = QuantPlan(layers={role: "fp32", "*": "int8"})
