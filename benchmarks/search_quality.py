@@ -130,9 +130,9 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
     if name == "uniform":
         for i, f in enumerate(config.search.formats):
             plan = QuantPlan.uniform(f)
-            k = measured.key(plan, names)
-            trace.append((i, k if measured(plan) else None))
-            if measured(plan):
+            k = measured.key(plan, names) if measured(plan) else None
+            trace.append((i, k))
+            if k:
                 keys.append(k)
         return {"keys": keys, "trace": trace, "trials": len(config.search.formats), "skipped": 0}
     kwargs = space_inputs(config, None, seeding) if name == "seeded" else {}
