@@ -216,11 +216,48 @@ def load_targets(spec: TargetsSpec, config: SearchConfig, field: str = "data.tar
     return value
 
 
+def pairs_head(ds: Dataset, limit: int, pairs: str | None) -> Dataset | None:
+    """The first pairs of a pair-scored eval set, at most ``limit`` rows in all; None if it is not one.
+
+    Why: a subset (``data.eval.limit``, the sensitivity table's ``eval_limit``, a benchmark's
+    ``--eval-rows``) must keep the pairing the metric reads (:func:`pipeline.metrics.pair_scores`):
+    ``halves`` keeps rows i and N+i of the first k pairs, ``interleaved`` the first 2k rows, and
+    ``{"pairs": (N, 2), "scores": (N,)}`` targets keep the rows of the first pairs that fit,
+    renumbered. Anything else (a ranking's dict, a detection's boxes) is not cut here.
+    """
+    t, n = ds.targets, len(ds)
+    if isinstance(t, dict) and "pairs" in t and "scores" in t:
+        idx, gold = np.asarray(t["pairs"]), np.asarray(t["scores"])
+        if idx.ndim != 2 or idx.shape[1] != 2 or len(idx) != len(gold):
+            return None
+        k, rows = 0, []
+        seen: dict[int, int] = {}
+        for a, b in idx.tolist():
+            new = [r for r in dict.fromkeys((a, b)) if r not in seen]
+            if k and len(seen) + len(new) > limit:
+                break
+            for r in new:
+                seen[r] = len(seen)
+            k += 1
+        keep = np.asarray(list(seen), dtype=np.int64)
+        remap = np.vectorize(seen.__getitem__, otypes=[np.int64])(idx[:k]) if k else idx[:0]
+        return Dataset({name: v[keep] for name, v in ds.inputs.items()},
+                       {**t, "pairs": remap, "scores": gold[:k]}, row_targets=False)
+    if pairs is None or not isinstance(t, np.ndarray) or t.ndim != 1 or n != 2 * len(t):
+        return None
+    k = max(1, limit // 2)
+    if k >= len(t):
+        return ds
+    keep = np.r_[0:k, len(t):len(t) + k] if pairs == "halves" else np.arange(2 * k)
+    return Dataset({name: v[keep] for name, v in ds.inputs.items()}, t[:k], row_targets=False)
+
+
 def load_eval_set(config: SearchConfig) -> Dataset:
     """The eval inputs and the targets the metric compares them with.
 
-    ``data.targets`` when given (any structure, never cut: ``data.eval.limit``
-    applies only when the targets are an array with one entry per input row),
+    ``data.targets`` when given (``data.eval.limit`` cuts them with the rows when they are one
+    per input row, or pairs of rows the metric scores (:func:`pairs_head`); other structures
+    are never cut),
     else the targets of the old ``(inputs, targets)`` form.
     """
     data = config.data
@@ -235,10 +272,15 @@ def load_eval_set(config: SearchConfig) -> Dataset:
         aligned = isinstance(targets, np.ndarray) and targets.ndim > 0 and len(targets) == len(ds)
         ds = Dataset(ds.inputs, targets, row_targets=aligned)
         if data.eval.limit and data.eval.limit < len(ds):
-            if not aligned:
-                raise ConfigError("data.eval.limit: the targets are not one per input row, so the product cannot "
-                                  "cut them; pass the size to both functions through their kwargs instead")
-            ds = ds.head(data.eval.limit)
+            if aligned:
+                ds = ds.head(data.eval.limit)
+            else:
+                cut = pairs_head(ds, data.eval.limit, config.metric.pairs)
+                if cut is None:
+                    raise ConfigError("data.eval.limit: the targets are not one per input row (nor pairs of rows "
+                                      "the metric names), so the product cannot cut them; pass the size to both "
+                                      "functions through their kwargs instead")
+                ds = cut
         return ds
     if ds.targets is None:
         raise ConfigError("data.targets: the metric needs targets; give `data.targets: {source: "

@@ -119,6 +119,10 @@ def test_targets_from_files_and_lists(tmp_path):
     assert isinstance(ds.targets, np.ndarray) and ds.targets.shape == (12,)
 
 
+def _ranking():
+    return {"q1": [1, 2], "q2": [5]}
+
+
 def _label_list():
     return [0, 1] * 6
 
@@ -131,7 +135,7 @@ def test_eval_set_errors_name_the_field_and_the_fix():
                            targets={"source": "tests.pipeline.test_data:eval_y"}))
     with pytest.raises(ConfigError, match=r"data.eval.limit: the targets are not one per input row"):
         load_eval_set(_cfg(eval={"source": "tests.pipeline.test_data:eval_x", "limit": 4},
-                           targets={"source": "tests.pipeline.test_data:eval_y"}))
+                           targets={"source": "tests.pipeline.test_data:_ranking"}))
     with pytest.raises(ConfigError, match=r"data.targets.source: .* returned None"):
         load_eval_set(_cfg(targets={"source": "tests.pipeline.test_data:_none"}))
     with pytest.raises(ConfigError, match=r"data.targets.source: file .* does not exist"):
@@ -176,3 +180,47 @@ def test_qat_trains_on_a_split_form_config_by_self_distillation(mlp_config, tmp_
     out = run_qat(cfg, adapter, plan, ref, tmp_path)
     assert out.steps == 10 and len(out.loss_curve) == 10 and all(np.isfinite(out.loss_curve))
     assert out.loss == "cross_entropy"  # the config's loss, on the FP32 teacher's logits (soft targets)
+
+
+def _pair_rows(n: int = 10):
+    rng = np.random.default_rng(3)
+    return {"emb": rng.normal(size=(2 * n, 4)).astype(np.float32)}
+
+
+def _pair_gold(n: int = 10):
+    return np.random.default_rng(4).uniform(0, 5, n)
+
+
+def _pair_dict(n: int = 10):
+    # pairs name their rows: pair i = (rows 2n-1-i, i), so a cut must gather and renumber rows
+    return {"pairs": np.array([[2 * n - 1 - i, i] for i in range(n)]), "scores": _pair_gold(n)}
+
+
+@pytest.mark.parametrize("pairs", ["halves", "interleaved"])
+def test_limit_cuts_pair_scored_sets_by_pairs_and_the_metric_sees_the_first_pairs(pairs):
+    from pipeline.metrics import pair_scores
+
+    data = {"eval": {"source": "tests.pipeline.test_data:_pair_rows", "limit": 7},
+            "targets": {"source": "tests.pipeline.test_data:_pair_gold"}}
+    cfg = parse_config({"name": "t", "model": {"factory": "pipeline.examples.digits:mlp"},
+                        "metric": {"name": "spearman", "pairs": pairs},
+                        "data": {"calibration": {"source": "tests.pipeline.test_data:calib_x"}, **data}})
+    ds = load_eval_set(cfg)
+    assert len(ds) == 6 and ds.targets.tolist() == _pair_gold()[:3].tolist()  # 7 rows -> 3 whole pairs
+    full = _pair_rows()["emb"]
+    pred, gold = pair_scores(ds.inputs["emb"], ds.targets, pairs)
+    want, _ = pair_scores(full, _pair_gold(), pairs)
+    np.testing.assert_allclose(pred, want[:3], rtol=1e-6)  # the same three pairs, paired the same way
+
+
+def test_limit_cuts_explicit_pair_targets_and_renumbers_their_rows():
+    from pipeline.metrics import pair_scores
+
+    cfg = _cfg(eval={"source": "tests.pipeline.test_data:_pair_rows", "limit": 5},
+               targets={"source": "tests.pipeline.test_data:_pair_dict"})
+    ds = load_eval_set(cfg)
+    assert len(ds) == 4 and len(ds.targets["pairs"]) == 2  # a third pair would make 6 rows
+    assert ds.targets["pairs"].max() < len(ds)
+    pred, _ = pair_scores(ds.inputs["emb"], ds.targets, None)
+    want, _ = pair_scores(_pair_rows()["emb"], _pair_dict(), None)
+    np.testing.assert_allclose(pred, want[:2], rtol=1e-6)
