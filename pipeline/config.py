@@ -234,11 +234,15 @@ class SensitivitySpec(_Strict):
 
     ``eval_limit`` caps the eval rows each single-layer candidate is measured on (the report
     labels the drops as measured on that subset); ``seed``: seed the search with the solver's
-    plans and prune per-layer formats whose single-layer drop exceeds ``search.max_accuracy_drop``;
-    ``bits_budgets``: average weight bits per quantizable weight the solver plans for.
+    plans and prune per-layer formats whose single-layer drop exceeds ``search.max_accuracy_drop``
+    (``true``: always, measuring the table first if it is not cached; ``auto``: when the table
+    is cached, or costs no more single-layer candidates than the search has trials, or - with
+    ``search --time-budget`` - fits in a third of that budget, which it is then charged to;
+    see :func:`pipeline.sensitivity.seeding.seed_decision`); ``bits_budgets``: average weight
+    bits per quantizable weight the solver plans for.
     """
 
-    seed: bool = False
+    seed: bool | Literal["auto"] = "auto"
     eval_limit: int | None = Field(512, ge=1)
     bits_budgets: list[float] = Field(default_factory=lambda: [4.5, 6.0, 8.0, 12.0])
     greedy_plans: int = Field(3, ge=0)

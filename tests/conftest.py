@@ -28,6 +28,9 @@ def _config(preset: str, workdir: Path, **overrides):
         # The interleaved re-measurement after a search is tested in tests/pipeline/*/test_remeasure.py;
         # elsewhere the front is the in-search one (what those tests check) and searches stay fast.
         "measure.remeasure_rounds": 0,
+        # Sensitivity seeding (default auto) is tested in tests/pipeline/sensitivity and
+        # tests/pipeline/search/test_seeded_search.py; elsewhere trial counts stay what the tests set.
+        "search.sensitivity.seed": False,
     }
     base.update(overrides)
     return load_config(ROOT / "search_spaces" / preset, overrides=base)

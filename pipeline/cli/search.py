@@ -34,7 +34,9 @@ def register(sub) -> None:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--time-budget", default=None, metavar="DURATION",
                    help="stop proposing trials after this long (e.g. 20m, 90s, 1h, 1h30m; counted from the first "
-                        "proposal); trials in flight finish, and the study ends with the front of what it measured")
+                        "proposal, plus the sensitivity table when search.sensitivity.seed: auto measures it within a "
+                        "third of the budget); trials in flight finish, and the study ends with the front of what "
+                        "it measured")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no live view (one line per trial is still logged)")
     p.add_argument("--quiet", action="store_true", help="print only the final front")
@@ -116,6 +118,8 @@ def print_summary(summary, config_path: str = "<config>", workdir: str | None = 
     if summary.trials_duplicate:
         console.print(f"{summary.trials_duplicate} proposal(s) repeated an already measured plan: told the "
                       "original's values, not measured again, not counted in --trials")
+    if summary.seeding:
+        console.print(escape(summary.seeding), highlight=False, soft_wrap=True)
     if summary.stopped_early:
         console.print(f"[yellow]{escape(summary.stopped_early)}[/yellow]")
     if summary.orphans_recovered:

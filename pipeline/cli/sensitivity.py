@@ -19,8 +19,11 @@ def register(sub) -> None:
     add_config_arg(p)
     p.add_argument("--eval-limit", type=int, default=None,
                    help="eval rows per single-layer candidate (default: search.sensitivity.eval_limit; 0 = all)")
-    p.add_argument("--formats", default=None, help="comma-separated, e.g. int8,int4 (default: search.formats)")
-    p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated, e.g. int8,int4 (default: the formats the search measures: search.formats "
+                        "without fp32 and without those the backend only emulates, unless search.include_emulated)")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layer names (default: the searched layers: all but search.pin/exclude)")
     p.add_argument("--proxy", action="store_true",
                    help="measure only --check-layers layers on the artifact, fill the rest from the proxy")
     p.add_argument("--check-layers", type=int, default=4, help="layers measured on the artifact with --proxy")
@@ -46,6 +49,19 @@ def run(args) -> int:
         raise ConfigError(f"--formats: {exc}; use names from {[f.value for f in Format]}") from None
     eval_limit = -1 if args.eval_limit is None else (args.eval_limit or None)
     layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
+    if formats is None and layers is None:
+        # The search's own scope, so the cached table is the one `search` reads (search.sensitivity.seed).
+        from pipeline.sensitivity.seeding import reference_for, table_scope
+
+        scope = table_scope(cfg, reference_for(cfg).layer_table)
+        formats, layers = scope.formats, scope.layers
+        if scope.left_out:
+            console.print(f"left out: {', '.join(f.value for f in scope.left_out)} (only emulated on this backend, so "
+                          "the search does not try them); --formats to measure them anyway",
+                          highlight=False, soft_wrap=True)
+        if not formats:
+            raise ConfigError("search.formats: nothing to measure - every searched format besides fp32 is only "
+                              "emulated on this backend; pass --formats or set search.include_emulated: true")
     with Progress(TextColumn("[bold]sensitivity[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=True) as bar:
         task = bar.add_task("exporting the reference", total=None)

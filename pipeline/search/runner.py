@@ -126,11 +126,14 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         check_inputs(cfg, self.reference, self.opts.parallel or 1)  # data and batch memory, before Ray
         self.layer_names = self.reference.layer_table.names
         # Sensitivity (issue 15): formats the backend only emulates are left out where a native one is as
-        # small; with search.sensitivity.seed the per-layer table also prunes hopeless formats, seeds the
-        # study with solver plans and screens proposals (measured once, cached per model + data + formats).
+        # small; when the search is seeded (search.sensitivity.seed: auto decides by the table's cost, see
+        # seed_decision) the per-layer table also prunes hopeless formats, seeds the study with solver plans
+        # and screens proposals (measured once, cached per model + data + formats).
         from pipeline.sensitivity import seeding_for, space_inputs
 
-        self.seeding = seeding_for(cfg, layer_table=self.reference.layer_table)
+        self.seeding = seeding_for(cfg, layer_table=self.reference.layer_table, trials=self.target,
+                                   time_budget_s=self.opts.time_budget_s, say=self._say,
+                                   progress=self._table_progress)
         self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend),
                                        **space_inputs(cfg, self.reference.layer_table, self.seeding))
         self.hash = config_hash(cfg)
@@ -524,10 +527,23 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                     ray_exec.shutdown()
         return self._summary(summary, res, time.monotonic() - t_start)
 
+    def _say(self, text: str) -> None:
+        from rich.markup import escape
+
+        self.progress.message(escape(text))
+
+    def _table_progress(self, done: int, total: int, text: str) -> None:
+        """One line per tenth of the sensitivity table (it is measured before the live panel starts)."""
+        if done == total or done % max(1, total // 10) == 0:
+            self._say(f"sensitivity {done}/{total}: {text}")
+
     def _budget_spent(self) -> bool:
-        """True once ``--time-budget`` has run out (and says so once: progress, MLflow, the summary)."""
+        """True once ``--time-budget`` has run out (and says so once: progress, MLflow, the summary).
+
+        The budget counts the search from its first proposal, plus the sensitivity table when ``seed: auto``
+        measured it under this budget (:attr:`Seeding.charged_s`)."""
         budget = self.opts.time_budget_s
-        if budget is None or time.monotonic() - self._budget_t0 < budget:
+        if budget is None or time.monotonic() - self._budget_t0 + self.seeding.charged_s < budget:
             return False
         self.stopped_early = (
             f"stopped proposing trials: the time budget of {format_duration(budget)} is spent; "
@@ -552,7 +568,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
             parallel=self.parallel, cpus_per_trial=res.cpus, gpus_per_trial=res.gpus,
             orphans_recovered=self.orphans, tracking_errors=self.tracking_errors,
             trials_duplicate=int(summary.get("trials_duplicate", 0)), energy_meter_pinned=self.pinned_meter or "",
-            stopped_early=self.stopped_early, trials_orphaned=counts.orphaned, trials_retried=counts.retried,
+            stopped_early=self.stopped_early, seeding=self.seeding.summary(), trials_orphaned=counts.orphaned, trials_retried=counts.retried,
             mlflow_spooled=self.spool.pending() if self.spool.down else 0,
             verdict=list(self.study.user_attrs.get(A_VERDICT) or []) if A_REMEASURED in self.study.user_attrs else [],
         )

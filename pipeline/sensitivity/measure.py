@@ -72,11 +72,15 @@ def single_layer_plan(layer: str, fmt: Format, knobs: dict) -> QuantPlan:
 def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = None, eval_limit: int | None = -1,
                       layers: list[str] | None = None, mode: Literal["artifact", "proxy"] = "artifact",
                       check_layers: int = 4, cache_dir: str | Path | None = None, use_cache: bool = True,
-                      evaluator=None, progress: Progress | None = None) -> SensitivityTable:
+                      evaluator=None, progress: Progress | None = None, deadline: float | None = None,
+                      cached_only: bool = False) -> SensitivityTable | None:
     """Measure (or read from the cache) the sensitivity table of ``config``'s model.
 
     ``eval_limit=-1`` takes ``search.sensitivity.eval_limit``; None uses every eval row.
     ``evaluator``: an Evaluator already built for :func:`subset_config` (tests, the runner).
+    ``cached_only``: return the cached table or None, measure nothing. ``deadline`` (a
+    ``time.monotonic()`` value): stop measuring once it passes and raise :class:`TableIncomplete`;
+    the cells measured so far stay in the cache, so the next call goes on from there.
     """
     start = time.perf_counter()
     if eval_limit == -1:
@@ -106,6 +110,8 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     cache = SensitivityCache(Path(cache_dir) if cache_dir else Path(cfg.work_path) / "sensitivity", key)
     if use_cache and (hit := cache.load()) is not None:
         return hit
+    if cached_only:
+        return None
 
     ref_acc = ev.reference_accuracy
     feeds = ev.calibration_feeds()
@@ -124,6 +130,8 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(dir=cfg.work_path) as tmp:
         for i, (layer, fmt) in enumerate((l, f) for l in measured_layers for f in fmts):
+            if deadline is not None and (layer, fmt.value) not in done and time.monotonic() > deadline:
+                raise TableIncomplete(done=i, total=total, seconds=time.perf_counter() - start)
             cell = done.get((layer, fmt.value)) or _measure_cell(ev, layer, fmt, knobs, Path(tmp) / f"c{i}")
             if (layer, fmt.value) not in done:
                 cache.append(cell)
@@ -147,6 +155,14 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     )
     cache.save(result)
     return result
+
+
+class TableIncomplete(Exception):
+    """The table's time ran out (``deadline``); its measured cells are cached for the next call."""
+
+    def __init__(self, done: int, total: int, seconds: float):
+        super().__init__(f"{done} of {total} single-layer candidates measured in {seconds:.0f} s")
+        self.done, self.total, self.seconds = done, total, seconds
 
 
 def _measure_cell(ev, layer: str, fmt: Format, knobs: dict, out_dir: Path) -> Cell:

@@ -3,7 +3,7 @@
 The runner (``pipeline.search.runner.StudyRunner``) calls, once at setup:
 
 * :func:`space_inputs` -> ``emulated``/``allowed`` for ``SearchSpace.build`` (emulated formats are
-  left out by default; pruned formats only when ``search.sensitivity.seed`` is on);
+  left out by default; pruned formats only when the search is seeded, see :func:`seed_decision`);
 * :func:`sensitivity_seeds` -> plans to enqueue next to the uniform baselines;
 
 and per proposal :meth:`Seeding.skip_reason` -> a reason to tell Optuna the trial is PRUNED
@@ -12,6 +12,7 @@ instead of dispatching it (its predicted drop already exceeds ``search.max_accur
 
 from __future__ import annotations
 
+import glob
 import logging
 from dataclasses import dataclass, field
 
@@ -38,6 +39,18 @@ class Seeding:
     allowed: dict[str, list[Format]] | None = None
     emulated: dict[str, set[Format]] = field(default_factory=dict)
     budget: float | None = None
+    note: str = ""  # why the search runs unseeded, when it does (shown once, kept in the summary)
+    charged_s: float = 0.0  # seconds of the search's time budget the table took (seed: auto)
+
+    def summary(self) -> str:
+        """One line for the search summary: how the table took part, or why it did not."""
+        if self.table is None:
+            return self.note
+        pruned = sum(1 for n in self.table.layers for f in self.table.formats
+                     if self.allowed is not None and f not in self.allowed.get(n, [f]))
+        return (f"seeded: {len(self.plans)} solver/greedy plan(s) from the sensitivity table "
+                f"({len(self.table.cells)} cells, {self.table.eval_label}"
+                f"{', from the cache' if self.table.from_cache else ''}); {pruned} layer x format choice(s) pruned")
 
     def skip_reason(self, plan: QuantPlan) -> str | None:
         """Why this proposal is not worth a trial, or None to run it."""
@@ -76,24 +89,134 @@ def backend_emulated(config: SearchConfig, table: LayerTable) -> dict[str, set[F
     return emulated_formats(backend, table, spec.formats, spec.int8_activations)
 
 
+TABLE_SHARE = 1 / 3
+"""With ``seed: auto`` and ``search --time-budget``, the table may use at most this share of the
+budget (and is charged to it): the rest is the search's. A table that does not finish in its share
+is kept (cached cell by cell) and the search runs unseeded; the next run goes on measuring it."""
+
+
+@dataclass(frozen=True)
+class TableScope:
+    """The layers and formats the search's sensitivity table covers (also ``make sensitivity``'s default,
+    so the table it caches is the one a search reads)."""
+
+    layers: list[str]
+    formats: list[Format]
+    left_out: list[Format]  # searched formats the backend only emulates on every searched layer
+
+    @property
+    def cells(self) -> int:
+        return len(self.layers) * len(self.formats)
+
+
+def table_scope(config: SearchConfig, table: LayerTable, emulated: dict[str, set[Format]] | None = None) -> TableScope:
+    """Searched layers (not pinned, not excluded) x searched formats other than FP32 that the backend
+    runs natively on at least one of them (all of them with ``search.include_emulated``): a cell for a
+    format the search leaves out would be measured for nothing."""
+    from search_spaces.space import SearchSpace
+
+    spec = config.search
+    emulated = backend_emulated(config, table) if emulated is None else emulated
+    fixed = SearchSpace.build(spec, table.names)
+    layers = [n for n in table.names if n not in fixed.pinned and n not in fixed.excluded]
+    fmts = [f for f in spec.formats if f is not Format.FP32]
+    keep = [f for f in fmts if spec.include_emulated or any(f not in emulated.get(n, set()) for n in layers)]
+    return TableScope(layers=layers, formats=keep, left_out=[f for f in fmts if f not in keep])
+
+
+@dataclass(frozen=True)
+class SeedDecision:
+    """Whether (and how long) the search measures its sensitivity table, and the line that says why."""
+
+    measure: bool
+    deadline_s: float | None  # seconds the table may take (auto with a time budget), else no limit
+    reason: str
+
+
+def seed_decision(seed: bool | str, cells: int, trials: int, time_budget_s: float | None) -> SeedDecision:
+    """The ``search.sensitivity.seed`` rule for a table that is not cached (a cached one is always used).
+
+    ``auto`` measures it when it needs no more single-layer candidates than the search has trials
+    (each cell is an accuracy-only candidate on an eval subset, cheaper than a trial), or, under a time
+    budget, for at most :data:`TABLE_SHARE` of it. Why not always: on a model with many layers the
+    table can cost more than the whole search (MiniLM: 78 cells against a 30-trial budget), and a
+    search that spends its budget before its first trial helps no one; ``make sensitivity`` once
+    (cached) makes every later search seeded.
+    """
+    if seed is False:
+        return SeedDecision(False, None, "sensitivity seeding off (search.sensitivity.seed: false)")
+    if seed is True:
+        return SeedDecision(True, None, f"measuring the sensitivity table ({cells} single-layer candidates, "
+                                        "search.sensitivity.seed: true)")
+    if time_budget_s:
+        share = TABLE_SHARE * time_budget_s
+        return SeedDecision(True, share, f"measuring the sensitivity table ({cells} single-layer candidates) for at "
+                                         f"most {share / 60:.1f} min of the time budget (search.sensitivity.seed: auto)")
+    if cells <= trials:
+        return SeedDecision(True, None, f"measuring the sensitivity table ({cells} single-layer candidates, no more "
+                                        f"than the {trials} trials; search.sensitivity.seed: auto)")
+    return SeedDecision(False, None, (
+        f"not seeded: the sensitivity table needs {cells} single-layer candidates, more than the {trials} trials "
+        "asked for; `make sensitivity` (or `precision-search sensitivity`) measures it once, cached, and every "
+        "later search uses it; or set search.sensitivity.seed: true, or give --time-budget"))
+
+
 def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable | None = None,
-                progress=None) -> Seeding:
-    """Everything sensitivity gives the runner; no measurement unless ``search.sensitivity.seed``.
+                progress=None, trials: int | None = None, time_budget_s: float | None = None,
+                say=None) -> Seeding:
+    """Everything sensitivity gives the runner; what is measured follows :func:`seed_decision`.
 
     ``evaluator``: the runner's Evaluator, if it has one (its workdir and reference are reused;
     the single-layer candidates get their own eval-subset Evaluator); ``layer_table``: the
-    reference's table when the caller holds it already (no second export)."""
+    reference's table when the caller holds it already (no second export); ``trials`` /
+    ``time_budget_s``: the search's (``seed: auto`` weighs the table's cost against them);
+    ``say``: where the one-line decision goes (default: the log)."""
+    import time
+
+    from pipeline.sensitivity.measure import TableIncomplete
+
+    say = say or log.info
     table = layer_table or (evaluator.reference.layer_table if evaluator is not None
-                            else _reference(config).layer_table)
+                            else reference_for(config).layer_table)
     emulated = backend_emulated(config, table)
     spec = config.search
-    if not spec.sensitivity.seed:
+    if spec.sensitivity.seed is False:
+        return Seeding(table=None, emulated=emulated)
+    scope = table_scope(config, table, emulated)
+    if not scope.cells:
         return Seeding(table=None, emulated=emulated)
     sub = subset_config(config, spec.sensitivity.eval_limit)
     from pipeline.sensitivity.measure import evaluator_class
 
     sub_ev = evaluator_class()(sub, workdir=evaluator.workdir) if evaluator is not None else None
-    sens = build_sensitivity(config, evaluator=sub_ev, progress=progress)
+    kwargs = dict(formats=scope.formats, layers=scope.layers, evaluator=sub_ev)
+    sens = build_sensitivity(config, cached_only=True, **kwargs)
+    charged = 0.0
+    if sens is None:
+        decision = seed_decision(spec.sensitivity.seed, scope.cells, trials or spec.trials, time_budget_s)
+        say(decision.reason)
+        if not decision.measure:
+            return Seeding(table=None, emulated=emulated, note=decision.reason)
+        t0 = time.monotonic()
+        try:
+            sens = build_sensitivity(config, progress=progress, deadline=(
+                t0 + decision.deadline_s if decision.deadline_s is not None else None), **kwargs)
+        except TableIncomplete as exc:
+            charged = time.monotonic() - t0
+            note = (f"not seeded: the sensitivity table did not fit its share of the time budget ({exc}); the "
+                    "measured cells are cached and the next search (or `make sensitivity`) goes on from there")
+            say(note)
+            return Seeding(table=None, emulated=emulated, note=note, charged_s=charged)
+        if decision.deadline_s is not None:
+            charged = time.monotonic() - t0
+    else:
+        say(f"sensitivity table from the cache ({len(sens.cells)} cells, {sens.eval_label})")
+    return _seeding_from(config, sens, table, emulated, charged)
+
+
+def _seeding_from(config: SearchConfig, sens: SensitivityTable, table: LayerTable,
+                  emulated: dict[str, set[Format]], charged: float) -> Seeding:
+    spec = config.search
     allowed_base = {n: [f for f in spec.formats if spec.include_emulated or f not in emulated.get(n, set())]
                     for n in table.names}
     allowed = prune_formats(sens, spec.max_accuracy_drop, allowed=allowed_base)
@@ -114,11 +237,17 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
         groups.setdefault(group_key(n, mode), []).append(n)
     plans = seed_plans(sens, spec.sensitivity.bits_budgets, max_drop=spec.max_accuracy_drop, groups=groups,
                        allowed=allowed, greedy=spec.sensitivity.greedy_plans, knobs=plan_knobs(config))
-    return Seeding(table=sens, plans=plans, allowed=allowed, emulated=emulated, budget=spec.max_accuracy_drop)
+    # The table covers the searched layers only: every seed also names the pinned and excluded ones.
+    held = {glob.escape(n): f for n, f in fixed.pinned.items()} | {glob.escape(n): Format.FP32 for n in fixed.excluded}
+    if held:
+        plans = [QuantPlan.model_validate({**p.model_dump(), "layers": {**p.model_dump()["layers"], **held}})
+                 for p in plans]
+    return Seeding(table=sens, plans=plans, allowed=allowed, emulated=emulated, budget=spec.max_accuracy_drop,
+                   charged_s=charged)
 
 
 def sensitivity_seeds(config: SearchConfig, evaluator=None) -> list[QuantPlan]:
-    """The solver's and the greedy sequence's plans for this config ([] unless ``search.sensitivity.seed``)."""
+    """The solver's and the greedy sequence's plans for this config ([] when it runs unseeded)."""
     return seeding_for(config, evaluator).plans
 
 
@@ -131,7 +260,7 @@ def space_inputs(config: SearchConfig, table: LayerTable, seeding: Seeding | Non
     return out
 
 
-def _reference(config: SearchConfig):
+def reference_for(config: SearchConfig):
     from pipeline.models import get_adapter
 
     return get_adapter(config).export_reference(config.work_path)

@@ -509,3 +509,28 @@ def test_the_runner_needs_no_mlflow(ray_local, make_config):
     assert summary.parent_run_id == "" and not summary.tracking_errors
     assert not list(cfg.work_path.resolve().parent.rglob("mlflow.db"))
     assert open_study(cfg, "no-mlflow").user_attrs["mlflow_parent_run_id"] == ""
+
+
+@pytest.mark.slow
+def test_the_default_search_is_seeded_when_the_table_is_cheap_and_reads_it_from_the_cache_on_resume(
+        ray_local, mlflow_uri, make_config, capsys):
+    from pipeline.search.storage import T_SEED
+
+    # search.sensitivity.seed: auto (the default; the shared test config turns it off): 4 layers x {int8, int4}
+    # = 8 single-layer candidates, no more than the 10 trials, so the table is measured and seeds the study
+    cfg = make_config("digits_mlp.yaml", **{"search.trials": 10, "search.sensitivity.seed": "auto",
+                                            "search.sensitivity.eval_limit": 200})
+    summary = run_search(cfg, SearchOptions(study="auto-seed", parallel=2, progress="lines", tracking_uri=mlflow_uri))
+    out = capsys.readouterr().out
+    assert "measuring the sensitivity table (8 single-layer candidates" in out and "sensitivity 8/8" in out
+    assert summary.seeding.startswith("seeded: ") and "8 cells" in summary.seeding
+    study = open_study(cfg, "auto-seed")
+    seeded = [t for t in study.get_trials() if t.user_attrs.get(T_SEED)]
+    assert seeded and all(t.state is optuna.trial.TrialState.COMPLETE for t in seeded)
+
+    # resumed for two more trials: the table comes from the cache, nothing is measured again
+    again = run_search(cfg, SearchOptions(study="auto-seed", trials=12, parallel=2, progress="lines",
+                                          tracking_uri=mlflow_uri))
+    out = capsys.readouterr().out
+    assert "sensitivity table from the cache (8 cells" in out and "measuring the sensitivity table" not in out
+    assert "from the cache" in again.seeding

@@ -8,7 +8,7 @@ from pipeline.cli import main
 from tests.pipeline.sensitivity.conftest import EVAL_LIMIT, FRAGILE_FACTORY
 
 
-def test_cli_writes_files_and_logs_to_mlflow(fragile_config, fragile_table, tmp_path, capsys):
+def test_cli_writes_files_and_logs_to_mlflow(fragile_config, fragile_search_table, tmp_path, capsys):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -20,12 +20,15 @@ def test_cli_writes_files_and_logs_to_mlflow(fragile_config, fragile_table, tmp_
                "--eval-limit", str(EVAL_LIMIT), "--out", str(out), "--tracking-uri", uri])
     assert rc == 0
     text = capsys.readouterr().out
+    # by default the table the search reads: the formats ORT CPU runs natively, from the search's cache
     assert "read from the cache" in text and "Spearman" in text and "fc1" in text
+    assert "left out: bf16, fp8" in text and "--formats" in text
     png, = out.glob("*.png")
     assert png.stat().st_size > 5_000
     rows = list(csv.DictReader(next(out.glob("*.csv")).open()))
     assert {r["layer"] for r in rows} == {"fc1", "fc2", "fc3", "fc4"}
     assert all("subset" in r["eval"] for r in rows)
+    assert {r["format"] for r in rows} == {"int8", "int4"}
     mlflow.set_tracking_uri(uri)
     (run,) = mlflow.search_runs(experiment_names=["digits-mlp-fragile"], output_format="list")
     assert run.data.tags["precision_search.kind"] == "sensitivity"

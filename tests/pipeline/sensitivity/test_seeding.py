@@ -16,7 +16,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @pytest.fixture(scope="module")
-def seeded_config(fragile_config, fragile_table):  # fragile_table: the cache this config reads
+def seeded_config(fragile_config, fragile_search_table):  # the cache this config reads
     cfg = fragile_config.model_copy(deep=True)
     cfg.base_dir = fragile_config.base_dir
     cfg.search.sensitivity.seed = True
@@ -25,7 +25,7 @@ def seeded_config(fragile_config, fragile_table):  # fragile_table: the cache th
     return cfg
 
 
-def test_seeds_enqueue_and_rebuild_exactly(seeded_config, fragile_table):
+def test_seeds_enqueue_and_rebuild_exactly(seeded_config, fragile_search_table):
     seeding = seeding_for(seeded_config)
     assert seeding.table is not None and seeding.table.from_cache
     names = seeding.table.layers
@@ -66,12 +66,14 @@ def test_hopeless_proposals_are_pruned_with_the_reason(seeded_config):
 
 
 def test_without_the_seed_switch_nothing_is_measured(fragile_config):
-    assert not fragile_config.search.sensitivity.seed
-    seeding = seeding_for(fragile_config)
+    cfg = fragile_config.model_copy(deep=True)
+    cfg.base_dir = fragile_config.base_dir
+    cfg.search.sensitivity.seed = False
+    seeding = seeding_for(cfg)
     assert seeding.table is None and seeding.plans == [] and seeding.allowed is None
     assert seeding.skip_reason(QuantPlan.uniform("int4")) is None
     assert {Format.BF16, Format.FP8} <= seeding.emulated["fc1"]
-    assert sensitivity_seeds(fragile_config) == []
+    assert sensitivity_seeds(cfg) == [] and seeding.summary() == ""
 
 
 def test_seeds_respect_pins_excludes_and_a_format_list_without_fp32(seeded_config):
@@ -81,10 +83,80 @@ def test_seeds_respect_pins_excludes_and_a_format_list_without_fp32(seeded_confi
     cfg.search.exclude = ["fc3"]
     cfg.search.formats = [Format.INT8, Format.INT4]
     seeding = seeding_for(cfg)
-    assert seeding.plans
-    space = SearchSpace.build(cfg.search, seeding.table.layers, **space_inputs(cfg, None, seeding))
+    assert seeding.plans and seeding.table.layers == ["fc1", "fc2"]  # the searched layers only
+    names = ["fc1", "fc2", "fc3", "fc4"]
+    space = SearchSpace.build(cfg.search, names, **space_inputs(cfg, None, seeding))
     for plan in seeding.plans:
-        r = plan.resolve(seeding.table.layers)
+        r = plan.resolve(names)
         assert r["fc4"].format is Format.INT8 and r["fc3"].format is Format.FP32
         assert r["fc1"].format is Format.INT8  # int4 pruned, fp32 not in search.formats
         space.params_for({n: c.format for n, c in r.items()})  # every seed is a point of the space
+
+
+def test_the_table_covers_the_searched_layers_and_the_native_formats(fragile_config):
+    from pipeline.sensitivity.seeding import reference_for, table_scope
+
+    cfg = fragile_config.model_copy(deep=True)
+    cfg.search.pin, cfg.search.exclude = {"fc4": Format.INT8}, ["fc3"]
+    scope = table_scope(cfg, reference_for(fragile_config).layer_table)
+    assert scope.layers == ["fc1", "fc2"]
+    assert scope.formats == [Format.INT8, Format.INT4]  # bf16/fp8 only emulated on ORT CPU: no cells for them
+    assert scope.left_out == [Format.BF16, Format.FP8] and scope.cells == 4
+    cfg.search.include_emulated = True
+    assert table_scope(cfg, reference_for(fragile_config).layer_table).formats == [
+        Format.BF16, Format.FP8, Format.INT8, Format.INT4]
+
+
+def test_seed_auto_weighs_the_tables_cost_against_the_search():
+    from pipeline.sensitivity.seeding import TABLE_SHARE, seed_decision
+
+    assert not seed_decision(False, 4, 30, None).measure
+    d = seed_decision(True, 400, 30, None)
+    assert d.measure and d.deadline_s is None
+    d = seed_decision("auto", 8, 30, None)  # cheaper than the search's trials: measured in full
+    assert d.measure and d.deadline_s is None and "no more than the 30 trials" in d.reason
+    d = seed_decision("auto", 78, 30, None)  # MiniLM's 39 layers x {int8, int4} against 30 trials: not measured
+    assert not d.measure and "78 single-layer candidates" in d.reason and "make sensitivity" in d.reason
+    d = seed_decision("auto", 78, 30, 1800.0)  # a time budget: a third of it, charged to it
+    assert d.measure and d.deadline_s == TABLE_SHARE * 1800.0
+
+
+def test_seed_auto_uses_a_cached_table_whatever_its_cost(seeded_config, fragile_search_table):
+    cfg = seeded_config.model_copy(deep=True)
+    cfg.base_dir = seeded_config.base_dir
+    cfg.search.sensitivity.seed = "auto"
+    lines = []
+    seeding = seeding_for(cfg, trials=1, say=lines.append)  # 8 cells > 1 trial, but cached: free
+    assert seeding.table is not None and seeding.table.from_cache and seeding.plans
+    assert lines and "from the cache" in lines[0]
+    assert seeding.summary().startswith("seeded: ") and "from the cache" in seeding.summary()
+
+
+def test_seed_auto_skips_an_uncached_table_that_costs_more_than_the_search(fragile_config, tmp_path):
+    from pipeline.sensitivity.seeding import reference_for
+
+    cfg = fragile_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
+    cfg.base_dir = fragile_config.base_dir
+    cfg.search.sensitivity.seed = "auto"
+    reference_for(cfg)  # export first: the decision must not be what creates the folder below
+    lines = []
+    seeding = seeding_for(cfg, trials=3, say=lines.append)
+    assert seeding.table is None and seeding.plans == [] and seeding.allowed is None
+    assert seeding.note.startswith("not seeded: ") and lines == [seeding.note] and seeding.summary() == seeding.note
+    assert not (cfg.work_path / "sensitivity").exists()  # nothing measured
+
+
+def test_seed_auto_under_a_time_budget_stops_at_its_share_and_charges_it(fragile_config, tmp_path):
+    cfg = fragile_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
+    cfg.base_dir = fragile_config.base_dir
+    cfg.search.sensitivity.seed = "auto"
+    cfg.search.sensitivity.eval_limit = EVAL_LIMIT
+    lines = []
+    seeding = seeding_for(cfg, trials=1, time_budget_s=1e-6, say=lines.append)  # its share ends at once
+    assert seeding.table is None and "did not fit its share of the time budget" in seeding.note
+    assert "0 of 8 single-layer candidates" in seeding.note and seeding.charged_s > 0
+    assert "at most" in lines[0] and lines[-1] == seeding.note
+    # a budget it fits in: measured, seeded, and the time it took is charged to the search's budget
+    seeding = seeding_for(cfg, trials=1, time_budget_s=3600, say=lines.append)
+    assert seeding.table is not None and not seeding.table.from_cache and seeding.plans
+    assert 0 < seeding.charged_s < 1200
