@@ -24,6 +24,9 @@ def register(sub) -> None:
                         "without fp32 and without those the backend only emulates, unless search.include_emulated)")
     p.add_argument("--layers", default=None,
                    help="comma-separated layer names (default: the searched layers: all but search.pin/exclude)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="measure each layer alone even where the search groups layers (search.group_layers); "
+                        "by default a grouped search's table measures each group as one candidate")
     p.add_argument("--proxy", action="store_true",
                    help="measure only --check-layers layers on the artifact, fill the rest from the proxy")
     p.add_argument("--check-layers", type=int, default=4, help="layers measured on the artifact with --proxy")
@@ -49,12 +52,18 @@ def run(args) -> int:
         raise ConfigError(f"--formats: {exc}; use names from {[f.value for f in Format]}") from None
     eval_limit = -1 if args.eval_limit is None else (args.eval_limit or None)
     layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
+    groups, grouping = None, "layer"
     if formats is None and layers is None:
         # The search's own scope, so the cached table is the one `search` reads (search.sensitivity.seed).
         from pipeline.sensitivity.seeding import reference_for, table_scope
 
         scope = table_scope(cfg, reference_for(cfg).layer_table)
         formats, layers = scope.formats, scope.layers
+        if scope.groups and not args.per_layer and not args.proxy:
+            groups, grouping = scope.groups, scope.grouping
+            console.print(f"measured per {grouping} group ({len(groups)} groups of {len(layers)} layers), as the search "
+                          "decides them (search.group_layers); --per-layer to measure each layer alone",
+                          highlight=False, soft_wrap=True)
         if scope.left_out:
             console.print(f"left out: {', '.join(f.value for f in scope.left_out)} (only emulated on this backend, so "
                           "the search does not try them); --formats to measure them anyway",
@@ -71,7 +80,7 @@ def run(args) -> int:
 
         table = build_sensitivity(cfg, formats=formats, eval_limit=eval_limit, layers=layers,
                                   mode="proxy" if args.proxy else "artifact", check_layers=args.check_layers,
-                                  use_cache=not args.no_cache, progress=progress)
+                                  use_cache=not args.no_cache, progress=progress, groups=groups, grouping=grouping)
     # Piped or logged output has no terminal width (rich assumes 80): give the table the room it needs.
     from rich.console import Console
 

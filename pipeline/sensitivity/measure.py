@@ -14,6 +14,7 @@ proxy: the table's ``source`` then says ``proxy`` and the check says how far to 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import shutil
 import tempfile
@@ -73,14 +74,17 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
                       layers: list[str] | None = None, mode: Literal["artifact", "proxy"] = "artifact",
                       check_layers: int = 4, cache_dir: str | Path | None = None, use_cache: bool = True,
                       evaluator=None, progress: Progress | None = None, deadline: float | None = None,
-                      cached_only: bool = False) -> SensitivityTable | None:
+                      cached_only: bool = False, groups: dict[str, list[str]] | None = None,
+                      grouping: str = "layer") -> SensitivityTable | None:
     """Measure (or read from the cache) the sensitivity table of ``config``'s model.
 
     ``eval_limit=-1`` takes ``search.sensitivity.eval_limit``; None uses every eval row.
     ``evaluator``: an Evaluator already built for :func:`subset_config` (tests, the runner).
     ``cached_only``: return the cached table or None, measure nothing. ``deadline`` (a
     ``time.monotonic()`` value): stop measuring once it passes and raise :class:`TableIncomplete`;
-    the cells measured so far stay in the cache, so the next call goes on from there.
+    the cells measured so far stay in the cache, so the next call goes on from there. ``groups``
+    (name -> layers, ``grouping`` naming the rule): measure each group in each format as one
+    candidate, as a grouped search decides it (:attr:`Cell.group`); artifact mode only.
     """
     start = time.perf_counter()
     if eval_limit == -1:
@@ -103,10 +107,14 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     knobs_text = (f"int8 activations {knobs['int8_activations']}, calibration {knobs['calibration']}, "
                   f"int4 block {knobs['int4_block_size']}")
     eval_set = ev.eval_set
+    units = _units(names, groups if mode == "artifact" else None)
+    grouped = any(len(members) > 1 for _, members in units)
+    key_mode = f"{mode}:{check_layers}" if mode == "proxy" else mode
+    if grouped:
+        key_mode += ":groups=" + json.dumps(units)
     key = cache_key(reference=file_digest(ev.reference.onnx_path), data=data_digest(eval_set.inputs, eval_set.targets),
                     metric=config.metric.model_dump_json(), backend=ev.backend.name,
-                    formats=[f.value for f in fmts], knobs=knobs_text, layers=names,
-                    mode=f"{mode}:{check_layers}" if mode == "proxy" else mode)
+                    formats=[f.value for f in fmts], knobs=knobs_text, layers=names, mode=key_mode)
     cache = SensitivityCache(Path(cache_dir) if cache_dir else Path(cfg.work_path) / "sensitivity", key)
     if use_cache and (hit := cache.load()) is not None:
         return hit
@@ -125,20 +133,28 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
 
     scores = _proxy_scores(ev, table, names, fmts, probe, knobs["int4_block_size"], knobs["int8_activations"])
     measured_layers = names if mode == "artifact" else _spread(names, scores, check_layers)
+    if mode != "artifact":
+        units = [(n, [n]) for n in measured_layers]
     done = cache.done_cells() if use_cache else {}
-    total = len(measured_layers) * len(fmts)
+    total = len(units) * len(fmts)
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(dir=cfg.work_path) as tmp:
-        for i, (layer, fmt) in enumerate((l, f) for l in measured_layers for f in fmts):
-            if deadline is not None and (layer, fmt.value) not in done and time.monotonic() > deadline:
-                raise TableIncomplete(done=i, total=total, seconds=time.perf_counter() - start)
-            cell = done.get((layer, fmt.value)) or _measure_cell(ev, layer, fmt, knobs, Path(tmp) / f"c{i}")
-            if (layer, fmt.value) not in done:
-                cache.append(cell)
-            cells.append(cell)
+        for i, ((unit, members), fmt) in enumerate((u, f) for u in units for f in fmts):
+            have = [done.get((m, fmt.value)) for m in members]
+            if all(have):
+                new = have
+            else:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TableIncomplete(done=i, total=total, seconds=time.perf_counter() - start)
+                new = ([_measure_cell(ev, unit, fmt, knobs, Path(tmp) / f"c{i}")] if len(members) == 1 else
+                       _measure_group(ev, unit, members, fmt, knobs, Path(tmp) / f"c{i}"))
+                for cell in new:
+                    cache.append(cell)
+            cells += new
             if progress:
-                progress(i + 1, total, f"{layer} {fmt.value}: " + (f"drop {cell.drop:+.4f}" if cell.drop is not None
-                                                                   else f"failed ({cell.error})"))
+                c = new[0]
+                progress(i + 1, total, f"{unit} {fmt.value}: " + (f"drop {c.decisive_drop:+.4f}" if c.drop is not None
+                                                                  else f"failed ({c.error})"))
     pairs = [(scores[c.layer][c.format.value], c.drop) for c in cells if c.drop is not None]
     check = ProxyCheck(proxy=PROXY_DESCRIPTION, layers=measured_layers, spearman=rank_correlation(pairs),
                        cells=len(pairs), scores=scores)
@@ -151,6 +167,7 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
         model=config.name, backend=ev.backend.name, device=ev.backend.device(), metric=config.metric.name,
         higher_is_better=bool(config.metric.higher_is_better), reference_accuracy=ref_acc, eval_rows=n,
         eval_label=label, formats=fmts, plan_defaults=knobs_text, source=mode, latency_source=latency_label,
+        grouping=grouping if grouped else "layer",
         cells=cells, costs=costs, proxy=check, cache_key=key, seconds=round(time.perf_counter() - start, 2),
     )
     cache.save(result)
@@ -161,7 +178,7 @@ class TableIncomplete(Exception):
     """The table's time ran out (``deadline``); its measured cells are cached for the next call."""
 
     def __init__(self, done: int, total: int, seconds: float):
-        super().__init__(f"{done} of {total} single-layer candidates measured in {seconds:.0f} s")
+        super().__init__(f"{done} of {total} candidates measured in {seconds:.0f} s")
         self.done, self.total, self.seconds = done, total, seconds
 
 
@@ -178,6 +195,39 @@ def _measure_cell(ev, layer: str, fmt: Format, knobs: dict, out_dir: Path) -> Ce
     execution = next((lr.execution for lr in result.layers if lr.name == layer), None)
     return Cell(layer=layer, format=fmt, accuracy=m.accuracy, drop=m.accuracy_drop, execution=execution,
                 seconds=round(time.perf_counter() - start, 3))
+
+
+def _units(names: list[str], groups: dict[str, list[str]] | None) -> list[tuple[str, list[str]]]:
+    """What one candidate quantizes: each layer alone, or each group (its members among ``names``)."""
+    if not groups:
+        return [(n, [n]) for n in names]
+    wanted, out, placed = set(names), [], set()
+    for g, members in groups.items():
+        ms = [m for m in members if m in wanted]
+        if ms:
+            out.append((g, ms))
+            placed.update(ms)
+    return out + [(n, [n]) for n in names if n not in placed]
+
+
+def _measure_group(ev, group: str, members: list[str], fmt: Format, knobs: dict, out_dir: Path) -> list[Cell]:
+    """Every member in ``fmt`` at once (one candidate); each member's cell holds an even share of the drop."""
+    start = time.perf_counter()
+    plan = QuantPlan(layers={glob.escape(m): Format(fmt) for m in members}, **knobs)
+    try:
+        result = ev.evaluate(plan, out_dir, energy=False)
+    except Exception as exc:  # noqa: BLE001 - as for a single layer: a finding, not a crash
+        err = f"{type(exc).__name__}: {exc}"[:300]
+        secs = round(time.perf_counter() - start, 3)
+        return [Cell(layer=m, format=fmt, error=err, seconds=secs, group=group) for m in members]
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    m = result.measurement
+    execution = {lr.name: lr.execution for lr in result.layers}
+    secs = round(time.perf_counter() - start, 3)
+    share = None if m.accuracy_drop is None else m.accuracy_drop / len(members)
+    return [Cell(layer=n, format=fmt, accuracy=m.accuracy, drop=share, execution=execution.get(n), seconds=secs,
+                 group=group, group_drop=m.accuracy_drop) for n in members]
 
 
 def _proxy_scores(ev, table, names, fmts, probe, block: int, int8_activations) -> dict[str, dict[str, float]]:

@@ -79,6 +79,11 @@ def summary_lines(t: SensitivityTable) -> list[str]:
              + ("; ~ = predicted from the proxy, not measured" if t.source == "proxy" else "")
              + "); size% = share of FP32 weight bits; "
              f"lat%* = {t.latency_source}", f"single-layer candidates: {t.plan_defaults}"]
+    if t.grouping != "layer":
+        groups = {c.group for c in t.cells if c.group}
+        lines[-1] = (f"candidates: one per {t.grouping} group ({len(groups)} groups) x format, every layer of the "
+                     f"group in the format at once, as the search decides it; each layer's drop is its even share "
+                     f"of the group's (the group's drop is the column 'group_drop' in the CSV); {t.plan_defaults}")
     if t.proxy:
         rho = "n/a (fewer than 3 comparable cells)" if t.proxy.spearman is None else f"{t.proxy.spearman:+.2f}"
         lines.append(f"proxy vs artifact, Spearman rank correlation over {t.proxy.cells} cells "
@@ -93,12 +98,13 @@ def write_csv(t: SensitivityTable, path: str | Path) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "onnx_op", "params", "size_share", "latency_share_estimate", "format", "accuracy",
-                    "drop", "execution", "error", "proxy_score", "source", "eval"])
+                    "drop", "execution", "error", "proxy_score", "source", "eval", "group", "group_drop"])
         for c in t.cells:
             cost = t.cost(c.layer)
             score = (t.proxy.scores.get(c.layer, {}).get(c.format.value) if t.proxy else None)
             w.writerow([c.layer, cost.onnx_op, cost.params, f"{cost.size_share:.6f}", f"{cost.latency_share:.6f}",
-                        c.format.value, c.accuracy, c.drop, c.execution, c.error, score, t.source, t.eval_label])
+                        c.format.value, c.accuracy, c.drop, c.execution, c.error, score, t.source, t.eval_label,
+                        c.group or "", "" if c.group_drop is None else c.group_drop])
     return path
 
 

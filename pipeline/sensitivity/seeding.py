@@ -103,10 +103,17 @@ class TableScope:
     layers: list[str]
     formats: list[Format]
     left_out: list[Format]  # searched formats the backend only emulates on every searched layer
+    grouping: str = "layer"  # search.group_layers as resolved for these layers
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> layers (empty when per layer)
 
     @property
     def cells(self) -> int:
-        return len(self.layers) * len(self.formats)
+        """Candidates the table needs: one per layer (or per group, when the search groups) and format."""
+        return len(self.groups or self.layers) * len(self.formats)
+
+    @property
+    def unit(self) -> str:
+        return "single-layer candidates" if not self.groups else f"candidates, one per {self.grouping} group x format"
 
 
 def table_scope(config: SearchConfig, table: LayerTable, emulated: dict[str, set[Format]] | None = None) -> TableScope:
@@ -121,7 +128,19 @@ def table_scope(config: SearchConfig, table: LayerTable, emulated: dict[str, set
     layers = [n for n in table.names if n not in fixed.pinned and n not in fixed.excluded]
     fmts = [f for f in spec.formats if f is not Format.FP32]
     keep = [f for f in fmts if spec.include_emulated or any(f not in emulated.get(n, set()) for n in layers)]
-    return TableScope(layers=layers, formats=keep, left_out=[f for f in fmts if f not in keep])
+    from search_spaces.pruning import group_key, group_mode
+
+    # A grouped search decides one format per group, so the table measures what it decides: each group in each
+    # format as one candidate (interactions inside the group included, and 4x fewer candidates on MiniLM).
+    mode = group_mode(spec, layers)
+    groups: dict[str, list[str]] = {}
+    if mode != "layer":
+        for n in layers:
+            groups.setdefault(group_key(n, mode), []).append(n)
+        if all(len(m) == 1 for m in groups.values()):
+            groups = {}
+    return TableScope(layers=layers, formats=keep, left_out=[f for f in fmts if f not in keep],
+                      grouping=mode if groups else "layer", groups=groups)
 
 
 @dataclass(frozen=True)
@@ -133,7 +152,8 @@ class SeedDecision:
     reason: str
 
 
-def seed_decision(seed: bool | str, cells: int, trials: int, time_budget_s: float | None) -> SeedDecision:
+def seed_decision(seed: bool | str, cells: int, trials: int, time_budget_s: float | None,
+                  unit: str = "single-layer candidates") -> SeedDecision:
     """The ``search.sensitivity.seed`` rule for a table that is not cached (a cached one is always used).
 
     ``auto`` measures it when it needs no more single-layer candidates than the search has trials
@@ -146,17 +166,17 @@ def seed_decision(seed: bool | str, cells: int, trials: int, time_budget_s: floa
     if seed is False:
         return SeedDecision(False, None, "sensitivity seeding off (search.sensitivity.seed: false)")
     if seed is True:
-        return SeedDecision(True, None, f"measuring the sensitivity table ({cells} single-layer candidates, "
+        return SeedDecision(True, None, f"measuring the sensitivity table ({cells} {unit}, "
                                         "search.sensitivity.seed: true)")
     if time_budget_s:
         share = TABLE_SHARE * time_budget_s
-        return SeedDecision(True, share, f"measuring the sensitivity table ({cells} single-layer candidates) for at "
+        return SeedDecision(True, share, f"measuring the sensitivity table ({cells} {unit}) for at "
                                          f"most {share / 60:.1f} min of the time budget (search.sensitivity.seed: auto)")
     if cells <= trials:
-        return SeedDecision(True, None, f"measuring the sensitivity table ({cells} single-layer candidates, no more "
+        return SeedDecision(True, None, f"measuring the sensitivity table ({cells} {unit}, no more "
                                         f"than the {trials} trials; search.sensitivity.seed: auto)")
     return SeedDecision(False, None, (
-        f"not seeded: the sensitivity table needs {cells} single-layer candidates, more than the {trials} trials "
+        f"not seeded: the sensitivity table needs {cells} {unit}, more than the {trials} trials "
         "asked for; `make sensitivity` (or `precision-search sensitivity`) measures it once, cached, and every "
         "later search uses it; or set search.sensitivity.seed: true, or give --time-budget"))
 
@@ -189,11 +209,12 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
     from pipeline.sensitivity.measure import evaluator_class
 
     sub_ev = evaluator_class()(sub, workdir=evaluator.workdir) if evaluator is not None else None
-    kwargs = dict(formats=scope.formats, layers=scope.layers, evaluator=sub_ev)
+    kwargs = dict(formats=scope.formats, layers=scope.layers, evaluator=sub_ev, groups=scope.groups or None,
+                  grouping=scope.grouping)
     sens = build_sensitivity(config, cached_only=True, **kwargs)
     charged = 0.0
     if sens is None:
-        decision = seed_decision(spec.sensitivity.seed, scope.cells, trials or spec.trials, time_budget_s)
+        decision = seed_decision(spec.sensitivity.seed, scope.cells, trials or spec.trials, time_budget_s, scope.unit)
         say(decision.reason)
         if not decision.measure:
             return Seeding(table=None, emulated=emulated, note=decision.reason)

@@ -53,7 +53,7 @@ def prune_formats(sensitivity: SensitivityTable, accuracy_budget: float | None,
             cell = sensitivity.cell(layer, f)
             if cell is None:
                 keep.append(f)  # not measured: nothing to prune on
-            elif cell.drop is not None and cell.drop <= accuracy_budget:
+            elif cell.decisive_drop is not None and cell.decisive_drop <= accuracy_budget:
                 keep.append(f)
         out[layer] = keep if Format.FP32 in keep else [Format.FP32, *keep]
     return out

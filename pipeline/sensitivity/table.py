@@ -29,6 +29,16 @@ class Cell(BaseModel):
     execution: str | None = None  # native | emulated, as the backend reported the layer
     error: str | None = None  # why the candidate failed (it cannot be built on this backend, ...)
     seconds: float = 0.0  # quantize + measure wall time of this cell
+    # Measured with its whole group in the format (``search.group_layers``: the choice the search makes):
+    # ``group_drop`` is that candidate's drop and ``drop`` this layer's even share of it, so sums over a
+    # group (the solver, the skip screen) give back the measured group drop.
+    group: str | None = None
+    group_drop: float | None = None
+
+    @property
+    def decisive_drop(self) -> float | None:
+        """The drop a format is pruned on: the whole group's when the cell was measured as one."""
+        return self.group_drop if self.group is not None else self.drop
 
 
 class LayerCost(BaseModel):
@@ -65,6 +75,7 @@ class SensitivityTable(BaseModel):
     formats: list[Format]
     plan_defaults: str  # the knobs of the single-layer candidates (int8 activations, calibration, int4 block)
     source: Literal["artifact", "proxy"] = "artifact"
+    grouping: str = "layer"  # layer | role | block: what one candidate quantized (see Cell.group)
     latency_source: str = "estimate: the layer's share of multiply-accumulates (params where MACs are unknown)"
     cells: list[Cell]
     costs: list[LayerCost]

@@ -154,9 +154,44 @@ def test_seed_auto_under_a_time_budget_stops_at_its_share_and_charges_it(fragile
     lines = []
     seeding = seeding_for(cfg, trials=1, time_budget_s=1e-6, say=lines.append)  # its share ends at once
     assert seeding.table is None and "did not fit its share of the time budget" in seeding.note
-    assert "0 of 8 single-layer candidates" in seeding.note and seeding.charged_s > 0
+    assert "0 of 8 candidates measured" in seeding.note and seeding.charged_s > 0
     assert "at most" in lines[0] and lines[-1] == seeding.note
     # a budget it fits in: measured, seeded, and the time it took is charged to the search's budget
     seeding = seeding_for(cfg, trials=1, time_budget_s=3600, say=lines.append)
     assert seeding.table is not None and not seeding.table.from_cache and seeding.plans
     assert 0 < seeding.charged_s < 1200
+
+
+def test_a_grouped_search_measures_each_group_as_one_candidate(encoder_config, tmp_path):
+    """search.group_layers: role -> one candidate per role group x format; member drops sum to the group's."""
+    from pipeline.sensitivity.render import summary_lines, write_csv
+    from pipeline.sensitivity.seeding import reference_for, table_scope
+
+    cfg = encoder_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
+    cfg.base_dir = encoder_config.base_dir
+    cfg.search.formats = [Format.FP32, Format.INT8, Format.INT4]
+    cfg.search.group_layers = "role"
+    cfg.search.sensitivity.seed = True
+    cfg.search.sensitivity.eval_limit = 64
+    scope = table_scope(cfg, reference_for(cfg).layer_table)
+    assert scope.grouping == "role" and len(scope.layers) == 9 and scope.cells == 2 * len(scope.groups) < 18
+    assert any(len(m) == 2 for m in scope.groups.values())  # the two blocks' copies of a role share a candidate
+    seeding = seeding_for(cfg)
+    t = seeding.table
+    assert t.grouping == "role" and len(t.cells) == 2 * 9  # every layer has its cell, from its group's candidate
+    for group, members in scope.groups.items():
+        for f in (Format.INT8, Format.INT4):
+            cells = [t.cell(m, f) for m in members]
+            if len(members) == 1:  # a layer outside the repeated blocks (the embedding) is its own candidate
+                assert cells[0].group is None and cells[0].decisive_drop == cells[0].drop
+                continue
+            assert all(c.group == group for c in cells) and len({c.group_drop for c in cells}) == 1
+            assert sum(c.drop for c in cells) == pytest.approx(cells[0].group_drop, abs=1e-12)
+            # the additive screen over a whole group gives back the measured group drop (negatives count 0)
+            plan = QuantPlan(layers={**{m: f for m in members}, "*": "fp32"})
+            assert t.predicted_drop(plan) == pytest.approx(max(cells[0].group_drop, 0.0), abs=1e-12)
+    assert "one per role group" in summary_lines(t)[1]
+    rows = write_csv(t, tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0].endswith("group,group_drop") and len(rows) == 19
+    again = seeding_for(cfg)  # cached under the grouping: read back, not measured again
+    assert again.table.from_cache and again.table.grouping == "role"
