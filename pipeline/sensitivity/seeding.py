@@ -159,9 +159,10 @@ def seed_decision(seed: bool | str, cells: int, trials: int, time_budget_s: floa
     ``auto`` measures it when it needs no more single-layer candidates than the search has trials
     (each cell is an accuracy-only candidate on an eval subset, cheaper than a trial), or, under a time
     budget, for at most :data:`TABLE_SHARE` of it. Why not always: on a model with many layers the
-    table can cost more than the whole search (MiniLM: 78 cells against a 30-trial budget), and a
-    search that spends its budget before its first trial helps no one; ``make sensitivity`` once
-    (cached) makes every later search seeded.
+    table can cost more than the whole search (all-MiniLM-L6-v2 searched per layer: 39 layers x
+    {int8, int4} = 78 candidates against 30 trials), and a search that spends its budget before its
+    first trial helps no one; ``make sensitivity`` once (cached) makes every later search seeded. A
+    grouped search's table has one candidate per group (MiniLM by role: 9 x 2 = 18, measured).
     """
     if seed is False:
         return SeedDecision(False, None, "sensitivity seeding off (search.sensitivity.seed: false)")
