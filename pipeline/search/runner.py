@@ -460,6 +460,8 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                 self._recover()
                 self._enqueue_baselines()
                 dispatcher = ray_exec.Dispatcher(res, ray_exec.share(self.config, self.reference))
+                if self.seeding.summary():
+                    self._track(self.tracker.log_seeding, self.seeding.summary())
                 # tags, not params: a resumed study may run with another --parallel
                 self._track(self.tracker.log_resources, self.parallel, res.cpus, res.gpus, res.where,
                             self.pinned_meter)

@@ -209,7 +209,8 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
     sub = subset_config(config, spec.sensitivity.eval_limit)
     from pipeline.sensitivity.measure import evaluator_class
 
-    sub_ev = evaluator_class()(sub, workdir=evaluator.workdir) if evaluator is not None else None
+    # One subset Evaluator for the cache lookup and the measurement (data loaded once).
+    sub_ev = evaluator_class()(sub, workdir=evaluator.workdir) if evaluator is not None else evaluator_class()(sub)
     kwargs = dict(formats=scope.formats, layers=scope.layers, evaluator=sub_ev, groups=scope.groups or None,
                   grouping=scope.grouping)
     sens = build_sensitivity(config, cached_only=True, **kwargs)

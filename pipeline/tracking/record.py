@@ -244,6 +244,9 @@ class StudyTracker:
     def log_stopped_early(self, reason: str) -> None:
         self.set_study_tags({S.TAG_STOPPED_EARLY: reason})
 
+    def log_seeding(self, line: str) -> None:
+        self.set_study_tags({S.TAG_SEEDING: line})
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status=status)
 

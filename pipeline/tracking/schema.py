@@ -45,6 +45,7 @@ TAG_CPUS_PER_TRIAL = "precision_search.cpus_per_trial"
 TAG_GPUS_PER_TRIAL = "precision_search.gpus_per_trial"
 TAG_RAY = "precision_search.ray"  # where trials ran, in words
 TAG_STOPPED_EARLY = "precision_search.stopped_early"  # why the search ended before --trials
+TAG_SEEDING = "precision_search.seeding"  # how the sensitivity table seeded the study, or why it did not
 TAG_ALIAS_PREFIX = "precision_search.alias."  # + alias: "<registered model>/<version> (trial N)"
 
 # Registered model / model version tags (pipeline.promotion).

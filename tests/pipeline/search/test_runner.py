@@ -524,6 +524,8 @@ def test_the_default_search_is_seeded_when_the_table_is_cheap_and_reads_it_from_
     out = capsys.readouterr().out
     assert "measuring the sensitivity table (8 single-layer candidates" in out and "sensitivity 8/8" in out
     assert summary.seeding.startswith("seeded: ") and "8 cells" in summary.seeding
+    parent, _ = _children(summary, "auto-seed")
+    assert parent.data.tags[S.TAG_SEEDING] == summary.seeding  # the MLflow study run says it too
     study = open_study(cfg, "auto-seed")
     seeded = [t for t in study.get_trials() if t.user_attrs.get(T_SEED)]
     assert seeded and all(t.state is optuna.trial.TrialState.COMPLETE for t in seeded)
