@@ -256,10 +256,25 @@ class SensitivitySpec(_Strict):
         return v
 
 
+class ScreenSpec(_Strict):
+    """Early pruning of proposals on a first share of the eval set (:mod:`pipeline.evaluation.screen`).
+
+    A proposed plan (not a baseline, seed or retry) is scored first on ``fraction`` of the eval rows
+    (whole eval batches, so every number a finished trial reports is unchanged); if its drop there
+    exceeds ``margin`` x ``search.max_accuracy_drop`` the trial ends PRUNED, with that reason, before
+    the rest of the eval, timing and energy. Only where the eval set has at least ``min_rows`` rows
+    (a small set's first quarter is too noisy to judge on); ``fraction: 0`` turns it off.
+    """
+
+    fraction: float = Field(0.25, ge=0, lt=1)
+    margin: float = Field(2.0, ge=1)
+    min_rows: int = Field(1000, ge=1)
+
+
 class SearchSpec(_OmitNewDefaults):
     """The search space and the study's settings."""
 
-    _omit_when_default: ClassVar[tuple[str, ...]] = ("include_emulated", "group_layers", "sensitivity")
+    _omit_when_default: ClassVar[tuple[str, ...]] = ("include_emulated", "group_layers", "sensitivity", "screen")
 
     formats: list[Format] = Field(default_factory=lambda: list(ALL_FORMATS))
     pin: dict[str, Format] = Field(default_factory=dict)  # glob -> fixed format
@@ -288,6 +303,7 @@ class SearchSpec(_OmitNewDefaults):
     # barely better than random at that budget), else "layer" (search_spaces.pruning.group_mode).
     group_layers: Literal["auto", "layer", "block", "role"] = "auto"
     sensitivity: SensitivitySpec = Field(default_factory=SensitivitySpec)
+    screen: ScreenSpec = Field(default_factory=ScreenSpec)
 
     @field_validator("formats")
     @classmethod

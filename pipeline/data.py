@@ -68,6 +68,10 @@ class Dataset:
             targets = targets[:n]
         return Dataset({k: v[:n] for k, v in self.inputs.items()}, targets, self.row_targets)
 
+    def take(self, rows: np.ndarray) -> "Dataset":
+        """These rows' inputs, in this order (targets not carried: the caller cuts them as its metric reads them)."""
+        return Dataset({k: v[rows] for k, v in self.inputs.items()}, None, False)
+
     def fixed_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         """A batch of exactly ``batch_size`` rows (tiled if the set is smaller), for timing."""
         n = len(self)

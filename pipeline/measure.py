@@ -30,6 +30,10 @@ class TrialFailure(RuntimeError):
     """A candidate that cannot be measured (NaN outputs, runtime error): the trial fails, the study goes on."""
 
 
+class TrialPruned(TrialFailure):
+    """Stopped on purpose: its drop on the eval screen already rules it out (Optuna state PRUNED, not FAIL)."""
+
+
 def run_dataset(session: Session, dataset: Dataset, batch_size: int, field: str = "data.eval",
                 input_specs: dict | None = None) -> dict[str, np.ndarray]:
     """All outputs for all rows, concatenated, keyed by output name.

@@ -28,6 +28,7 @@ from pipeline.data import CALIBRATION_BATCH, Dataset, calibration_batches, load_
 from pipeline.data_check import onnx_input_specs
 from pipeline.measure import (
     TrialFailure,
+    TrialPruned,
     effective_bits_per_weight,
     exclusive_measurement,
     measure_lock_path,
@@ -113,6 +114,37 @@ class Evaluator:
         cache.write_text(json.dumps({"value": value}))
         return value
 
+    @cached_property
+    def screen(self):
+        """The eval screen proposals are pruned on, or None (``search.screen``; :mod:`pipeline.evaluation.screen`)."""
+        from pipeline.evaluation.screen import build_screen
+
+        spec, cfg = self.config.search.screen, self.config
+        if spec.fraction <= 0 or cfg.search.max_accuracy_drop is None or len(self.eval_set) < spec.min_rows:
+            return None
+        return build_screen(self.eval_set, cfg.measure.eval_batch, cfg.metric.pairs, spec.fraction)
+
+    @cached_property
+    def reference_screen_accuracy(self) -> float:
+        """The FP32 reference's metric on the screen's rows (what a screened drop is measured against)."""
+        session = self.backend.open(self.reference_artifact, self.config.measure.threads)
+        first = run_dataset(session, self.eval_set.take(self.screen.first), self.config.measure.eval_batch)
+        return task_metric(self.config, self.screen.outputs_for_metric(first), self.screen.targets)
+
+    def _screened_outputs(self, session) -> dict[str, np.ndarray]:
+        """All eval outputs, the screen's batches first; raises :class:`TrialPruned` when they rule the plan out."""
+        cfg, sc = self.config, self.screen
+        ref = self.reference_screen_accuracy
+        first = run_dataset(session, self.eval_set.take(sc.first), cfg.measure.eval_batch)
+        value = task_metric(cfg, sc.outputs_for_metric(first), sc.targets)
+        drop = accuracy_drop(ref, value, cfg.metric.higher_is_better)
+        limit = cfg.search.screen.margin * cfg.search.max_accuracy_drop
+        if drop > limit:
+            raise TrialPruned(f"pruned early: {cfg.metric.name} drop {drop:.4f} on {sc.label} exceeds "
+                              f"{cfg.search.screen.margin:g} x search.max_accuracy_drop {cfg.search.max_accuracy_drop} "
+                              "(not timed or metered; search.screen)")
+        return sc.merge(first, run_dataset(session, self.eval_set.take(sc.rest), cfg.measure.eval_batch))
+
     def calibration_feeds(self, batch_size: int = CALIBRATION_BATCH) -> list[dict[str, np.ndarray]]:
         """Equal-sized batches, capped (shared with QAT so both calibrate on the same rows)."""
         return calibration_batches(self.calibration, self.reference.input_names, batch_size)
@@ -168,15 +200,16 @@ class Evaluator:
         """Accuracy, latency, size and energy of one artifact on this backend."""
         return self._measure(artifact, energy).measurement
 
-    def _measure(self, artifact: str | Path, energy: bool = True) -> "_Measured":
-        """:meth:`measure`, plus what the trial records beside it."""
+    def _measure(self, artifact: str | Path, energy: bool = True, screen: bool = False) -> "_Measured":
+        """:meth:`measure`, plus what the trial records beside it; ``screen``: may end in :class:`TrialPruned`."""
         cfg = self.config
         ref = self.reference_accuracy  # first: a data or metric problem fails here, named, on the reference
         # The peak-memory objective's probe: the process's peak RSS growth while the artifact is opened and
         # run on the eval set (pipeline.objectives.peak_memory says what it counts and what it cannot).
         with peak_rss_probe() as probes:
             session = self.backend.open(artifact, cfg.measure.threads)
-            outputs = run_dataset(session, self.eval_set, cfg.measure.eval_batch)
+            outputs = (self._screened_outputs(session) if screen and self.screen is not None
+                       else run_dataset(session, self.eval_set, cfg.measure.eval_batch))
         value = task_metric(cfg, outputs, self.eval_set.targets)
         feeds = self.eval_set.fixed_batch(cfg.measure.batch_size)
         # Timing and energy windows of trials sharing a node (or a GPU) never overlap; the
@@ -207,7 +240,9 @@ class Evaluator:
         )
         return _Measured(measurement, str(engine_path) if engine_path else None, waited_s)
 
-    def evaluate(self, plan: QuantPlan | ResolvedPlan, out_dir: str | Path, energy: bool = True, progress=None) -> TrialResult:
+    def evaluate(self, plan: QuantPlan | ResolvedPlan, out_dir: str | Path, energy: bool = True, progress=None,
+                 screen: bool = False) -> TrialResult:
+        """Build and measure one candidate. ``screen``: a proposal that may be pruned early (``search.screen``)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # Resolved once, here: a plan naming unknown layers is a user error, raised as is.
@@ -223,7 +258,7 @@ class Evaluator:
                 raise TrialFailure(f"{self.backend.name} cannot build this plan: {exc}") from exc
             raise TrialFailure(f"quantization failed: {type(exc).__name__}: {exc}") from exc
         try:
-            measured = self._measure(artifact, energy=energy)
+            measured = self._measure(artifact, energy=energy, screen=screen)
             measurement, engine_path = measured.measurement, measured.engine_path
         except TrialFailure:
             raise

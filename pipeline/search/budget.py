@@ -1,13 +1,15 @@
 """The time budget of a search (``--time-budget 20m``): written like people write durations.
 
 The runner stops proposing once the budget is spent, counted from its first proposal (the
-one-off setup before it, Ray start and the reference export, is not counted); trials in flight
+one-off setup before it, Ray start and the reference export, is not counted, but a sensitivity
+table that ``search.sensitivity.seed: auto`` measured under the budget is); trials in flight
 then finish and the study ends with the front of everything it measured.
 """
 
 from __future__ import annotations
 
 import re
+import time
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -34,3 +36,23 @@ def format_duration(seconds: float) -> str:
     if seconds >= 60 and seconds % 60 == 0:
         return f"{int(seconds) // 60}m"
     return f"{seconds:g}s"
+
+
+class TimeBudget:
+    """The runner's ``--time-budget`` check (a mixin of :class:`pipeline.search.runner.StudyRunner`)."""
+
+    def _budget_spent(self) -> bool:
+        """True once ``--time-budget`` has run out (and says so once: progress, MLflow, the summary).
+
+        The budget counts the search from its first proposal, plus the sensitivity table when ``seed: auto``
+        measured it under this budget (:attr:`Seeding.charged_s`)."""
+        budget = self.opts.time_budget_s
+        if budget is None or time.monotonic() - self._budget_t0 + self.seeding.charged_s < budget:
+            return False
+        self.stopped_early = (
+            f"stopped proposing trials: the time budget of {format_duration(budget)} is spent; "
+            f"{len(self.in_flight)} trial(s) in flight were finished, and the study holds {self._finished()} "
+            f"measured trial(s) of the {self.target} asked for (run the command again to continue it)")
+        self.progress.message(self.stopped_early)
+        self._track(self.tracker.log_stopped_early, self.stopped_early)
+        return True

@@ -48,7 +48,7 @@ from pipeline.objectives import (
 )
 from pipeline.results import TrialResult
 from pipeline.search import ray_exec
-from pipeline.search.budget import format_duration
+from pipeline.search.budget import TimeBudget
 from pipeline.search.observers import Finisher, NullRecorder, RecorderFactory
 from pipeline.search.plans import Duplicates, knobs
 from pipeline.search.records import T_PLAN_BRIEF, TrialRecord, build_records, front_summary, hypervolume_box
@@ -84,7 +84,7 @@ class _InFlight:
     out_dir: Path
 
 
-class StudyRunner(Resume, Duplicates, Retries, Tracking):
+class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
     """One invocation of ``search``: sets up the study, the recorder and Ray, then runs the loop."""
 
     def __init__(self, config: SearchConfig, opts: SearchOptions, recorder: RecorderFactory | None = None,
@@ -324,7 +324,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         task = TrialTask(study=self.study_name, number=trial.number, config=self._task_config(res),
                          base_dir=str(self.config.base_dir.resolve()),
                          cwd=os.getcwd(), plan_yaml=plan.to_yaml(), out_dir=str(out_dir), energy=self.opts.energy,
-                         driver_node_id=self.driver_node)
+                         driver_node_id=self.driver_node, screen=proposed)
         ref = dispatcher.submit(task, f"{self.study_name}-trial-{trial.number}")
         self.in_flight[ref] = _InFlight(trial, run_id, time.monotonic(), label, out_dir)
         return False
@@ -381,6 +381,13 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
                                          f"{self._briefs.pop(fl.trial.number, fl.trial.user_attrs.get(T_PLAN_SUMMARY, ''))}"
                                          .strip(),
                                          counts=study_counts(self.study))
+        elif outcome.status == "pruned":  # its drop on the eval screen rules it out (search.screen)
+            fl.trial.set_user_attr(T_FAIL_REASON, outcome.reason)
+            fl.trial.set_user_attr(T_SECONDS, outcome.seconds)
+            self.study.tell(fl.trial, state=TrialState.PRUNED)
+            if fl.run_id:
+                self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds, placed)
+            self.progress.trial_finished(fl.trial.number, "PRUNED", outcome.reason, counts=study_counts(self.study))
         else:
             retried = self._retry_system_failure(fl, outcome.reason)
             if retried:  # first line: what the progress line and the MLflow tag show
@@ -538,22 +545,6 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking):
         """One line per tenth of the sensitivity table (it is measured before the live panel starts)."""
         if done == total or done % max(1, total // 10) == 0:
             self._say(f"sensitivity {done}/{total}: {text}")
-
-    def _budget_spent(self) -> bool:
-        """True once ``--time-budget`` has run out (and says so once: progress, MLflow, the summary).
-
-        The budget counts the search from its first proposal, plus the sensitivity table when ``seed: auto``
-        measured it under this budget (:attr:`Seeding.charged_s`)."""
-        budget = self.opts.time_budget_s
-        if budget is None or time.monotonic() - self._budget_t0 + self.seeding.charged_s < budget:
-            return False
-        self.stopped_early = (
-            f"stopped proposing trials: the time budget of {format_duration(budget)} is spent; "
-            f"{len(self.in_flight)} trial(s) in flight were finished, and the study holds {self._finished()} "
-            f"measured trial(s) of the {self.target} asked for (run the command again to continue it)")
-        self.progress.message(self.stopped_early)
-        self._track(self.tracker.log_stopped_early, self.stopped_early)
-        return True
 
     def _summary(self, summary: dict[str, float], res: ray_exec.Resources, wall: float) -> SearchSummary:
         front = [r for r in self.records if r.on_front]

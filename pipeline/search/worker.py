@@ -55,11 +55,12 @@ class TrialTask(BaseModel):
     out_dir: str  # absolute, on the driver's filesystem
     energy: bool = True
     driver_node_id: str | None = None  # Ray node of the driver; artifacts are shipped back when it differs
+    screen: bool = False  # a proposal: may be pruned early on the eval screen (search.screen)
 
 
 class TrialOutcome(BaseModel):
     number: int
-    status: Literal["complete", "fail"]
+    status: Literal["complete", "fail", "pruned"]
     result: TrialResult | None = None
     reason: str = ""  # why it failed, one paragraph
     seconds: float = 0.0
@@ -189,7 +190,7 @@ def run_trial(task: TrialTask | dict[str, Any], shared: list | None = None) -> d
     ``shared``: ``[ObjectRef]`` of the driver's reference bundle (None: build it here).
     Returns ``TrialOutcome.model_dump()`` (a plain dict crosses Ray cheaply).
     """
-    from pipeline.measure import TrialFailure
+    from pipeline.measure import TrialFailure, TrialPruned
     from pipeline.plan import QuantPlan
 
     task = TrialTask.model_validate(task)
@@ -201,12 +202,15 @@ def run_trial(task: TrialTask | dict[str, Any], shared: list | None = None) -> d
         ev = _evaluator(task, shared)
         plan = QuantPlan.model_validate(yaml.safe_load(task.plan_yaml))
         out = _out_dir(task)
-        result = ev.evaluate(plan, out, energy=task.energy)
+        result = ev.evaluate(plan, out, energy=task.energy, screen=task.screen)
         files: dict[str, bytes] = {}
         if task.driver_node_id and node_id and node_id != task.driver_node_id:
             files = _collect_files(result)
         return TrialOutcome(number=task.number, status="complete", result=result, seconds=time.perf_counter() - t0,
                             node=node, node_id=node_id, attempt=attempt, files=files).model_dump()
+    except TrialPruned as exc:
+        return TrialOutcome(number=task.number, status="pruned", reason=str(exc), seconds=time.perf_counter() - t0,
+                            node=node, node_id=node_id, attempt=attempt).model_dump()
     except TrialFailure as exc:
         reason = str(exc)
     except MemoryError:

@@ -536,3 +536,30 @@ def test_the_default_search_is_seeded_when_the_table_is_cheap_and_reads_it_from_
     out = capsys.readouterr().out
     assert "sensitivity table from the cache (8 cells" in out and "measuring the sensitivity table" not in out
     assert "from the cache" in again.seeding
+
+
+@pytest.mark.slow
+def test_proposals_the_eval_screen_rules_out_end_pruned_and_baselines_are_never_screened(
+        ray_local, mlflow_uri, make_config):
+    from pipeline.search.storage import T_FAIL_REASON
+    from tests.pipeline.sensitivity.conftest import FRAGILE_FACTORY
+
+    # fp32 | int4 per layer on an MLP whose fc1 cannot take int4: about half the proposals are hopeless
+    cfg = make_config("digits_mlp.yaml", **{"model.factory": FRAGILE_FACTORY, "search.formats": ["fp32", "int4"],
+                                            "search.int4_block_sizes": [64], "search.trials": 10,
+                                            "search.screen.min_rows": 100, "measure.eval_batch_size": 32})
+    summary = run_search(cfg, SearchOptions(study="screen", parallel=2, progress="off", tracking_uri=mlflow_uri))
+    study = open_study(cfg, "screen")
+    pruned = [t for t in study.get_trials() if t.state is optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.user_attrs[T_FAIL_REASON].startswith("pruned early: accuracy drop") for t in pruned)
+    assert all(t.params["layer:fc1"] == "int4" for t in pruned)  # only what cannot be within the budget
+    baselines = [t for t in study.get_trials() if t.user_attrs.get("baseline")]
+    assert len(baselines) == 2 and all(t.state is optuna.trial.TrialState.COMPLETE for t in baselines)
+    from pipeline.search.storage import study_counts
+
+    counts = study_counts(study)  # a pruned proposal is not a measured trial (16 plans in all: it may stop early)
+    assert (summary.trials_complete, summary.trials_failed) == (counts.complete, counts.failed)
+    assert counts.complete + len(pruned) + counts.duplicates == len(study.get_trials())
+    _, runs = _children(summary, "screen")
+    reasons = [r.data.tags.get(S.TAG_FAIL_REASON, "") for r in runs if r.info.status == "FAILED"]
+    assert sum(1 for x in reasons if x.startswith("pruned early")) == len(pruned)
