@@ -3,6 +3,8 @@ an unscreened pass reports, and one that is ruled out ends as TrialPruned with i
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -72,7 +74,7 @@ def test_a_plan_the_screen_rules_out_is_pruned_with_its_reason(tmp_path):
         ev.evaluate(plan, tmp_path / "s", energy=False, screen=True)
     # through the worker: a PRUNED outcome with the reason, not a failure
     task = TrialTask(study="s", number=3, config=ev.config.model_dump(mode="json"), base_dir=str(ROOT),
-                     cwd=str(tmp_path), plan_yaml=plan.to_yaml(), out_dir=str(tmp_path / "t"), energy=False,
+                     cwd=os.getcwd(), plan_yaml=plan.to_yaml(), out_dir=str(tmp_path / "t"), energy=False,
                      screen=True)
     out = run_trial(task)
     assert out["status"] == "pruned" and out["reason"].startswith("pruned early:") and out["result"] is None
