@@ -142,15 +142,25 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
-    if name == "seeded":  # the product's search: uniform baselines, then the sensitivity seeds
-        for params in space.uniform_baselines().values():
-            study.enqueue_trial(params)
+    pending = name == "seeded"  # the product's search: uniform baselines, then the sensitivity seeds
+    baselines = space.uniform_baselines() if pending else {}
+    for params in baselines.values():
+        study.enqueue_trial(params)
+
+    def enqueue_seeds(mode):  # as the runner does: INT8 in the mode of the faster uniform INT8 baseline
         for plan in seeding.plans:
             try:
-                study.enqueue_trial(space.params_for({n: c.format for n, c in plan.resolve(names).items()}))
+                study.enqueue_trial(space.params_for({n: c.format for n, c in plan.resolve(names).items()},
+                                                     int8_activations=mode or plan.int8_activations))
             except ValueError as exc:
                 print(f"  seed not in the space: {exc}")
+
+    int8_timed = []  # (infeasible, in-search latency, mode) of the uniform INT8 baselines
+    floor = (measured(QuantPlan.uniform("fp32")) or (0.0,))[0] - (config.search.max_accuracy_drop or 0.0)
     for i in range(n_trials):
+        if pending and i >= len(baselines):
+            pending = False
+            enqueue_seeds(min(int8_timed)[2] if len(int8_timed) > 1 else None)
         trial = study.ask()
         plan = space.suggest(trial)
         if name == "seeded" and seeding.skip_reason(plan):
@@ -164,6 +174,9 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
             trace.append((i, None))
             continue
         study.tell(trial, list(r))
+        if pending and "int8_activations" in trial.params and all(
+                c.format.value == "int8" for c in plan.resolve(names).values()):
+            int8_timed.append((r[0] < floor, r[1], trial.params["int8_activations"]))
         keys.append(measured.key(plan, names))
         trace.append((i, keys[-1]))
     return {"keys": keys, "trace": trace, "trials": n_trials, "skipped": skipped}

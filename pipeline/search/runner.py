@@ -506,6 +506,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
                         ready = dispatcher.wait(list(self.in_flight), timeout=0.5)
                         for ref in ready:
                             self._handle(ref, dispatcher)
+                            self._maybe_enqueue_seeds()
                         if ready:
                             summary = self._refresh_front()
                             finished = self._finished()

@@ -435,22 +435,58 @@ class Resume:
                         None, placement)
 
     def _enqueue_baselines(self) -> None:
-        if not self.config.search.baselines:
+        if self.config.search.baselines:
+            have = {t.user_attrs.get(T_BASELINE) for t in self.study.get_trials(deepcopy=False)}
+            for label, params in self.space.uniform_baselines().items():
+                if label not in have:
+                    self.study.enqueue_trial(params, user_attrs={T_BASELINE: label})
+        self._seeds_pending = bool(getattr(self, "seeding", None) and self.seeding.plans)
+        self._maybe_enqueue_seeds()
+
+    def _maybe_enqueue_seeds(self) -> None:
+        """Enqueue the sensitivity solver's plans once the INT8 baselines say which INT8 runs faster here.
+
+        The solver's plans (least predicted drop per bits budget, greedy least-sensitive-first) are measured
+        early so the search starts near the front instead of at random. Their INT8 layers take the activation
+        mode (static / dynamic) of the faster uniform INT8 baseline as measured on this backend (on ORT CPU
+        dynamic wins for encoders and static for CNNs: guessing either way seeds slow plans), so they wait
+        for those baselines; called after every finished trial until done (at once on a resumed study).
+        """
+        if not getattr(self, "_seeds_pending", False):
             return
-        have = {t.user_attrs.get(T_BASELINE) for t in self.study.get_trials(deepcopy=False)}
-        for label, params in self.space.uniform_baselines().items():
-            if label not in have:
-                self.study.enqueue_trial(params, user_attrs={T_BASELINE: label})
-        # The sensitivity solver's plans (least predicted drop per bits budget, greedy least-sensitive-first):
-        # measured early, so the search starts near the front instead of at random.
+        mode = self._fastest_int8_mode()
+        if mode is False:
+            return  # an INT8 baseline is still to be measured
+        self._seeds_pending = False
         seeded = {t.user_attrs.get(T_SEED) for t in self.study.get_trials(deepcopy=False)}
-        for i, plan in enumerate(self.seeding.plans if getattr(self, "seeding", None) else ()):
+        for i, plan in enumerate(self.seeding.plans):
             label = f"sensitivity-{i}"
             if label not in seeded:
                 formats = {n: c.format for n, c in plan.resolve(self.layer_names).items()}
-                params = self.space.params_for(formats, method=plan.method, int8_activations=plan.int8_activations,
+                params = self.space.params_for(formats, method=plan.method, int8_activations=mode or plan.int8_activations,
                                                calibration=plan.calibration, int4_block_size=plan.int4_block_size)
                 self.study.enqueue_trial(params, user_attrs={T_SEED: label})
+
+    def _fastest_int8_mode(self):
+        """The INT8 activation mode of the fastest measured uniform INT8 baseline (feasible ones first);
+        None when there is nothing to choose (one mode, or no INT8 baseline); False while one is pending."""
+        from pipeline.formats import Int8Activations
+        from pipeline.results import TrialResult
+
+        modes = self.config.search.int8_activations
+        labels = {"uniform-int8": modes[0], **{f"uniform-int8-{Int8Activations(m).value}": m for m in modes[1:]}}
+        trials = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(T_BASELINE) in labels]
+        if len(modes) < 2 or not trials:
+            return None
+        if any(not t.state.is_finished() for t in trials):
+            return False
+        timed = []
+        for t in trials:
+            if t.state.name == "COMPLETE" and t.user_attrs.get(T_RESULT):
+                m = TrialResult.model_validate(t.user_attrs[T_RESULT]).measurement
+                over = self.max_drop is not None and m.accuracy_drop is not None and m.accuracy_drop > self.max_drop
+                timed.append((over, m.latency_ms_p50, labels[t.user_attrs[T_BASELINE]]))
+        return min(timed)[2] if timed else None
 
     def _abandon(self, reason: str) -> None:
         """Ctrl-C / SIGTERM: cancel what is in flight and orphan it, so the next run retries it."""

@@ -529,6 +529,20 @@ def test_the_default_search_is_seeded_when_the_table_is_cheap_and_reads_it_from_
     study = open_study(cfg, "auto-seed")
     seeded = [t for t in study.get_trials() if t.user_attrs.get(T_SEED)]
     assert seeded and all(t.state is optuna.trial.TrialState.COMPLETE for t in seeded)
+    # the seeds' INT8 layers run in the activation mode of the faster uniform INT8 baseline, measured first
+    from pipeline.results import TrialResult
+    from pipeline.search.storage import T_BASELINE, T_RESULT
+
+    int8 = {t.user_attrs[T_BASELINE]: t for t in study.get_trials() if t.user_attrs.get(T_BASELINE, "").startswith(
+        "uniform-int8")}
+    assert set(int8) == {"uniform-int8", "uniform-int8-dynamic"}
+    timed = sorted((TrialResult.model_validate(t.user_attrs[T_RESULT]).measurement.accuracy_drop > 0.03,
+                    TrialResult.model_validate(t.user_attrs[T_RESULT]).measurement.latency_ms_p50, label)
+                   for label, t in int8.items())
+    fastest = "dynamic" if timed[0][2].endswith("dynamic") else "static"
+    with_int8 = [t for t in seeded if "int8_activations" in t.params]  # a plan without INT8 layers has no such knob
+    assert with_int8 and all(t.params["int8_activations"] == fastest for t in with_int8)
+    assert min(t.datetime_start for t in seeded) >= max(t.datetime_complete for t in int8.values())
 
     # resumed for two more trials: the table comes from the cache, nothing is measured again
     again = run_search(cfg, SearchOptions(study="auto-seed", trials=12, parallel=2, progress="lines",
