@@ -52,13 +52,13 @@ def run(args) -> int:
         raise ConfigError(f"--formats: {exc}; use names from {[f.value for f in Format]}") from None
     eval_limit = -1 if args.eval_limit is None else (args.eval_limit or None)
     layers = [n.strip() for n in args.layers.split(",")] if args.layers else None
-    groups, grouping = None, "layer"
+    groups, grouping, skip = None, "layer", None
     if formats is None and layers is None:
         # The search's own scope, so the cached table is the one `search` reads (search.sensitivity.seed).
         from pipeline.sensitivity.seeding import reference_for, table_scope
 
         scope = table_scope(cfg, reference_for(cfg).layer_table)
-        formats, layers = scope.formats, scope.layers
+        formats, layers, skip = scope.formats, scope.layers, scope.skip or None
         if scope.groups and not args.per_layer and not args.proxy:
             groups, grouping = scope.groups, scope.grouping
             console.print(f"measured per {grouping} group ({len(groups)} groups of {len(layers)} layers), as the search "
@@ -80,7 +80,8 @@ def run(args) -> int:
 
         table = build_sensitivity(cfg, formats=formats, eval_limit=eval_limit, layers=layers,
                                   mode="proxy" if args.proxy else "artifact", check_layers=args.check_layers,
-                                  use_cache=not args.no_cache, progress=progress, groups=groups, grouping=grouping)
+                                  use_cache=not args.no_cache, progress=progress, groups=groups, grouping=grouping,
+                                  skip=skip)
     # Piped or logged output has no terminal width (rich assumes 80): give the table the room it needs.
     from rich.console import Console
 

@@ -75,7 +75,7 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
                       check_layers: int = 4, cache_dir: str | Path | None = None, use_cache: bool = True,
                       evaluator=None, progress: Progress | None = None, deadline: float | None = None,
                       cached_only: bool = False, groups: dict[str, list[str]] | None = None,
-                      grouping: str = "layer") -> SensitivityTable | None:
+                      grouping: str = "layer", skip: dict[str, set[Format]] | None = None) -> SensitivityTable | None:
     """Measure (or read from the cache) the sensitivity table of ``config``'s model.
 
     ``eval_limit=-1`` takes ``search.sensitivity.eval_limit``; None uses every eval row.
@@ -84,7 +84,9 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     ``time.monotonic()`` value): stop measuring once it passes and raise :class:`TableIncomplete`;
     the cells measured so far stay in the cache, so the next call goes on from there. ``groups``
     (name -> layers, ``grouping`` naming the rule): measure each group in each format as one
-    candidate, as a grouped search decides it (:attr:`Cell.group`); artifact mode only.
+    candidate, as a grouped search decides it (:attr:`Cell.group`); artifact mode only. ``skip``
+    (layer -> formats): cells not to measure - a unit is skipped in a format when every member lists
+    it (the search's formats the backend only emulates there: the search never proposes them).
     """
     start = time.perf_counter()
     if eval_limit == -1:
@@ -112,6 +114,10 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     key_mode = f"{mode}:{check_layers}" if mode == "proxy" else mode
     if grouped:
         key_mode += ":groups=" + json.dumps(units)
+    skipped = sorted((u, f.value) for u, members in units for f in fmts
+                     if skip and all(f in skip.get(m, set()) for m in members))
+    if skipped:
+        key_mode += ":skip=" + json.dumps(skipped)
     key = cache_key(reference=file_digest(ev.reference.onnx_path), data=data_digest(eval_set.inputs, eval_set.targets),
                     metric=config.metric.model_dump_json(), backend=ev.backend.name,
                     formats=[f.value for f in fmts], knobs=knobs_text, layers=names, mode=key_mode)
@@ -136,10 +142,11 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     if mode != "artifact":
         units = [(n, [n]) for n in measured_layers]
     done = cache.done_cells() if use_cache else {}
-    total = len(units) * len(fmts)
+    todo = [(u, f) for u in units for f in fmts if (u[0], f.value) not in set(skipped)]
+    total = len(todo)
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(dir=cfg.work_path) as tmp:
-        for i, ((unit, members), fmt) in enumerate((u, f) for u in units for f in fmts):
+        for i, ((unit, members), fmt) in enumerate(todo):
             have = [done.get((m, fmt.value)) for m in members]
             if all(have):
                 new = have

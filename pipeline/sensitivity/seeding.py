@@ -103,13 +103,17 @@ class TableScope:
     layers: list[str]
     formats: list[Format]
     left_out: list[Format]  # searched formats the backend only emulates on every searched layer
+    skip: dict[str, set[Format]] = field(default_factory=dict)  # per layer: kept formats it only emulates
     grouping: str = "layer"  # search.group_layers as resolved for these layers
     groups: dict[str, list[str]] = field(default_factory=dict)  # group -> layers (empty when per layer)
 
     @property
     def cells(self) -> int:
-        """Candidates the table needs: one per layer (or per group, when the search groups) and format."""
-        return len(self.groups or self.layers) * len(self.formats)
+        """Candidates the table needs: one per layer (or per group, when the search groups) and format, but
+        none for a format every member only emulates (the search never proposes it there)."""
+        units = self.groups or {n: [n] for n in self.layers}
+        return sum(1 for members in units.values() for f in self.formats
+                   if not all(f in self.skip.get(m, set()) for m in members))
 
     @property
     def unit(self) -> str:
@@ -139,8 +143,9 @@ def table_scope(config: SearchConfig, table: LayerTable, emulated: dict[str, set
             groups.setdefault(group_key(n, mode), []).append(n)
         if all(len(m) == 1 for m in groups.values()):
             groups = {}
+    skip = {} if spec.include_emulated else {n: {f for f in keep if f in emulated.get(n, set())} for n in layers}
     return TableScope(layers=layers, formats=keep, left_out=[f for f in fmts if f not in keep],
-                      grouping=mode if groups else "layer", groups=groups)
+                      grouping=mode if groups else "layer", groups=groups, skip={n: s for n, s in skip.items() if s})
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,7 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
     # One subset Evaluator for the cache lookup and the measurement (data loaded once).
     sub_ev = evaluator_class()(sub, workdir=evaluator.workdir) if evaluator is not None else evaluator_class()(sub)
     kwargs = dict(formats=scope.formats, layers=scope.layers, evaluator=sub_ev, groups=scope.groups or None,
-                  grouping=scope.grouping)
+                  grouping=scope.grouping, skip=scope.skip or None)
     sens = build_sensitivity(config, cached_only=True, **kwargs)
     charged = 0.0
     if sens is None:

@@ -195,3 +195,26 @@ def test_a_grouped_search_measures_each_group_as_one_candidate(encoder_config, t
     assert rows[0].endswith("group,group_drop") and len(rows) == 19
     again = seeding_for(cfg)  # cached under the grouping: read back, not measured again
     assert again.table.from_cache and again.table.grouping == "role"
+
+
+def test_no_cell_is_measured_for_a_format_the_search_never_proposes_there(encoder_config, tmp_path):
+    """fp8 runs natively on ORT CPU only as an embedding table: it stays in the table for the embedding and is
+    not measured for the matmuls, where the backend only emulates it (and the search leaves it out)."""
+    from pipeline.sensitivity.seeding import reference_for, table_scope
+
+    cfg = encoder_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
+    cfg.base_dir = encoder_config.base_dir
+    cfg.search.formats = [Format.FP32, Format.FP8, Format.INT8]
+    cfg.search.group_layers = "layer"
+    cfg.search.sensitivity.seed = True
+    cfg.search.sensitivity.eval_limit = 64
+    scope = table_scope(cfg, reference_for(cfg).layer_table)
+    assert scope.formats == [Format.FP8, Format.INT8] and set(scope.skip) == set(scope.layers) - {"embed"}
+    assert scope.cells == 2 + (len(scope.layers) - 1)  # embed: fp8 + int8; each matmul: int8 only
+    seeding = seeding_for(cfg)
+    t = seeding.table
+    assert {(c.layer, c.format) for c in t.cells if c.format is Format.FP8} == {("embed", Format.FP8)}
+    assert len(t.cells) == scope.cells
+    space = SearchSpace.build(cfg.search, reference_for(cfg).layer_table.names, **space_inputs(cfg, None, seeding))
+    for plan in seeding.plans:  # every seed is a point of the space (no emulated fp8 matmul)
+        space.params_for({n: c.format for n, c in plan.resolve(reference_for(cfg).layer_table.names).items()})
