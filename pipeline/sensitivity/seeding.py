@@ -167,7 +167,7 @@ def seed_decision(seed: bool | str, cells: int, trials: int, time_budget_s: floa
     table can cost more than the whole search (all-MiniLM-L6-v2 searched per layer: 39 layers x
     {int8, int4} = 78 candidates against 30 trials), and a search that spends its budget before its
     first trial helps no one; ``make sensitivity`` once (cached) makes every later search seeded. A
-    grouped search's table has one candidate per group (MiniLM by role: 9 x 2 = 18, measured).
+    grouped search's table has one candidate per group (MiniLM by role: 21, measured).
     """
     if seed is False:
         return SeedDecision(False, None, "sensitivity seeding off (search.sensitivity.seed: false)")
