@@ -46,8 +46,8 @@ class Seeding:
         """One line for the search summary: how the table took part, or why it did not."""
         if self.table is None:
             return self.note
-        pruned = sum(1 for n in self.table.layers for f in self.table.formats
-                     if self.allowed is not None and f not in self.allowed.get(n, [f]))
+        pruned = sum(1 for c in self.table.cells  # measured cells whose format the table ruled out
+                     if self.allowed is not None and c.format not in self.allowed.get(c.layer, [c.format]))
         return (f"seeded: {len(self.plans)} solver/greedy plan(s) from the sensitivity table "
                 f"({len(self.table.cells)} cells, {self.table.eval_label}"
                 f"{', from the cache' if self.table.from_cache else ''}); {pruned} layer x format choice(s) pruned")
