@@ -162,17 +162,21 @@ def test_seed_auto_under_a_time_budget_stops_at_its_share_and_charges_it(fragile
     assert 0 < seeding.charged_s < 1200
 
 
+def _seeded_encoder(encoder_config, tmp_path, formats, group_layers):
+    """The tiny encoder, seeded (seed: true), in its own workdir, with these formats and this grouping."""
+    cfg = encoder_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
+    cfg.base_dir = encoder_config.base_dir
+    cfg.search.formats, cfg.search.group_layers = formats, group_layers
+    cfg.search.sensitivity.seed, cfg.search.sensitivity.eval_limit = True, 64
+    return cfg
+
+
 def test_a_grouped_search_measures_each_group_as_one_candidate(encoder_config, tmp_path):
     """search.group_layers: role -> one candidate per role group x format; member drops sum to the group's."""
     from pipeline.sensitivity.render import summary_lines, write_csv
     from pipeline.sensitivity.seeding import reference_for, table_scope
 
-    cfg = encoder_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
-    cfg.base_dir = encoder_config.base_dir
-    cfg.search.formats = [Format.FP32, Format.INT8, Format.INT4]
-    cfg.search.group_layers = "role"
-    cfg.search.sensitivity.seed = True
-    cfg.search.sensitivity.eval_limit = 64
+    cfg = _seeded_encoder(encoder_config, tmp_path, [Format.FP32, Format.INT8, Format.INT4], "role")
     scope = table_scope(cfg, reference_for(cfg).layer_table)
     assert scope.grouping == "role" and len(scope.layers) == 9 and scope.cells == 2 * len(scope.groups) < 18
     assert any(len(m) == 2 for m in scope.groups.values())  # the two blocks' copies of a role share a candidate
@@ -202,12 +206,7 @@ def test_no_cell_is_measured_for_a_format_the_search_never_proposes_there(encode
     not measured for the matmuls, where the backend only emulates it (and the search leaves it out)."""
     from pipeline.sensitivity.seeding import reference_for, table_scope
 
-    cfg = encoder_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
-    cfg.base_dir = encoder_config.base_dir
-    cfg.search.formats = [Format.FP32, Format.FP8, Format.INT8]
-    cfg.search.group_layers = "layer"
-    cfg.search.sensitivity.seed = True
-    cfg.search.sensitivity.eval_limit = 64
+    cfg = _seeded_encoder(encoder_config, tmp_path, [Format.FP32, Format.FP8, Format.INT8], "layer")
     scope = table_scope(cfg, reference_for(cfg).layer_table)
     assert scope.formats == [Format.FP8, Format.INT8] and set(scope.skip) == set(scope.layers) - {"embed"}
     assert scope.cells == 2 + (len(scope.layers) - 1)  # embed: fp8 + int8; each matmul: int8 only
