@@ -3,7 +3,8 @@
 Strategies, each given the same trial budget and the same seeds:
 
 * ``seeded``: the product's search - uniform baselines, emulated formats left out, per-layer formats pruned by the
-  sensitivity table, the solver's and the greedy plans enqueued first, then TPE; proposals whose
+  sensitivity table, the solver's, the speed-aware and the greedy plans enqueued after the baselines (the
+  speed-aware ones weigh formats by the baselines' measured latency), then TPE; proposals whose
   predicted drop cannot meet the budget are told to Optuna as PRUNED (they use a trial of the
   budget but no measurement);
 * ``tpe``: plain TPE (multivariate, grouped, as ``search.sampler: tpe``) over the full space;
@@ -147,20 +148,24 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
     for params in baselines.values():
         study.enqueue_trial(params)
 
-    def enqueue_seeds(mode):  # as the runner does: INT8 in the mode of the faster uniform INT8 baseline
-        for plan in seeding.plans:
+    def enqueue_seeds(timings):  # as the runner does: speed-aware plans first, INT8 in the faster baseline's mode
+        from pipeline.sensitivity.speed import fastest_int8_mode, format_speed
+
+        mode = fastest_int8_mode(timings) if len(config.search.int8_activations) > 1 else None
+        for plan in seeding.ordered_plans(format_speed(timings)):
             try:
                 study.enqueue_trial(space.params_for({n: c.format for n, c in plan.resolve(names).items()},
                                                      int8_activations=mode or plan.int8_activations))
             except ValueError as exc:
                 print(f"  seed not in the space: {exc}")
 
-    int8_timed = []  # (infeasible, in-search latency, mode) of the uniform INT8 baselines
+    timings = []  # the uniform baselines' BaselineTiming, as the runner builds them from its study
+    labels = list(baselines)
     floor = (measured(QuantPlan.uniform("fp32")) or (0.0,))[0] - (config.search.max_accuracy_drop or 0.0)
     for i in range(n_trials):
         if pending and i >= len(baselines):
             pending = False
-            enqueue_seeds(min(int8_timed)[2] if len(int8_timed) > 1 else None)
+            enqueue_seeds(timings)
         trial = study.ask()
         plan = space.suggest(trial)
         if name == "seeded" and seeding.skip_reason(plan):
@@ -174,12 +179,21 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
             trace.append((i, None))
             continue
         study.tell(trial, list(r))
-        if pending and "int8_activations" in trial.params and all(
-                c.format.value == "int8" for c in plan.resolve(names).values()):
-            int8_timed.append((r[0] < floor, r[1], trial.params["int8_activations"]))
+        if pending and i < len(labels):
+            timings.append(_timing(labels[i], r, floor, config.search.int8_activations))
         keys.append(measured.key(plan, names))
         trace.append((i, keys[-1]))
     return {"keys": keys, "trace": trace, "trials": n_trials, "skipped": skipped}
+
+
+def _timing(label: str, result, floor: float, modes):
+    """A uniform baseline's :class:`pipeline.sensitivity.speed.BaselineTiming` (label ``uniform-int8-dynamic``)."""
+    from pipeline.formats import Format, Int8Activations
+    from pipeline.sensitivity.speed import BaselineTiming
+
+    fmt, _, mode = label.removeprefix("uniform-").partition("-")
+    act = Int8Activations(mode or modes[0]) if fmt == "int8" else None
+    return BaselineTiming(label, Format(fmt), result[1], result[0] < floor, act)
 
 
 def prefix_after_trials(trace: list[tuple[int, str | None]], n: int) -> list[str]:

@@ -239,13 +239,27 @@ class SensitivitySpec(_Strict):
     is cached, or costs no more single-layer candidates than the search has trials, or - with
     ``search --time-budget`` - fits in a third of that budget, which it is then charged to;
     see :func:`pipeline.sensitivity.seeding.seed_decision`); ``bits_budgets``: average weight
-    bits per quantizable weight the solver plans for.
+    bits per quantizable weight the solver plans for; ``latency_budgets``: once the uniform
+    baselines have measured how fast each format runs here, the solver also seeds the fastest plan
+    predicted within the accuracy budget and, per budget b, the smallest and the least-drop plan at
+    most b x that plan's predicted latency (:func:`pipeline.sensitivity.solver.speed_plans`;
+    ``[]`` keeps only the fastest).
     """
 
     seed: bool | Literal["auto"] = "auto"
     eval_limit: int | None = Field(512, ge=1)
     bits_budgets: list[float] = Field(default_factory=lambda: [4.5, 6.0, 8.0, 12.0])
     greedy_plans: int = Field(3, ge=0)
+    latency_budgets: list[float] = Field(default_factory=lambda: [1.1, 1.3])
+
+    @field_validator("latency_budgets")
+    @classmethod
+    def _latency(cls, v: list[float]) -> list[float]:
+        bad = [b for b in v if not 1 <= b <= 10]
+        if bad:
+            raise ValueError(f"latency budgets are multiples (1 to 10) of the fastest seed's predicted latency, "
+                             f"e.g. [1.1, 1.3]; got {bad}")
+        return v
 
     @field_validator("bits_budgets")
     @classmethod

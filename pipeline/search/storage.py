@@ -444,49 +444,69 @@ class Resume:
         self._maybe_enqueue_seeds()
 
     def _maybe_enqueue_seeds(self) -> None:
-        """Enqueue the sensitivity solver's plans once the INT8 baselines say which INT8 runs faster here.
+        """Enqueue the sensitivity solver's plans once the uniform baselines say how fast each format runs here.
 
-        The solver's plans (least predicted drop per bits budget, greedy least-sensitive-first) are measured
-        early so the search starts near the front instead of at random. Their INT8 layers take the activation
-        mode (static / dynamic) of the faster uniform INT8 baseline as measured on this backend (on ORT CPU
-        dynamic wins for encoders and static for CNNs: guessing either way seeds slow plans), so they wait
-        for those baselines; called after every finished trial until done (at once on a resumed study).
+        The solver's plans (least predicted drop per bits budget, greedy least-sensitive-first) and the
+        speed-aware ones (fastest predicted within the accuracy budget, smallest and least-drop at a few
+        latency budgets: :meth:`pipeline.sensitivity.seeding.Seeding.ordered_plans`) are measured early, so
+        the search starts near the front instead of at random. The speed-aware solves weigh formats by the
+        uniform baselines' measured latency, and INT8 layers take the activation mode (static / dynamic) of
+        the faster uniform INT8 baseline (on ORT CPU dynamic wins for encoders and static for CNNs: guessing
+        either way seeds slow plans), so the seeds wait for the baselines; called after every finished trial
+        until done (at once on a resumed study).
         """
         if not getattr(self, "_seeds_pending", False):
             return
-        mode = self._fastest_int8_mode()
-        if mode is False:
-            return  # an INT8 baseline is still to be measured
+        timings = self._baseline_timings()
+        if timings is None:
+            return  # a uniform baseline is still to be measured
+        from pipeline.sensitivity.speed import fastest_int8_mode, format_speed
+
         self._seeds_pending = False
+        mode = fastest_int8_mode(timings) if len(self.config.search.int8_activations) > 1 else None
+        plans = self.seeding.ordered_plans(format_speed(timings, source=f"in-search p50 on {self.config.measure.backend}"))
         seeded = {t.user_attrs.get(T_SEED) for t in self.study.get_trials(deepcopy=False)}
-        for i, plan in enumerate(self.seeding.plans):
+        for i, plan in enumerate(plans):
             label = f"sensitivity-{i}"
             if label not in seeded:
                 formats = {n: c.format for n, c in plan.resolve(self.layer_names).items()}
                 params = self.space.params_for(formats, method=plan.method, int8_activations=mode or plan.int8_activations,
                                                calibration=plan.calibration, int4_block_size=plan.int4_block_size)
                 self.study.enqueue_trial(params, user_attrs={T_SEED: label})
+        if self.seeding.speed is not None:  # the summary changed: say it, and keep the study run's tag current
+            self._say(f"seeds: {len(plans)} enqueued, {self.seeding.speed_seeds} speed-aware "
+                      f"({self.seeding.speed.describe()})")
+            self._track(self.tracker.log_seeding, self.seeding.summary())
 
-    def _fastest_int8_mode(self):
-        """The INT8 activation mode of the fastest measured uniform INT8 baseline (feasible ones first);
-        None when there is nothing to choose (one mode, or no INT8 baseline); False while one is pending."""
-        from pipeline.formats import Int8Activations
+    def _say(self, line: str) -> None:
+        progress = getattr(self, "progress", None)
+        if progress is not None:
+            from rich.markup import escape
+
+            progress.message(escape(line))
+
+    def _baseline_timings(self):
+        """The finished uniform baselines' latencies (:class:`pipeline.sensitivity.speed.BaselineTiming`,
+        complete ones only); None while one of them is still to be measured."""
+        from pipeline.formats import Format, Int8Activations
         from pipeline.results import TrialResult
+        from pipeline.sensitivity.speed import BaselineTiming
 
         modes = self.config.search.int8_activations
-        labels = {"uniform-int8": modes[0], **{f"uniform-int8-{Int8Activations(m).value}": m for m in modes[1:]}}
-        trials = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(T_BASELINE) in labels]
-        if len(modes) < 2 or not trials:
-            return None
+        trials = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get(T_BASELINE)]
         if any(not t.state.is_finished() for t in trials):
-            return False
-        timed = []
+            return None
+        out = []
         for t in trials:
-            if t.state.name == "COMPLETE" and t.user_attrs.get(T_RESULT):
-                m = TrialResult.model_validate(t.user_attrs[T_RESULT]).measurement
-                over = self.max_drop is not None and m.accuracy_drop is not None and m.accuracy_drop > self.max_drop
-                timed.append((over, m.latency_ms_p50, labels[t.user_attrs[T_BASELINE]]))
-        return min(timed)[2] if timed else None
+            label = t.user_attrs[T_BASELINE]
+            fmt, _, mode = label.removeprefix("uniform-").partition("-")
+            if t.state.name != "COMPLETE" or not t.user_attrs.get(T_RESULT) or fmt not in Format._value2member_map_:
+                continue
+            m = TrialResult.model_validate(t.user_attrs[T_RESULT]).measurement
+            over = self.max_drop is not None and m.accuracy_drop is not None and m.accuracy_drop > self.max_drop
+            act = (Int8Activations(mode) if mode else Int8Activations(modes[0])) if fmt == "int8" else None
+            out.append(BaselineTiming(label, Format(fmt), m.latency_ms_p50, over, act))
+        return out
 
     def _abandon(self, reason: str) -> None:
         """Ctrl-C / SIGTERM: cancel what is in flight and orphan it, so the next run retries it."""

@@ -5,6 +5,9 @@ The runner (``pipeline.search.runner.StudyRunner``) calls, once at setup:
 * :func:`space_inputs` -> ``emulated``/``allowed`` for ``SearchSpace.build`` (emulated formats are
   left out by default; pruned formats only when the search is seeded, see :func:`seed_decision`);
 * :func:`sensitivity_seeds` -> plans to enqueue next to the uniform baselines;
+* once the uniform baselines are measured, :meth:`Seeding.ordered_plans` -> those plans with the
+  speed-aware ones (:func:`pipeline.sensitivity.solver.speed_plans`) in front, using how fast each
+  format ran here;
 
 and per proposal :meth:`Seeding.skip_reason` -> a reason to tell Optuna the trial is PRUNED
 instead of dispatching it (its predicted drop already exceeds ``search.max_accuracy_drop``).
@@ -22,7 +25,8 @@ from pipeline.layers import LayerTable
 from pipeline.plan import QuantPlan
 from pipeline.sensitivity.emulation import emulated_formats
 from pipeline.sensitivity.measure import build_sensitivity, plan_knobs, subset_config
-from pipeline.sensitivity.solver import prune_formats, seed_plans
+from pipeline.sensitivity.solver import prune_formats, seed_plans, speed_plans
+from pipeline.sensitivity.speed import FormatSpeed
 from pipeline.sensitivity.table import SensitivityTable
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,14 @@ class Seeding:
     budget: float | None = None
     note: str = ""  # why the search runs unseeded, when it does (shown once, kept in the summary)
     charged_s: float = 0.0  # seconds of the search's time budget the table took (seed: auto)
+    # What the speed-aware solves need (set by seeding_for): the solver's groups, the plans' knobs, the
+    # pinned/excluded layers every seed names, and the latency budgets (search.sensitivity.latency_budgets).
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    knobs: dict = field(default_factory=dict)
+    held: dict[str, Format] = field(default_factory=dict)
+    latency_budgets: list[float] = field(default_factory=list)
+    speed: FormatSpeed | None = None  # set by ordered_plans once the uniform baselines are timed
+    speed_seeds: int = 0  # how many of the ordered plans the speed-aware solves added
 
     def summary(self) -> str:
         """One line for the search summary: how the table took part, or why it did not."""
@@ -48,9 +60,25 @@ class Seeding:
             return self.note
         pruned = sum(1 for c in self.table.cells  # measured cells whose format the table ruled out
                      if self.allowed is not None and c.format not in self.allowed.get(c.layer, [c.format]))
-        return (f"seeded: {len(self.plans)} solver/greedy plan(s) from the sensitivity table "
+        speed = (f" + {self.speed_seeds} speed-aware plan(s) ({self.speed.describe()})"
+                 if self.speed is not None else "")
+        return (f"seeded: {len(self.plans)} solver/greedy plan(s){speed} from the sensitivity table "
                 f"({len(self.table.cells)} cells, {self.table.eval_label}"
                 f"{', from the cache' if self.table.from_cache else ''}); {pruned} layer x format choice(s) pruned")
+
+    def ordered_plans(self, speed: FormatSpeed | None) -> list[QuantPlan]:
+        """The seeds to enqueue, in order: with ``speed`` (the uniform baselines' measured ratios) the fastest
+        predicted-feasible plan first, then the smallest (the accuracy-budget solve), then the other speed-aware
+        plans, then the bits budgets and the greedy plans; without it, :attr:`plans` as they are."""
+        self.speed = speed
+        if speed is None or self.table is None or not speed.ratios:
+            self.speed_seeds = 0
+            return list(self.plans)
+        extra = speed_plans(self.table, speed, max_drop=self.budget, latency_budgets=self.latency_budgets,
+                            groups=self.groups or None, allowed=self.allowed, knobs=self.knobs, exclude=self.plans)
+        extra = [_with_held(p, self.held) for p in extra]
+        self.speed_seeds = len(extra)
+        return [*extra[:1], *self.plans[:1], *extra[1:], *self.plans[1:]]
 
     def skip_reason(self, plan: QuantPlan) -> str | None:
         """Why this proposal is not worth a trial, or None to run it."""
@@ -263,15 +291,22 @@ def _seeding_from(config: SearchConfig, sens: SensitivityTable, table: LayerTabl
     groups: dict[str, list[str]] = {}
     for n in sens.layers:
         groups.setdefault(group_key(n, mode), []).append(n)
+    knobs = plan_knobs(config)
     plans = seed_plans(sens, spec.sensitivity.bits_budgets, max_drop=spec.max_accuracy_drop, groups=groups,
-                       allowed=allowed, greedy=spec.sensitivity.greedy_plans, knobs=plan_knobs(config))
+                       allowed=allowed, greedy=spec.sensitivity.greedy_plans, knobs=knobs)
     # The table covers the searched layers only: every seed also names the pinned and excluded ones.
     held = {glob.escape(n): f for n, f in fixed.pinned.items()} | {glob.escape(n): Format.FP32 for n in fixed.excluded}
-    if held:
-        plans = [QuantPlan.model_validate({**p.model_dump(), "layers": {**p.model_dump()["layers"], **held}})
-                 for p in plans]
-    return Seeding(table=sens, plans=plans, allowed=allowed, emulated=emulated, budget=spec.max_accuracy_drop,
-                   charged_s=charged)
+    return Seeding(table=sens, plans=[_with_held(p, held) for p in plans], allowed=allowed, emulated=emulated,
+                   budget=spec.max_accuracy_drop, charged_s=charged, groups=groups, knobs=knobs, held=held,
+                   latency_budgets=list(spec.sensitivity.latency_budgets))
+
+
+def _with_held(plan: QuantPlan, held: dict[str, Format]) -> QuantPlan:
+    """``plan`` also naming the pinned and excluded layers (the table and the solver leave them out)."""
+    if not held:
+        return plan
+    data = plan.model_dump()
+    return QuantPlan.model_validate({**data, "layers": {**data["layers"], **held}})
 
 
 def sensitivity_seeds(config: SearchConfig, evaluator=None) -> list[QuantPlan]:

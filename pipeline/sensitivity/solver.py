@@ -11,6 +11,13 @@ plus the greedy **least-sensitive-first** sequence (repeatedly take the move wit
 drop per bit saved), thinned to a few plans. Layers can be solved in groups (one format per
 group, as the grouped search space samples them). Every plan is a prediction; the search
 measures each one on the artifact like any other trial.
+
+Bits are not time. Once the uniform baselines have said how fast each format runs on this backend
+(:mod:`pipeline.sensitivity.speed`), :func:`speed_plans` adds the solves AutoQuantize-style bits
+budgets miss, with predicted latency as a third linear term: the **fastest** plan predicted to stay
+within the accuracy budget, the **smallest** plan at about that speed, and the **least-drop** plan at
+a few latency budgets. On ORT CPU that is what separates dynamic INT8 (fast) from INT4 (small, at
+about FP32 speed), which a bits-only solver would trade as if equal.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 
 from pipeline.formats import WEIGHT_BITS, Format
 from pipeline.plan import QuantPlan
+from pipeline.sensitivity.speed import FormatSpeed
 from pipeline.sensitivity.table import SensitivityTable
 
 TIE_BREAK = 1e-3
@@ -70,8 +78,11 @@ def _groups(sensitivity: SensitivityTable, groups: Mapping[str, Sequence[str]] |
     return {n: [n] for n in sensitivity.layers}
 
 
-def _options(sensitivity, groups, allowed) -> list[tuple[str, list[tuple[Format, float, float]]]]:
-    """Per group: (format, predicted drop, weight bits) for every format allowed on all its layers."""
+def _options(sensitivity, groups, allowed, speed: FormatSpeed | None = None
+             ) -> list[tuple[str, list[tuple[Format, float, float, float]]]]:
+    """Per group: (format, predicted drop, weight bits, predicted latency share) for every format allowed on
+    all its layers. The latency share (the group's share of FP32 latency x the format's speed ratio) is 0
+    without ``speed``; with it, a format with no measured ratio is left out (it cannot be judged)."""
     opts = []
     for g, members in groups.items():
         fmts = [Format.FP32, *sensitivity.formats]
@@ -80,36 +91,40 @@ def _options(sensitivity, groups, allowed) -> list[tuple[str, list[tuple[Format,
         rows = []
         for f in fmts:
             drop = sum(max(sensitivity.drop(m, f), 0.0) for m in members)
-            if math.isfinite(drop):
+            ratio = speed.ratio(f) if speed is not None else 0.0
+            if math.isfinite(drop) and ratio is not None:
                 bits = sum(sensitivity.cost(m).params * WEIGHT_BITS[f] for m in members)
-                rows.append((f, drop, float(bits)))
+                latency = sum(sensitivity.cost(m).latency_share for m in members) * ratio
+                rows.append((f, drop, float(bits), float(latency)))
         opts.append((g, rows))
     return opts
 
 
+_OBJECTIVES = {"drop": 1, "bits": 2, "latency": 3}
+_TIE = {"drop": ("bits", -1.0), "bits": ("drop", 1.0), "latency": ("bits", 1.0)}
+"""Per objective, the secondary goal and its sign (see :data:`TIE_BREAK`): least drop -> use more of the
+bits budget; fewest bits -> lower drop; fastest -> fewer bits (equal-speed plans differ in size)."""
+
+
 def _milp(opts, *, max_bits: float | None = None, max_drop: float | None = None,
-          minimise: str = "drop") -> dict[str, Format] | None:
+          max_latency: float | None = None, minimise: str = "drop") -> dict[str, Format] | None:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     index = [(gi, oi) for gi, (_, rows) in enumerate(opts) for oi in range(len(rows))]
     if not index:
         return None
-    drops = np.array([opts[g][1][o][1] for g, o in index])
-    bits = np.array([opts[g][1][o][2] for g, o in index])
-    bit_scale = max(bits.max(), 1.0)
-    drop_scale = max(drops.max(), 1e-12)
-    if minimise == "drop":
-        c = drops / drop_scale - TIE_BREAK * bits / (bit_scale * len(opts))
-    else:
-        c = bits / bit_scale + TIE_BREAK * drops / drop_scale
+    cols = {name: np.array([opts[g][1][o][k] for g, o in index]) for name, k in _OBJECTIVES.items()}
+    scaled = {name: v / max(v.max(), 1e-12) for name, v in cols.items()}
+    tie, sign = _TIE[minimise]
+    per_group = len(opts) if (minimise, tie) == ("drop", "bits") else 1
+    c = scaled[minimise] + sign * TIE_BREAK * scaled[tie] / per_group
     one = np.zeros((len(opts), len(index)))
     for j, (g, _) in enumerate(index):
         one[g, j] = 1.0
     cons = [LinearConstraint(one, 1, 1)]
-    if max_bits is not None:
-        cons.append(LinearConstraint(bits[None, :], -np.inf, max_bits))
-    if max_drop is not None:
-        cons.append(LinearConstraint(drops[None, :], -np.inf, max_drop + 1e-12))
+    for name, bound in (("bits", max_bits), ("drop", max_drop), ("latency", max_latency)):
+        if bound is not None:
+            cons.append(LinearConstraint(cols[name][None, :], -np.inf, bound + 1e-12))
     res = milp(c, constraints=cons, integrality=np.ones(len(index)), bounds=Bounds(0, 1),
                options={"mip_rel_gap": 1e-9})
     if not res.success or res.x is None:
@@ -143,12 +158,12 @@ def greedy_sequence(sensitivity, *, groups=None, allowed=None) -> list[tuple[dic
     opts = dict(_options(sensitivity, gs, allowed))
     total = max(sum(sensitivity.cost(n).params for n in sensitivity.layers), 1)
     # Start from each group's widest allowed format (FP32 unless pinned or ruled out).
-    state = {g: max(opts[g], key=lambda o: (o[2], -o[1])) for g in gs if opts[g]}
+    state = {g: max(opts[g], key=lambda o: (o[2], -o[1]))[:3] for g in gs if opts[g]}
     seq = []
     while True:
         best = None
         for g, (f, d, b) in state.items():
-            for nf, nd, nb in opts[g]:
+            for nf, nd, nb, _ in opts[g]:
                 if nb >= b:
                     continue
                 score = (nd - d) / (b - nb)
@@ -190,7 +205,12 @@ def seed_plans(sensitivity: SensitivityTable, budgets: Sequence[float], *, max_d
         if seq:
             picks = sorted({round((i + 1) * len(seq) / greedy) - 1 for i in range(greedy)})
             found += [seq[i][0] for i in picks if i >= 0]
-    plans, seen = [], set()
+    return _distinct(found, order, knobs)
+
+
+def _distinct(found, order: list[str], knobs: Mapping | None, exclude: Sequence[QuantPlan] = ()) -> list[QuantPlan]:
+    """Plans in order without repeats, without the all-FP32 plan and without those in ``exclude``."""
+    plans, seen = [], {tuple(p.resolve(order)[n].format.value for n in order) for p in exclude}
     for f in found:
         if not f or all(v is Format.FP32 for v in f.values()):
             continue
@@ -199,3 +219,45 @@ def seed_plans(sensitivity: SensitivityTable, budgets: Sequence[float], *, max_d
             seen.add(key)
             plans.append(_plan(f, order, knobs))
     return plans
+
+
+def predicted_latency(sensitivity: SensitivityTable, speed: FormatSpeed, plan: QuantPlan) -> float | None:
+    """The plan's predicted latency as a share of FP32's over the table's layers (see
+    :mod:`pipeline.sensitivity.speed`); None if it uses a format with no measured ratio."""
+    total = 0.0
+    for n, c in plan.resolve(sensitivity.layers).items():
+        r = speed.ratio(c.format)
+        if r is None:
+            return None
+        total += sensitivity.cost(n).latency_share * r
+    return total
+
+
+def speed_plans(sensitivity: SensitivityTable, speed: FormatSpeed, *, max_drop: float | None,
+                latency_budgets: Sequence[float] = (1.1, 1.3), groups: Mapping[str, Sequence[str]] | None = None,
+                allowed: Mapping[str, Sequence[Format]] | None = None, knobs: Mapping | None = None,
+                exclude: Sequence[QuantPlan] = ()) -> list[QuantPlan]:
+    """Seeds that weigh time as measured here, best guesses first, without duplicates (nor plans in ``exclude``):
+
+    the fastest plan predicted within ``max_drop``; then for each budget ``b`` in ``latency_budgets``
+    (multiples of that plan's predicted latency, kept below FP32's) the smallest plan within ``max_drop``
+    that fast and the least-drop plan that fast. Together they cover the fast corner of the front
+    (accuracy x latency x size) that bits budgets alone leave to chance.
+    """
+    gs = _groups(sensitivity, groups)
+    opts = _options(sensitivity, gs, allowed, speed)
+    fastest = _milp(opts, max_drop=max_drop, minimise="latency")
+    if not fastest:
+        return []
+    lat = sum(next(r[3] for r in rows if r[0] is fastest[g]) for g, rows in opts)
+    whole = sum(sensitivity.cost(n).latency_share for n in sensitivity.layers)  # the FP32 plan's
+    if lat >= whole * (1 - 1e-9):
+        return []  # nothing runs faster than FP32 here: the bits-budget seeds already cover size
+    found = [fastest]
+    for b in latency_budgets:
+        cap = b * lat
+        if cap >= whole:
+            continue  # no faster than FP32: nothing the speed solves add
+        found.append(_milp(opts, max_drop=max_drop, max_latency=cap, minimise="bits"))
+        found.append(_milp(opts, max_latency=cap, minimise="drop"))
+    return _distinct([_expand(f, gs) if f else None for f in found], sensitivity.layers, knobs, exclude)

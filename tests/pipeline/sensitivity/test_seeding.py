@@ -46,6 +46,27 @@ def test_seeds_enqueue_and_rebuild_exactly(seeded_config, fragile_search_table):
         study.tell(trial, [0.9, 1.0])
 
 
+def test_measured_speed_puts_the_fastest_feasible_plan_first_and_keeps_every_solver_plan(seeded_config):
+    from pipeline.sensitivity.solver import predicted_latency
+    from pipeline.sensitivity.speed import FormatSpeed
+
+    seeding = seeding_for(seeded_config)
+    static = list(seeding.plans)
+    assert seeding.ordered_plans(None) == static and seeding.speed_seeds == 0  # no baselines timed: as before
+    speed = FormatSpeed(ratios={Format.INT8: 0.4, Format.INT4: 1.2})  # INT8 fast, INT4 slower than FP32 here
+    plans = seeding.ordered_plans(speed)
+    assert seeding.speed_seeds >= 1 and len(plans) == len(static) + seeding.speed_seeds
+    assert all(p in plans for p in static) and plans[1] == static[0]  # the smallest feasible plan comes second
+    names = seeding.table.layers
+    keys = [tuple(p.resolve(names)[n].format for n in names) for p in plans]
+    assert len(set(keys)) == len(keys)
+    # the first seed is the fastest predicted plan within the budget among all of them
+    feasible = [p for p in plans if seeding.table.predicted_drop(p) <= seeding.budget + 1e-12]
+    first = predicted_latency(seeding.table, speed, plans[0])
+    assert plans[0] in feasible and first == min(predicted_latency(seeding.table, speed, p) for p in feasible)
+    assert "speed-aware plan(s) (uniform latency / FP32 here: int8 0.40x, int4 1.20x)" in seeding.summary()
+
+
 def test_seeds_with_the_runners_evaluator_read_the_same_cache(seeded_config):
     from pipeline.sensitivity.measure import evaluator_class
 

@@ -91,3 +91,48 @@ def test_prune_keeps_fp32_and_unmeasured_formats():
     failed = TABLE.model_copy(update={"cells": TABLE.cells + [Cell(layer="d", format=Format.BF16, error="x")]})
     assert Format.BF16 not in prune_formats(failed, 0.005, allowed={"d": [Format.FP32, Format.BF16]})["d"]
     assert math.isinf(failed.drop("d", Format.BF16))
+
+
+def _predicted(table, plan, ratios):
+    drop = sum(max(table.drop(n, f), 0) for n, f in plan.items())
+    bits = sum(table.cost(n).params * WEIGHT_BITS[f] for n, f in plan.items()) / 1000
+    lat = sum(table.cost(n).latency_share * ratios[f] for n, f in plan.items())
+    return drop, bits, lat
+
+
+@pytest.mark.parametrize("max_drop", [0.003, 0.01, 0.05])
+def test_speed_plans_are_the_fastest_then_smallest_and_most_accurate_at_each_latency_budget(max_drop):
+    """Against brute force over every plan: INT8 runs at half FP32's latency, INT4 slower than FP32 (as
+    MatMulNBits can on a CPU), so the fastest plan is INT8-heavy, not the smallest one."""
+    from pipeline.sensitivity.solver import predicted_latency, speed_plans
+    from pipeline.sensitivity.speed import FormatSpeed
+
+    ratios = {Format.FP32: 1.0, Format.INT8: 0.5, Format.INT4: 1.1}
+    speed = FormatSpeed(ratios={Format.INT8: 0.5, Format.INT4: 1.1})
+    plans = speed_plans(TABLE, speed, max_drop=max_drop, latency_budgets=[1.2])
+    combos = [dict(zip(TABLE.layers, c)) for c in itertools.product([Format.FP32, *FMTS], repeat=len(TABLE.layers))]
+    rows = [(c, *_predicted(TABLE, c, ratios)) for c in combos]
+    feasible = [r for r in rows if r[1] <= max_drop + 1e-12]
+    fastest = min(r[3] for r in feasible)
+    got = [_predicted(TABLE, {n: c.format for n, c in p.resolve(TABLE.layers).items()}, ratios) for p in plans]
+    assert got[0][2] == pytest.approx(fastest)
+    assert predicted_latency(TABLE, speed, plans[0]) == pytest.approx(fastest)
+    cap = 1.2 * fastest
+    smallest = min(r[2] for r in feasible if r[3] <= cap + 1e-12)
+    least_drop = min(r[1] for r in rows if r[3] <= cap + 1e-12)
+    assert any(g[1] == pytest.approx(smallest) and g[0] <= max_drop + 1e-9 and g[2] <= cap + 1e-9 for g in got)
+    assert any(g[0] == pytest.approx(least_drop) and g[2] <= cap + 1e-9 for g in got)
+    assert len({tuple(p.resolve(TABLE.layers)[n].format for n in TABLE.layers) for p in plans}) == len(plans)
+
+
+def test_speed_plans_leave_out_formats_with_no_measured_ratio_and_plans_already_seeded():
+    from pipeline.sensitivity.solver import speed_plans
+    from pipeline.sensitivity.speed import FormatSpeed
+
+    only_int8 = FormatSpeed(ratios={Format.INT8: 0.5})  # INT4's baseline failed: no ratio
+    plans = speed_plans(TABLE, only_int8, max_drop=0.05)
+    assert plans and all(c.format is not Format.INT4 for p in plans for c in p.resolve(TABLE.layers).values())
+    again = speed_plans(TABLE, only_int8, max_drop=0.05, exclude=plans[:1])
+    assert plans[0] not in again and again == plans[1:]
+    # no format faster than FP32 here: the fastest plan is FP32 itself, and no speed plan is worth seeding
+    assert speed_plans(TABLE, FormatSpeed(ratios={Format.INT8: 1.0, Format.INT4: 1.0}), max_drop=0.0) == []
