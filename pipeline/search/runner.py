@@ -107,6 +107,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
         self.duplicates: dict[int, list[int]] = {}  # measured trial -> later proposals of the same plan
         self.consecutive_duplicates = 0
         self.stopped_early = ""
+        self._ray_started = False  # Ray was started early, for the sensitivity table (see _table_units)
         self.spool = Spool(self.study_dir)
         # Before Ray starts: a storage that is not an Optuna database, or has no driver here, ends now.
         self.storage = check_optuna_storage(opts.storage or default_storage(config))
@@ -133,7 +134,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
 
         self.seeding = seeding_for(cfg, layer_table=self.reference.layer_table, trials=self.target,
                                    time_budget_s=self.opts.time_budget_s, say=self._say,
-                                   progress=self._table_progress)
+                                   progress=self._table_progress, units_runner_for=self._table_units)
         self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend),
                                        **space_inputs(cfg, self.reference.layer_table, self.seeding))
         self.hash = config_hash(cfg)
@@ -453,7 +454,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
             try:
                 # Model, data, batch memory, Optuna and MLflow first: a bad input ends here, before Ray.
                 self._setup()
-                started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose, self.config)
+                started = ray_exec.ray_init(self.opts.ray_address, self.opts.verbose, self.config) or self._ray_started
                 res = self._res = ray_exec.cluster_resources(self.config, self.opts.parallel)
                 self.parallel = max(1, self.opts.parallel or res.capacity)
                 # Without --parallel, one trial per node also waits in Ray's queue (ray_exec.Resources.queued).
@@ -533,7 +534,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
             finally:
                 if hasattr(self, "tracker"):
                     self._track(self.tracker.end, status)
-                if started:
+                if started or self._ray_started:
                     ray_exec.shutdown()
         return self._summary(summary, res, time.monotonic() - t_start)
 
@@ -541,6 +542,14 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
         from rich.markup import escape
 
         self.progress.message(escape(text))
+
+    def _table_units(self, sub_config, sub_evaluator):
+        """The sensitivity table's candidates on the search's Ray workers (:func:`table_tasks.ray_units_for`)."""
+        from pipeline.search.table_tasks import ray_units_for
+
+        units, started = ray_units_for(self.config, self.opts, sub_config, sub_evaluator.reference, self._say)
+        self._ray_started |= started
+        return units
 
     def _table_progress(self, done: int, total: int, text: str) -> None:
         """One line per tenth of the sensitivity table (it is measured before the live panel starts)."""

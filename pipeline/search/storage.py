@@ -478,13 +478,6 @@ class Resume:
                       f"({self.seeding.speed.describe()})")
             self._track(self.tracker.log_seeding, self.seeding.summary())
 
-    def _say(self, line: str) -> None:
-        progress = getattr(self, "progress", None)
-        if progress is not None:
-            from rich.markup import escape
-
-            progress.message(escape(line))
-
     def _baseline_timings(self):
         """The finished uniform baselines' latencies (:class:`pipeline.sensitivity.speed.BaselineTiming`,
         complete ones only); None while one of them is still to be measured."""

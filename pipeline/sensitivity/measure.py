@@ -19,9 +19,9 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -75,7 +75,8 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
                       check_layers: int = 4, cache_dir: str | Path | None = None, use_cache: bool = True,
                       evaluator=None, progress: Progress | None = None, deadline: float | None = None,
                       cached_only: bool = False, groups: dict[str, list[str]] | None = None,
-                      grouping: str = "layer", skip: dict[str, set[Format]] | None = None) -> SensitivityTable | None:
+                      grouping: str = "layer", skip: dict[str, set[Format]] | None = None,
+                      units_runner: UnitsRunner | None = None) -> SensitivityTable | None:
     """Measure (or read from the cache) the sensitivity table of ``config``'s model.
 
     ``eval_limit=-1`` takes ``search.sensitivity.eval_limit``; None uses every eval row.
@@ -87,6 +88,8 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     candidate, as a grouped search decides it (:attr:`Cell.group`); artifact mode only. ``skip``
     (layer -> formats): cells not to measure - a unit is skipped in a format when every member lists
     it (the search's formats the backend only emulates there: the search never proposes them).
+    ``units_runner``: how the candidates not in the cache are measured (default :func:`serial_units`,
+    here one by one; the search passes Ray tasks over its workers when it runs several at once).
     """
     start = time.perf_counter()
     if eval_limit == -1:
@@ -144,24 +147,37 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     done = cache.done_cells() if use_cache else {}
     todo = [(u, f) for u in units for f in fmts if (u[0], f.value) not in set(skipped)]
     total = len(todo)
-    cells: list[Cell] = []
+    results: dict[int, list[Cell]] = {}
+    jobs: list[UnitJob] = []
+    for i, ((unit, members), fmt) in enumerate(todo):
+        have = [done.get((m, fmt.value)) for m in members]
+        if all(have):
+            results[i] = have
+        else:
+            jobs.append(UnitJob(i, unit, members, fmt))
+
+    reported = 0
+
+    def report(job: UnitJob, cells: list[Cell]) -> None:
+        nonlocal reported
+        reported += 1
+        if progress:
+            c = cells[0]
+            progress(reported, total, f"{job.unit} {job.fmt.value}: " + (
+                f"drop {c.decisive_drop:+.4f}" if c.drop is not None else f"failed ({c.error})"))
+
+    for i in sorted(results):  # from the cache
+        report(UnitJob(i, todo[i][0][0], todo[i][0][1], todo[i][1]), results[i])
     with tempfile.TemporaryDirectory(dir=cfg.work_path) as tmp:
-        for i, ((unit, members), fmt) in enumerate(todo):
-            have = [done.get((m, fmt.value)) for m in members]
-            if all(have):
-                new = have
-            else:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TableIncomplete(done=i, total=total, seconds=time.perf_counter() - start)
-                new = ([_measure_cell(ev, unit, fmt, knobs, Path(tmp) / f"c{i}")] if len(members) == 1 else
-                       _measure_group(ev, unit, members, fmt, knobs, Path(tmp) / f"c{i}"))
-                for cell in new:
-                    cache.append(cell)
-            cells += new
-            if progress:
-                c = new[0]
-                progress(i + 1, total, f"{unit} {fmt.value}: " + (f"drop {c.decisive_drop:+.4f}" if c.drop is not None
-                                                                  else f"failed ({c.error})"))
+        run = units_runner or serial_units(ev, Path(tmp))
+        for job, new in run(jobs, knobs, deadline):
+            for cell in new:
+                cache.append(cell)
+            results[job.index] = new
+            report(job, new)
+    if len(results) < total:
+        raise TableIncomplete(done=len(results), total=total, seconds=time.perf_counter() - start)
+    cells: list[Cell] = [c for i in range(total) for c in results[i]]
     pairs = [(scores[c.layer][c.format.value], c.drop) for c in cells if c.drop is not None]
     check = ProxyCheck(proxy=PROXY_DESCRIPTION, layers=measured_layers, spearman=rank_correlation(pairs),
                        cells=len(pairs), scores=scores)
@@ -179,6 +195,38 @@ def build_sensitivity(config: SearchConfig, *, formats: list[Format] | None = No
     )
     cache.save(result)
     return result
+
+
+class UnitJob(NamedTuple):
+    """One candidate of the table: ``unit`` (a layer, or a group of ``members``) quantized to ``fmt``."""
+
+    index: int
+    unit: str
+    members: list[str]
+    fmt: Format
+
+
+UnitsRunner = Callable[[list[UnitJob], dict, "float | None"], Iterator[tuple[UnitJob, list[Cell]]]]
+"""Measures jobs and yields ``(job, cells)`` as each finishes, in any order; stops starting new ones once
+the ``time.monotonic()`` deadline (if any) has passed. :func:`serial_units` runs them here, one by one;
+:class:`pipeline.search.table_tasks.RayUnits` runs them as Ray tasks over the cluster's workers."""
+
+
+def serial_units(ev, tmp: Path) -> UnitsRunner:
+    """Each candidate in this process, in order (``make sensitivity``, and a search that runs one trial at a time)."""
+    def run(jobs: list[UnitJob], knobs: dict, deadline: float | None):
+        for job in jobs:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            yield job, measure_unit(ev, job.unit, job.members, job.fmt, knobs, tmp / f"c{job.index}")
+    return run
+
+
+def measure_unit(ev, unit: str, members: list[str], fmt: Format, knobs: dict, out_dir: Path) -> list[Cell]:
+    """One candidate: a single layer's cell, or a group's cells (each member holding an even share)."""
+    if len(members) == 1:
+        return [_measure_cell(ev, members[0], fmt, knobs, out_dir)]
+    return _measure_group(ev, unit, members, fmt, knobs, out_dir)
 
 
 class TableIncomplete(Exception):

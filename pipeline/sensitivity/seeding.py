@@ -217,14 +217,16 @@ def seed_decision(seed: bool | str, cells: int, trials: int, time_budget_s: floa
 
 def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable | None = None,
                 progress=None, trials: int | None = None, time_budget_s: float | None = None,
-                say=None) -> Seeding:
+                say=None, units_runner_for=None) -> Seeding:
     """Everything sensitivity gives the runner; what is measured follows :func:`seed_decision`.
 
     ``evaluator``: the runner's Evaluator, if it has one (its workdir and reference are reused;
     the single-layer candidates get their own eval-subset Evaluator); ``layer_table``: the
     reference's table when the caller holds it already (no second export); ``trials`` /
     ``time_budget_s``: the search's (``seed: auto`` weighs the table's cost against them);
-    ``say``: where the one-line decision goes (default: the log)."""
+    ``say``: where the one-line decision goes (default: the log); ``units_runner_for(subset_config,
+    subset_evaluator)``: called only when the table is to be measured, returns how its candidates run
+    (the search's Ray workers; None or absent: one by one here)."""
     import time
 
     from pipeline.sensitivity.measure import TableIncomplete
@@ -254,8 +256,9 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
         if not decision.measure:
             return Seeding(table=None, emulated=emulated, note=decision.reason)
         t0 = time.monotonic()
+        runner = units_runner_for(sub, sub_ev) if units_runner_for is not None else None
         try:
-            sens = build_sensitivity(config, progress=progress, deadline=(
+            sens = build_sensitivity(config, progress=progress, units_runner=runner, deadline=(
                 t0 + decision.deadline_s if decision.deadline_s is not None else None), **kwargs)
         except TableIncomplete as exc:
             charged = time.monotonic() - t0

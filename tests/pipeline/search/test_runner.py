@@ -523,6 +523,7 @@ def test_the_default_search_is_seeded_when_the_table_is_cheap_and_reads_it_from_
     summary = run_search(cfg, SearchOptions(study="auto-seed", parallel=2, progress="lines", tracking_uri=mlflow_uri))
     out = capsys.readouterr().out
     assert "measuring the sensitivity table (8 single-layer candidates" in out and "sensitivity 8/8" in out
+    assert "sensitivity table: 2 candidates at a time on Ray" in out  # on the search's workers, not the driver
     assert summary.seeding.startswith("seeded: ") and "8 cells" in summary.seeding
     parent, _ = _children(summary, "auto-seed")
     assert parent.data.tags[S.TAG_SEEDING] == summary.seeding  # the MLflow study run says it too
