@@ -75,10 +75,16 @@ class Seeding:
             self.speed_seeds = 0
             return list(self.plans)
         extra = speed_plans(self.table, speed, max_drop=self.budget, latency_budgets=self.latency_budgets,
-                            groups=self.groups or None, allowed=self.allowed, knobs=self.knobs, exclude=self.plans)
+                            groups=self.groups or None, allowed=self.allowed, knobs=self.knobs)
         extra = [_with_held(p, self.held) for p in extra]
-        self.speed_seeds = len(extra)
-        return [*extra[:1], *self.plans[:1], *extra[1:], *self.plans[1:]]
+        ordered, seen = [], set()
+        for plan in [*extra[:1], *self.plans[:1], *extra[1:], *self.plans[1:]]:  # first occurrence wins
+            key = tuple(c.format for c in plan.resolve(self.table.layers).values())
+            if key not in seen:
+                seen.add(key)
+                ordered.append(plan)
+        self.speed_seeds = len(ordered) - len(self.plans)
+        return ordered
 
     def skip_reason(self, plan: QuantPlan) -> str | None:
         """Why this proposal is not worth a trial, or None to run it."""

@@ -208,9 +208,9 @@ def seed_plans(sensitivity: SensitivityTable, budgets: Sequence[float], *, max_d
     return _distinct(found, order, knobs)
 
 
-def _distinct(found, order: list[str], knobs: Mapping | None, exclude: Sequence[QuantPlan] = ()) -> list[QuantPlan]:
-    """Plans in order without repeats, without the all-FP32 plan and without those in ``exclude``."""
-    plans, seen = [], {tuple(p.resolve(order)[n].format.value for n in order) for p in exclude}
+def _distinct(found, order: list[str], knobs: Mapping | None) -> list[QuantPlan]:
+    """Plans in order without repeats and without the all-FP32 plan."""
+    plans, seen = [], set()
     for f in found:
         if not f or all(v is Format.FP32 for v in f.values()):
             continue
@@ -235,9 +235,8 @@ def predicted_latency(sensitivity: SensitivityTable, speed: FormatSpeed, plan: Q
 
 def speed_plans(sensitivity: SensitivityTable, speed: FormatSpeed, *, max_drop: float | None,
                 latency_budgets: Sequence[float] = (1.1, 1.3), groups: Mapping[str, Sequence[str]] | None = None,
-                allowed: Mapping[str, Sequence[Format]] | None = None, knobs: Mapping | None = None,
-                exclude: Sequence[QuantPlan] = ()) -> list[QuantPlan]:
-    """Seeds that weigh time as measured here, best guesses first, without duplicates (nor plans in ``exclude``):
+                allowed: Mapping[str, Sequence[Format]] | None = None, knobs: Mapping | None = None) -> list[QuantPlan]:
+    """Seeds that weigh time as measured here, best guesses first, without duplicates:
 
     the fastest plan predicted within ``max_drop``; then for each budget ``b`` in ``latency_budgets``
     (multiples of that plan's predicted latency, kept below FP32's) the smallest plan within ``max_drop``
@@ -260,4 +259,4 @@ def speed_plans(sensitivity: SensitivityTable, speed: FormatSpeed, *, max_drop: 
             continue  # no faster than FP32: nothing the speed solves add
         found.append(_milp(opts, max_drop=max_drop, max_latency=cap, minimise="bits"))
         found.append(_milp(opts, max_latency=cap, minimise="drop"))
-    return _distinct([_expand(f, gs) if f else None for f in found], sensitivity.layers, knobs, exclude)
+    return _distinct([_expand(f, gs) if f else None for f in found], sensitivity.layers, knobs)

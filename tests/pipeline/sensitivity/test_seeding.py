@@ -56,7 +56,7 @@ def test_measured_speed_puts_the_fastest_feasible_plan_first_and_keeps_every_sol
     speed = FormatSpeed(ratios={Format.INT8: 0.4, Format.INT4: 1.2})  # INT8 fast, INT4 slower than FP32 here
     plans = seeding.ordered_plans(speed)
     assert seeding.speed_seeds >= 1 and len(plans) == len(static) + seeding.speed_seeds
-    assert all(p in plans for p in static) and plans[1] == static[0]  # the smallest feasible plan comes second
+    assert all(p in plans for p in static) and static[0] in plans[:2]  # the smallest feasible plan comes early
     names = seeding.table.layers
     keys = [tuple(p.resolve(names)[n].format for n in names) for p in plans]
     assert len(set(keys)) == len(keys)

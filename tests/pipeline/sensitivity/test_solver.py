@@ -125,14 +125,12 @@ def test_speed_plans_are_the_fastest_then_smallest_and_most_accurate_at_each_lat
     assert len({tuple(p.resolve(TABLE.layers)[n].format for n in TABLE.layers) for p in plans}) == len(plans)
 
 
-def test_speed_plans_leave_out_formats_with_no_measured_ratio_and_plans_already_seeded():
+def test_speed_plans_leave_out_formats_with_no_measured_ratio_and_need_a_format_faster_than_fp32():
     from pipeline.sensitivity.solver import speed_plans
     from pipeline.sensitivity.speed import FormatSpeed
 
     only_int8 = FormatSpeed(ratios={Format.INT8: 0.5})  # INT4's baseline failed: no ratio
     plans = speed_plans(TABLE, only_int8, max_drop=0.05)
     assert plans and all(c.format is not Format.INT4 for p in plans for c in p.resolve(TABLE.layers).values())
-    again = speed_plans(TABLE, only_int8, max_drop=0.05, exclude=plans[:1])
-    assert plans[0] not in again and again == plans[1:]
     # no format faster than FP32 here: the fastest plan is FP32 itself, and no speed plan is worth seeding
     assert speed_plans(TABLE, FormatSpeed(ratios={Format.INT8: 1.0, Format.INT4: 1.0}), max_drop=0.0) == []
