@@ -154,10 +154,13 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
         mode = fastest_int8_mode(timings) if len(config.search.int8_activations) > 1 else None
         for plan in seeding.ordered_plans(format_speed(timings)):
             try:
-                study.enqueue_trial(space.params_for({n: c.format for n, c in plan.resolve(names).items()},
-                                                     int8_activations=mode or plan.int8_activations))
+                params = space.params_for({n: c.format for n, c in plan.resolve(names).items()},
+                                          int8_activations=mode or plan.int8_activations)
             except ValueError as exc:
                 print(f"  seed not in the space: {exc}")
+                continue
+            if params not in list(baselines.values()):  # as the runner: a baseline's plan is not seeded again
+                study.enqueue_trial(params)
 
     timings = []  # the uniform baselines' BaselineTiming, as the runner builds them from its study
     labels = list(baselines)

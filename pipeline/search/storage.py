@@ -466,16 +466,21 @@ class Resume:
         mode = fastest_int8_mode(timings) if len(self.config.search.int8_activations) > 1 else None
         plans = self.seeding.ordered_plans(format_speed(timings, source=f"in-search p50 on {self.config.measure.backend}"))
         seeded = {t.user_attrs.get(T_SEED) for t in self.study.get_trials(deepcopy=False)}
+        baselines = list(self.space.uniform_baselines().values()) if self.config.search.baselines else []
+        enqueued = 0
         for i, plan in enumerate(plans):
             label = f"sensitivity-{i}"
             if label not in seeded:
                 formats = {n: c.format for n, c in plan.resolve(self.layer_names).items()}
                 params = self.space.params_for(formats, method=plan.method, int8_activations=mode or plan.int8_activations,
                                                calibration=plan.calibration, int4_block_size=plan.int4_block_size)
-                self.study.enqueue_trial(params, user_attrs={T_SEED: label})
+                if params not in baselines:  # a uniform plan the baselines measured already
+                    self.study.enqueue_trial(params, user_attrs={T_SEED: label})
+                    enqueued += 1
         if self.seeding.speed is not None:  # the summary changed: say it, and keep the study run's tag current
-            self._say(f"seeds: {len(plans)} enqueued, {self.seeding.speed_seeds} speed-aware "
-                      f"({self.seeding.speed.describe()})")
+            self._say(f"seeds: {len(plans)} solver plans, {self.seeding.speed_seeds} of them speed-aware "
+                      f"({self.seeding.speed.describe()}); {enqueued} enqueued, the rest equal to a uniform "
+                      "baseline's plan (measured already)")
             self._track(self.tracker.log_seeding, self.seeding.summary())
 
     def _baseline_timings(self):

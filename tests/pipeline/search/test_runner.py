@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import mlflow
 import optuna
@@ -465,8 +466,6 @@ def test_search_json_output_is_one_json_document(ray_local, mlflow_uri, tmp_path
 @pytest.mark.slow
 def test_a_time_budget_stops_proposing_finishes_in_flight_trials_and_keeps_the_front(
         ray_local, mlflow_uri, make_config, capsys):
-    import re
-
     from pipeline.search.storage import study_counts
 
     cfg = make_config("digits_mlp.yaml", **{"search.trials": 12})
@@ -551,6 +550,12 @@ def test_the_default_search_is_seeded_when_the_table_is_cheap_and_reads_it_from_
     baselines = [t for t in study.get_trials() if t.user_attrs.get(T_BASELINE)]
     assert len(baselines) == 4 and min(t.datetime_start for t in seeded) >= max(t.datetime_complete for t in baselines)
     assert "speed-aware plan(s) (uniform latency / FP32 here: int8 " in summary.seeding
+    # a seed equal to a uniform baseline's plan is not enqueued again (it would only be told the baseline's values)
+    from pipeline.search.storage import T_DUPLICATE_OF
+
+    assert not {t.user_attrs.get(T_DUPLICATE_OF) for t in seeded} & {t.number for t in baselines}
+    assert re.search(r"seeds: \d+ solver plans, \d+ of them speed-aware \(uniform latency / FP32 here: .*\); \d+ "
+                     r"enqueued, the rest equal to a uniform baseline's plan", out)
 
     # resumed for two more trials: the table comes from the cache, nothing is measured again
     again = run_search(cfg, SearchOptions(study="auto-seed", trials=12, parallel=2, progress="lines",
