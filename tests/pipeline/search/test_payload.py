@@ -19,6 +19,7 @@ from pipeline.config import parse_config
 from pipeline.search import payload, ray_exec
 from pipeline.search.worker import TrialOutcome, TrialTask
 from tests.conftest import ROOT
+from tests.pipeline.search.conftest import local_ray
 
 
 def _forbidden(*args, **kwargs):
@@ -98,12 +99,8 @@ def test_materialize_writes_the_reference_once_per_node_cache(tmp_path, mlp_conf
 
 @pytest.fixture(scope="module")
 def ray_one_cpu():
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield
-    ray.shutdown()
+    with local_ray(1):
+        yield
 
 
 def test_a_trial_task_uses_the_drivers_bundle_and_records_where_it_ran(ray_one_cpu, make_config, tmp_path):

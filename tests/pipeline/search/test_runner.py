@@ -23,6 +23,7 @@ from pipeline.search.runner import SearchOptions
 from pipeline.search import ray_exec
 from pipeline.search.storage import config_hash, make_sampler, open_study
 from tests.conftest import ROOT
+from tests.pipeline.search.conftest import local_ray
 
 
 
@@ -34,12 +35,8 @@ def flaky_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_local(flaky_dir):
     """One local Ray for the module; workers can import tests.* and find the flaky metric's folder."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "FLAKY_METRIC_DIR": str(flaky_dir)}})
-    yield
-    ray.shutdown()
+    with local_ray(2, FLAKY_METRIC_DIR=str(flaky_dir)):
+        yield
 
 
 @pytest.fixture(scope="module")

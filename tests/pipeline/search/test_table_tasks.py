@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -11,18 +10,13 @@ from pipeline.formats import Format
 from pipeline.search.ray_exec import Resources
 from pipeline.search.table_tasks import RayUnits
 from pipeline.sensitivity.measure import UnitJob, evaluator_class, plan_knobs, serial_units, subset_config
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.pipeline.search.conftest import local_ray
 
 
 @pytest.fixture(scope="module")
 def ray_here():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield
-    ray.shutdown()
+    with local_ray(2):
+        yield
 
 
 @pytest.mark.slow
