@@ -274,7 +274,9 @@ def main(argv=None) -> int:
                           f"{len(seeding.plans)} seed plans", highlight=False)
         upfront = 0.0
         if seeding:
-            upfront = sum(c.seconds for c in seeding.table.cells) if seeding.table.from_cache else sens_s
+            # from the cache: each candidate's seconds once (a group's members all carry their group's)
+            per_candidate = {(c.group or c.layer, c.format): c.seconds for c in seeding.table.cells}
+            upfront = sum(per_candidate.values()) if seeding.table.from_cache else sens_s
         traces: dict[tuple[str, int], list] = {}
         runs: dict[tuple[str, int], list[str]] = {}
         skipped: dict[str, int] = {s: 0 for s in args.strategies}
