@@ -183,7 +183,9 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
             continue
         study.tell(trial, list(r))
         if pending and i < len(labels):
-            timings.append(_timing(labels[i], r, floor, config.search.int8_activations))
+            timing = _timing(labels[i], r, floor, config.search.int8_activations)
+            if timing is not None:
+                timings.append(timing)
         keys.append(measured.key(plan, names))
         trace.append((i, keys[-1]))
     return {"keys": keys, "trace": trace, "trials": n_trials, "skipped": skipped}
@@ -191,12 +193,9 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
 
 def _timing(label: str, result, floor: float, modes):
     """A uniform baseline's :class:`pipeline.sensitivity.speed.BaselineTiming` (label ``uniform-int8-dynamic``)."""
-    from pipeline.formats import Format, Int8Activations
     from pipeline.sensitivity.speed import BaselineTiming
 
-    fmt, _, mode = label.removeprefix("uniform-").partition("-")
-    act = Int8Activations(mode or modes[0]) if fmt == "int8" else None
-    return BaselineTiming(label, Format(fmt), result[1], result[0] < floor, act)
+    return BaselineTiming.from_label(label, result[1], result[0] < floor, modes)
 
 
 def prefix_after_trials(trace: list[tuple[int, str | None]], n: int) -> list[str]:

@@ -464,7 +464,7 @@ class Resume:
 
         self._seeds_pending = False
         mode = fastest_int8_mode(timings) if len(self.config.search.int8_activations) > 1 else None
-        plans = self.seeding.ordered_plans(format_speed(timings, source=f"in-search p50 on {self.config.measure.backend}"))
+        plans = self.seeding.ordered_plans(format_speed(timings))  # the baselines' in-search p50s
         seeded = {t.user_attrs.get(T_SEED) for t in self.study.get_trials(deepcopy=False)}
         baselines = list(self.space.uniform_baselines().values()) if self.config.search.baselines else []
         enqueued = 0
@@ -486,7 +486,6 @@ class Resume:
     def _baseline_timings(self):
         """The finished uniform baselines' latencies (:class:`pipeline.sensitivity.speed.BaselineTiming`,
         complete ones only); None while one of them is still to be measured."""
-        from pipeline.formats import Format, Int8Activations
         from pipeline.results import TrialResult
         from pipeline.sensitivity.speed import BaselineTiming
 
@@ -496,14 +495,13 @@ class Resume:
             return None
         out = []
         for t in trials:
-            label = t.user_attrs[T_BASELINE]
-            fmt, _, mode = label.removeprefix("uniform-").partition("-")
-            if t.state.name != "COMPLETE" or not t.user_attrs.get(T_RESULT) or fmt not in Format._value2member_map_:
+            if t.state.name != "COMPLETE" or not t.user_attrs.get(T_RESULT):
                 continue
             m = TrialResult.model_validate(t.user_attrs[T_RESULT]).measurement
             over = self.max_drop is not None and m.accuracy_drop is not None and m.accuracy_drop > self.max_drop
-            act = (Int8Activations(mode) if mode else Int8Activations(modes[0])) if fmt == "int8" else None
-            out.append(BaselineTiming(label, Format(fmt), m.latency_ms_p50, over, act))
+            timing = BaselineTiming.from_label(t.user_attrs[T_BASELINE], m.latency_ms_p50, over, modes)
+            if timing is not None:
+                out.append(timing)
         return out
 
     def _abandon(self, reason: str) -> None:

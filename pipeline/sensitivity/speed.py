@@ -19,7 +19,7 @@ numbers the search measures anyway.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.formats import Format, Int8Activations
 
@@ -35,6 +35,16 @@ class BaselineTiming:
     over_budget: bool = False
     int8_activations: Int8Activations | None = None
 
+    @classmethod
+    def from_label(cls, label: str, latency_ms: float, over_budget: bool, int8_modes) -> BaselineTiming | None:
+        """From a baseline's label (``uniform-<fmt>``, ``uniform-int8-<mode>``; plain ``uniform-int8`` is the
+        first of ``search.int8_activations``); None for a label that names no format."""
+        fmt, _, mode = label.removeprefix("uniform-").partition("-")
+        if fmt not in Format._value2member_map_:
+            return None
+        act = Int8Activations(mode or int8_modes[0]) if fmt == Format.INT8.value else None
+        return cls(label, Format(fmt), latency_ms, over_budget, act)
+
 
 @dataclass(frozen=True)
 class FormatSpeed:
@@ -42,8 +52,6 @@ class FormatSpeed:
 
     ratios: dict[Format, float]
     int8_activations: Int8Activations | None = None  # the INT8 mode the ratio (and the seeds) use
-    source: str = ""
-    timings: list[BaselineTiming] = field(default_factory=list)
 
     def ratio(self, fmt: Format) -> float | None:
         return 1.0 if fmt is Format.FP32 else self.ratios.get(Format(fmt))
@@ -63,8 +71,7 @@ def fastest_int8_mode(timings: Iterable[BaselineTiming]) -> Int8Activations | No
     return min(int8, key=lambda t: (t.over_budget, t.latency_ms)).int8_activations
 
 
-def format_speed(timings: Iterable[BaselineTiming], source: str = "in-search p50 of the uniform baselines"
-                 ) -> FormatSpeed | None:
+def format_speed(timings: Iterable[BaselineTiming]) -> FormatSpeed | None:
     """Speed ratios from the finished uniform baselines; None without a timed FP32 baseline (nothing to
     divide by). INT8 takes the mode :func:`fastest_int8_mode` picks; a format whose baseline failed has
     no ratio (the speed-aware solves leave it out: it cannot be judged)."""
@@ -78,4 +85,4 @@ def format_speed(timings: Iterable[BaselineTiming], source: str = "in-search p50
         if t.format is Format.FP32 or (t.format is Format.INT8 and mode is not None and t.int8_activations != mode):
             continue
         ratios[t.format] = t.latency_ms / fp32.latency_ms
-    return FormatSpeed(ratios=ratios, int8_activations=mode, source=source, timings=timings)
+    return FormatSpeed(ratios=ratios, int8_activations=mode)

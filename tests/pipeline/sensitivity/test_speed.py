@@ -38,3 +38,12 @@ def test_no_ratio_without_a_timed_fp32_baseline():
     # a baseline with no latency (a failed measurement) gives no ratio
     got = format_speed([*_timings()[:2], BaselineTiming("uniform-int4", Format.INT4, 0.0)])
     assert Format.INT4 not in got.ratios and got.ratios[Format.INT8] == pytest.approx(0.75)
+
+
+def test_a_baseline_label_names_its_format_and_int8_mode():
+    modes = [STATIC, DYNAMIC]
+    assert BaselineTiming.from_label("uniform-int8", 5.0, False, modes).int8_activations is STATIC  # first listed
+    got = BaselineTiming.from_label("uniform-int8-dynamic", 4.0, True, modes)
+    assert (got.format, got.int8_activations, got.latency_ms, got.over_budget) == (Format.INT8, DYNAMIC, 4.0, True)
+    assert BaselineTiming.from_label("uniform-int4", 9.0, False, modes).int8_activations is None
+    assert BaselineTiming.from_label("uniform-nf3", 9.0, False, modes) is None
