@@ -151,8 +151,18 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
     def enqueue_seeds(timings):  # as the runner does: speed-aware plans first, INT8 in the faster baseline's mode
         from pipeline.sensitivity.speed import fastest_int8_mode, format_speed
 
+        source = "the baselines' in-search p50s"
+        if config.measure.remeasure_rounds > 0 and len(baseline_keys) > 1:  # as the runner: re-timed interleaved
+            from dataclasses import replace
+
+            runs = max(1, config.measure.runs // config.measure.remeasure_rounds)
+            again = measured.remeasure(sorted(set(baseline_keys.values())), config.measure.remeasure_rounds, runs)
+            timings = [replace(t, latency_ms=again[baseline_keys[t.label]]) for t in timings]
+            source = f"baselines re-timed interleaved, {config.measure.remeasure_rounds} rounds"
         mode = fastest_int8_mode(timings) if len(config.search.int8_activations) > 1 else None
-        for plan in seeding.ordered_plans(format_speed(timings)):
+        speed = format_speed(timings, source)
+        print(f"  {name} seed {seed}: {speed.describe() if speed else 'no speed ratios'}")
+        for plan in seeding.ordered_plans(speed):
             try:
                 params = space.params_for({n: c.format for n, c in plan.resolve(names).items()},
                                           int8_activations=mode or plan.int8_activations)
@@ -163,6 +173,7 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
                 study.enqueue_trial(params)
 
     timings = []  # the uniform baselines' BaselineTiming, as the runner builds them from its study
+    baseline_keys: dict[str, str] = {}  # baseline label -> plan key (its artifact)
     labels = list(baselines)
     floor = (measured(QuantPlan.uniform("fp32")) or (0.0,))[0] - (config.search.max_accuracy_drop or 0.0)
     for i in range(n_trials):
@@ -186,6 +197,7 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
             timing = _timing(labels[i], r, floor, config.search.int8_activations)
             if timing is not None:
                 timings.append(timing)
+                baseline_keys[timing.label] = measured.key(plan, names)
         keys.append(measured.key(plan, names))
         trace.append((i, keys[-1]))
     return {"keys": keys, "trace": trace, "trials": n_trials, "skipped": skipped}

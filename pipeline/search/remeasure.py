@@ -248,10 +248,11 @@ def remeasure_task(payload: dict[str, Any], shared: list | None = None) -> dict[
                 moved.append(Variant(v.key, v.label, str(folder / Path(v.artifact).name)))
             variants = moved
         # The runtime's one-liner, scored on the eval set and timed in the same interleaving: the yardstick
-        # the report judges the front by (pipeline.search.peers).
+        # the report judges the front by (pipeline.search.peers). Not for the baselines' re-timing before
+        # seeding (retime_baselines): that only orders the formats.
         from pipeline.search.peers import build_peers
 
-        peers = build_peers(ev, Path(ev.reference.onnx_path).parent / "peers")
+        peers = build_peers(ev, Path(ev.reference.onnx_path).parent / "peers") if payload.get("peers", True) else []
         variants += [Variant(p.key, p.label, p.artifact) for p in peers if not p.error]
         report = remeasure_artifacts(cfg, variants, int(payload["threads"]), payload.get("energy_source", ""),
                                      evaluator=ev)
@@ -311,6 +312,57 @@ def remeasure_study(config, study, infos: Sequence["ObjectiveInfo"] | None = Non
     report.through_trial = max((t.number for t in study.get_trials(deepcopy=False)), default=-1)
     study.set_user_attr(A.A_REMEASURED, report.model_dump(mode="json"))
     return report
+
+
+@dataclass(frozen=True)
+class BaselineRetiming:
+    """The uniform baselines timed again, interleaved, before the speed-aware seeds are solved:
+    p50 latency (ms) per baseline label, and how (``method``), or why not (``error``: the in-search
+    p50s stand)."""
+
+    latency_ms: dict[str, float]
+    method: str = ""
+    error: str = ""
+
+
+def retime_baselines(config, study) -> BaselineRetiming:
+    """Time the finished uniform baselines' artifacts again, interleaved (:func:`remeasure_artifacts`, as
+    one Ray task where the trials ran, without the one-liner), so the formats' speed ratios the seeds are
+    solved with come from one interleaving, not from in-search timings taken at different moments on a
+    shared machine (where one can be off several-fold and mis-order two formats). ``measure.remeasure_rounds:
+    0`` switches it off with the final re-measurement."""
+    from pipeline.results import TrialResult
+
+    rounds = config.measure.remeasure_rounds
+    if rounds <= 0:
+        return BaselineRetiming({}, error="measure.remeasure_rounds is 0")
+    variants, measured = [], []
+    for t in study.get_trials(deepcopy=False):
+        label, raw = t.user_attrs.get(A.T_BASELINE), t.user_attrs.get(A.T_RESULT)
+        if not label or t.state.name != "COMPLETE" or not raw:
+            continue
+        try:
+            result = TrialResult.model_validate(raw)
+        except Exception:  # noqa: BLE001 - a record from another version: its in-search p50 stands
+            continue
+        if result.artifact_path and Path(result.artifact_path).is_file():
+            variants.append(Variant(str(t.number), label, result.artifact_path))
+            measured.append(result.measurement)
+    if len(variants) < 2:
+        return BaselineRetiming({}, error="fewer than two baseline artifacts on this machine")
+    threads = Counter(m.threads for m in measured).most_common(1)[0][0]
+    payload = {"config": config.model_dump(mode="json"), "base_dir": str(config.base_dir.resolve()),
+               "cwd": os.getcwd(), "variants": [v.__dict__ for v in variants], "threads": threads,
+               "energy_source": "", "peers": False}
+    try:
+        report = RemeasureReport.model_validate(_run(payload, {m.backend for m in measured}, config))
+    except Exception as exc:  # noqa: BLE001 - the in-search p50s stand
+        return BaselineRetiming({}, error=f"{type(exc).__name__}: {exc}")
+    if report.backend not in {m.backend for m in measured}:
+        return BaselineRetiming({}, error=f"re-timed on {report.backend}, not where the baselines ran")
+    got = {v.label: report.variants[v.key].latency_ms_p50 for v in variants
+           if v.key in report.variants and not report.variants[v.key].error and report.variants[v.key].latency_ms_p50}
+    return BaselineRetiming(got, method=f"{report.label}, {report.seconds:.1f} s")
 
 
 def _run(payload: dict[str, Any], backends: set[str], config=None) -> dict[str, Any]:

@@ -37,6 +37,7 @@ A_TRACKING_URI = "mlflow_tracking_uri"  # without its password (pipeline.urls.wi
 A_ENERGY_SOURCE = "energy_source"  # nvml | rapl | estimated | none: the source every trial must share
 A_ENERGY_METER = "energy_meter"  # the first trial's meter description
 A_ENERGY_PIN = "energy_meter_pinned"  # {"meter": nvml|rapl|estimated, "by": why}, once pinned
+A_BASELINE_RETIMING = "baseline_retiming"  # {"latency_ms": {label: p50}, "method", "error"}: the seeds' speed ratios
 A_VERDICT = "remeasure_verdict"  # the comparison's sentences (front vs FP32, baselines, the one-liner), once made
 A_REMEASURED = "remeasured"  # pipeline.search.remeasure.RemeasureReport (dumped), set once the search ends
 T_BASELINE = "baseline"
@@ -463,8 +464,9 @@ class Resume:
         from pipeline.sensitivity.speed import fastest_int8_mode, format_speed
 
         self._seeds_pending = False
+        timings, source = self._retimed(timings)
         mode = fastest_int8_mode(timings) if len(self.config.search.int8_activations) > 1 else None
-        plans = self.seeding.ordered_plans(format_speed(timings))  # the baselines' in-search p50s
+        plans = self.seeding.ordered_plans(format_speed(timings, source))
         seeded = {t.user_attrs.get(T_SEED) for t in self.study.get_trials(deepcopy=False)}
         baselines = list(self.space.uniform_baselines().values()) if self.config.search.baselines else []
         enqueued = 0
@@ -482,6 +484,24 @@ class Resume:
                       f"({self.seeding.speed.describe()}); {enqueued} enqueued, the rest equal to a uniform "
                       "baseline's plan (measured already)")
             self._track(self.tracker.log_seeding, self.seeding.summary())
+
+    def _retimed(self, timings):
+        """The baselines' latencies from one interleaved re-timing (:func:`pipeline.search.remeasure.retime_baselines`)
+        where it can run, else their in-search p50s; and a note saying which."""
+        from dataclasses import replace
+
+        from pipeline.search.remeasure import retime_baselines
+
+        if len(timings) < 2:
+            return timings, "the baselines' in-search p50s"
+        self._say(f"timing the {len(timings)} uniform baselines again, interleaved, to order the formats by speed")
+        got = retime_baselines(self.config, self.study)
+        self.study.set_user_attr(A_BASELINE_RETIMING, {"latency_ms": got.latency_ms, "method": got.method,
+                                                       "error": got.error})
+        if not got.latency_ms:
+            return timings, f"the baselines' in-search p50s (not re-timed: {got.error})"
+        return ([replace(t, latency_ms=got.latency_ms.get(t.label, t.latency_ms)) for t in timings],
+                f"baselines {got.method}")
 
     def _baseline_timings(self):
         """The finished uniform baselines' latencies (:class:`pipeline.sensitivity.speed.BaselineTiming`,

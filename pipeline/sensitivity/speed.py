@@ -11,7 +11,9 @@ the format's **speed ratio** here. A plan's latency is then predicted as
 with each layer's latency share from the table (its share of multiply-accumulates: an estimate,
 labelled so). The model is linear, so the solver can bound it exactly, and it is only a guide for
 which plans to measure first: every seed it picks is measured on the artifact like any trial.
-Why not time each layer x format? That is a second table of single-layer timings, each too small
+The baselines' artifacts are timed once more, interleaved, before the ratios are taken
+(:func:`pipeline.search.remeasure.retime_baselines`): their in-search timings ran at different
+moments of a shared machine. Why not time each layer x format? That is a second table of single-layer timings, each too small
 to resolve on a shared CPU (a single timing can be off by 10x here); whole-model ratios are the
 numbers the search measures anyway.
 """
@@ -52,6 +54,7 @@ class FormatSpeed:
 
     ratios: dict[Format, float]
     int8_activations: Int8Activations | None = None  # the INT8 mode the ratio (and the seeds) use
+    source: str = ""  # how the latencies were taken, e.g. "baselines re-timed interleaved, 7 rounds"
 
     def ratio(self, fmt: Format) -> float | None:
         return 1.0 if fmt is Format.FP32 else self.ratios.get(Format(fmt))
@@ -59,7 +62,8 @@ class FormatSpeed:
     def describe(self) -> str:
         parts = ", ".join(f"{f.value} {r:.2f}x" for f, r in self.ratios.items())
         mode = f" (int8 {self.int8_activations.value})" if self.int8_activations else ""
-        return f"uniform latency / FP32 here: {parts}{mode}"
+        source = f"; {self.source}" if self.source else ""
+        return f"uniform latency / FP32 here: {parts}{mode}{source}"
 
 
 def fastest_int8_mode(timings: Iterable[BaselineTiming]) -> Int8Activations | None:
@@ -71,7 +75,7 @@ def fastest_int8_mode(timings: Iterable[BaselineTiming]) -> Int8Activations | No
     return min(int8, key=lambda t: (t.over_budget, t.latency_ms)).int8_activations
 
 
-def format_speed(timings: Iterable[BaselineTiming]) -> FormatSpeed | None:
+def format_speed(timings: Iterable[BaselineTiming], source: str = "") -> FormatSpeed | None:
     """Speed ratios from the finished uniform baselines; None without a timed FP32 baseline (nothing to
     divide by). INT8 takes the mode :func:`fastest_int8_mode` picks; a format whose baseline failed has
     no ratio (the speed-aware solves leave it out: it cannot be judged)."""
@@ -85,4 +89,4 @@ def format_speed(timings: Iterable[BaselineTiming]) -> FormatSpeed | None:
         if t.format is Format.FP32 or (t.format is Format.INT8 and mode is not None and t.int8_activations != mode):
             continue
         ratios[t.format] = t.latency_ms / fp32.latency_ms
-    return FormatSpeed(ratios=ratios, int8_activations=mode)
+    return FormatSpeed(ratios=ratios, int8_activations=mode, source=source)

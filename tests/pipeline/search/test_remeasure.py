@@ -219,3 +219,20 @@ def test_energy_windows_follow_each_timing_window(searched):
     assert all(timed[i][1] == timed[i + 1][1] for i in range(0, 8, 2))
     stats = variant_stats("0", "#0", got.times["0"], got.joules["0"], "metered (test)")
     assert stats.joules_min <= stats.joules_per_inference <= stats.joules_max and len(got.joules["0"]) == 2
+
+
+def test_the_baselines_are_retimed_interleaved_for_the_seeds_speed_ratios(searched):
+    """retime_baselines (before the speed-aware seeds are solved): every completed baseline, timed in one
+    interleaving, no one-liner; switched off with the final re-measurement, and then it says why."""
+    from pipeline.search.remeasure import retime_baselines
+
+    cfg, study, summary, report = searched
+    labels = {t.user_attrs[A.T_BASELINE] for t in study.get_trials() if t.user_attrs.get(A.T_BASELINE)
+              and t.state is optuna.trial.TrialState.COMPLETE}
+    got = retime_baselines(cfg, study)
+    assert not got.error and set(got.latency_ms) == labels and len(labels) >= 2
+    assert all(v > 0 for v in got.latency_ms.values())
+    assert got.method.startswith(f"re-measured interleaved, {cfg.measure.remeasure_rounds} rounds")
+    off = cfg.model_copy(update={"measure": cfg.measure.model_copy(update={"remeasure_rounds": 0})})
+    none = retime_baselines(off, study)
+    assert none.latency_ms == {} and "remeasure_rounds is 0" in none.error
