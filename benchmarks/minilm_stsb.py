@@ -54,13 +54,14 @@ def plans() -> dict[str, "QuantPlan"]:  # noqa: F821
 
 def interleaved_p50(sessions: dict[str, object], feeds: dict[str, np.ndarray], rounds: int, runs: int,
                     warmup: int) -> dict[str, float]:
-    from pipeline.measure import time_batches
+    from pipeline.measure import settle, time_batches
 
     times: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
     for name, s in sessions.items():
         time_batches(s, feeds, warmup, 1)
     for _ in range(rounds):
         for name, s in sessions.items():
+            settle()  # the previous session's ORT threads stop spinning first
             times[name].append(time_batches(s, feeds, 0, runs))
     return {k: float(np.percentile(np.concatenate(v), 50)) for k, v in times.items()}
 

@@ -102,7 +102,7 @@ class Measured:
 
         import numpy as np
 
-        from pipeline.measure import time_batches
+        from pipeline.measure import settle, time_batches
 
         cfg = self.ev.config
         feeds = self.ev.eval_set.fixed_batch(cfg.measure.batch_size)
@@ -113,6 +113,7 @@ class Measured:
         for _ in range(rounds):
             rng.shuffle(order)
             for k in order:
+                settle()  # the previous plan's ORT threads stop spinning first
                 samples[k].append(float(np.median(time_batches(sessions[k], feeds, 1, runs))))
         return {k: float(np.median(v)) for k, v in samples.items()}
 

@@ -230,8 +230,11 @@ def bench_model(config_path: str, overrides: dict, *, transformer: bool, rounds:
     for r in rows:  # warm-up
         r.run()
         r.run()
+    from pipeline.measure import settle
+
     for _ in range(rounds):
         for r in rows:
+            settle()  # the previous variant's ORT threads stop spinning first (pipeline.measure.SETTLE_S)
             t = time.perf_counter()
             r.run()
             r.times.append(1e3 * (time.perf_counter() - t))

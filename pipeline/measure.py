@@ -122,6 +122,25 @@ def time_batches(session: Session, feeds: dict[str, np.ndarray], warmup: int, ru
     return times
 
 
+SETTLE_S = 0.05
+"""Seconds to wait before timing a session right after another session of the same process ran.
+
+ONNX Runtime's intra-op threads spin-wait for more work after a run (``session.intra_op.allow_spinning``,
+on by default, as users deploy it), and while they spin they compete for the cores with the next session
+timed. Measured on this 2-core machine, three sessions of a small conv net interleaved with 4-run windows:
+the sessions that followed a larger one timed 1.5-1.7x their latency with no pause (0.35 vs 0.22 ms, 0.48
+vs 0.28 ms), a 5 ms pause did not help, 20 ms helped one of them and 50 ms both; turning spinning off
+instead also removes the spill-over, but it is not how the artifact is deployed and it slowed the small
+sessions by up to 25%. So interleaved timings (:func:`settle` before each window) keep ORT's default and
+wait for the other pools to park."""
+
+
+def settle() -> None:
+    """Let the intra-op threads of a session that just ran stop spinning before another one is timed
+    (:data:`SETTLE_S`)."""
+    time.sleep(SETTLE_S)
+
+
 MEASURE_LOCK_ENV = "PRECISION_SEARCH_MEASURE_LOCK"
 DEFAULT_MEASURE_LOCK = "precision-search-measure.lock"  # in the system temp folder: one per machine
 

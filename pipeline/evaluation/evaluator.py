@@ -34,6 +34,7 @@ from pipeline.measure import (
     measure_lock_path,
     measure_energy,
     run_dataset,
+    settle,
     task_metric,
     time_batches,
     weight_bytes,
@@ -215,6 +216,7 @@ class Evaluator:
         # Timing and energy windows of trials sharing a node (or a GPU) never overlap; the
         # accuracy run above may.
         with exclusive_measurement(self._lock_path()) as waited_s:
+            settle()  # the last lock holder's ORT threads stop spinning first (pipeline.measure.SETTLE_S)
             times = time_batches(session, feeds, cfg.measure.warmup, cfg.measure.runs)
             energy_report = measure_energy(cfg, self.backend, session, feeds) if energy else None
         p50 = float(np.percentile(times, 50))

@@ -97,13 +97,16 @@ Timer = Callable[["Session", dict, int, int], np.ndarray]  # (session, feeds, wa
 def interleave(sessions: dict[str, "Session"], feeds: dict[str, np.ndarray], rounds: int, runs_per_round: int,
                warmup: int, timer: Timer | None = None,
                energy: Callable[["Session"], float] | None = None) -> Interleaved:
-    """Time every session ``rounds`` times, alternating between them; one untimed run before each window.
+    """Time every session ``rounds`` times, alternating between them; a pause (:func:`pipeline.measure.settle`:
+    the previous session's ORT threads spin for a while after its run) and one untimed run before each window.
 
     ``timer`` defaults to :func:`pipeline.measure.time_batches` (host timing around a synchronised
     run, or the session's own device timer). ``energy`` (a metered backend only) returns J/inference
     for one window on a session; it runs right after that session's timing window.
     A variant that raises is dropped from later rounds with its error; the others go on.
     """
+    from pipeline.measure import settle
+
     if timer is None:
         from pipeline.measure import time_batches as timer
     out = Interleaved()
@@ -120,6 +123,8 @@ def interleave(sessions: dict[str, "Session"], feeds: dict[str, np.ndarray], rou
                 continue
             try:
                 out.order.append(key)
+                if len(live) > 1:
+                    settle()  # the previous variant's threads stop spinning first (pipeline.measure.SETTLE_S)
                 out.times.setdefault(key, []).append(np.asarray(timer(live[key], feeds, 1, runs_per_round), float))
                 if energy is not None:
                     out.joules.setdefault(key, []).append(float(energy(live[key])))

@@ -9,6 +9,7 @@ each timing window ran on.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import optuna
@@ -167,9 +168,15 @@ def test_interleaving_of_real_sessions_is_recorded(searched):
     variants = [Variant(str(n), f"#{n}", r["artifact_path"]) for n, r in sorted(results.items())]
     calls = []
 
+    gaps, last_end = [], [None]
+
     def timer(session, feeds, warmup, runs):
         calls.append((id(session), runs))
-        return time_batches(session, feeds, warmup, runs)
+        if last_end[0] is not None:
+            gaps.append(time.perf_counter() - last_end[0])
+        out = time_batches(session, feeds, warmup, runs)
+        last_end[0] = time.perf_counter()
+        return out
 
     got = remeasure_artifacts(cfg.model_copy(update={"measure": cfg.measure.model_copy(
         update={"remeasure_rounds": 4})}), variants, threads=1, timer=timer)
@@ -181,6 +188,10 @@ def test_interleaving_of_real_sessions_is_recorded(searched):
     key_of = dict(zip(seq, got.order))
     assert [key_of[s] for s in seq] == got.order and len(set(key_of.values())) == n
     assert all(np.isfinite(v.latency_ms_p50) and len(v.round_medians) == 4 for v in got.variants.values())
+    # each timed window waits for the previous session's ORT threads to stop spinning (they steal the cores)
+    from pipeline.measure import SETTLE_S
+
+    assert min(gaps[n - 1:]) >= SETTLE_S
 
 
 def test_switched_off(searched):
