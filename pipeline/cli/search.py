@@ -104,6 +104,8 @@ def print_summary(summary, config_path: str = "<config>", workdir: str | None = 
                 + ")",
                 energy_source=summary.energy_meter_pinned or None)
     hv = "-" if summary.hypervolume is None else f"{summary.hypervolume:.4f}"
+    if summary.hypervolume is not None and summary.hypervolume_in_search is not None:
+        hv += f" on the re-measured timings ({summary.hypervolume_in_search:.4f} on the in-search ones)"
     console.print(f"hypervolume {hv} (normalised: the share of the box from the accuracy-drop limit and the worst "
                   f"uniform baseline's costs to FP32 accuracy at zero cost that the feasible trials dominate); "
                   f"{summary.parallel} trial(s) in parallel, {summary.cpus_per_trial:g} CPU(s)"
@@ -133,7 +135,7 @@ def print_summary(summary, config_path: str = "<config>", workdir: str | None = 
     console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.svg; "
                   f"front trials are tagged pareto=true")
     console.print(escape(f"  list it again: {command('front', '--config', config_path, '--study', summary.study)}"))
-    console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study)}"))
+    console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study, '--policy', 'knee')}"))
     console.print(f"done in {summary.wall_seconds:.0f} s")
 
 

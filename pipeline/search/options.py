@@ -68,6 +68,9 @@ class SearchSummary(BaseModel):
     # The re-measured front against FP32, the uniform baselines and the runtime's one-liner, in sentences
     # (pipeline.tracking.remeasure.comparison; empty when nothing was re-measured).
     verdict: list[str] = []
+    # After the re-measurement, ``hypervolume`` is taken on its numbers (in a box re-fixed from the re-measured
+    # baselines); this is the in-search one beside it. None when nothing was re-measured.
+    hypervolume_in_search: float | None = None
     # How sensitivity took part: "seeded: ..." or why the search ran unseeded (search.sensitivity.seed).
     seeding: str = ""
     mlflow_spooled: int = 0  # tracking events still spooled (MLflow unreachable at the end); 0 when in step

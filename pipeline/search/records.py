@@ -20,6 +20,7 @@ from pipeline.objectives import ObjectiveInfo, energy_label, objective_infos
 from pipeline.pareto import knee_point, normalized_hypervolume
 from pipeline.results import TrialResult
 from pipeline.search import storage as A
+from pipeline.search.remeasured import NOISY_SOURCES
 
 FP32_BASELINE = "uniform-fp32"  # the uniform FP32 baseline's label (search_spaces.space.uniform_baselines)
 # The plan in brief (ResolvedPlan.brief: format counts, what differs from the nearest uniform baseline,
@@ -250,6 +251,24 @@ def front_summary(records: list[TrialRecord], infos: list[ObjectiveInfo],
     feasible = [r for r in done if r.feasible is not False]
     if box is None or not feasible:
         return out
-    pts = [[r.values[o.name] for o in infos] for r in feasible]
-    out["hypervolume"] = normalized_hypervolume(pts, [o.direction for o in infos], box["reference"], box["ideal"])
+    dirs = [o.direction for o in infos]
+    remeasured = [r for r in feasible if r.remeasured]
+    if not remeasured:
+        pts = [[r.values[o.name] for o in infos] for r in feasible]
+        out["hypervolume"] = normalized_hypervolume(pts, dirs, box["reference"], box["ideal"])
+        return out
+    # After the interleaved re-measurement the time-decided values of the re-measured trials are on another
+    # scale than the box (fixed from the baselines' in-search timings) and than the trials not re-measured:
+    # the hypervolume is taken over the re-measured trials, in the box re-fixed from the re-measured
+    # baselines (the accuracy bounds do not move); the in-search one is kept beside it.
+    pts = [[(r.values_in_search or r.values)[o.name] for o in infos] for r in feasible]
+    out["hypervolume_in_search"] = normalized_hypervolume(pts, dirs, box["reference"], box["ideal"])
+    reference = list(box["reference"])
+    timed_baselines = [r for r in remeasured if r.baseline]
+    for i, o in enumerate(infos):
+        if o.source in NOISY_SOURCES and timed_baselines:
+            reference[i] = float(max(r.values[o.name] for r in timed_baselines))
+    pts = [[r.values[o.name] for o in infos] for r in remeasured]
+    out["hypervolume"] = normalized_hypervolume(pts, dirs, reference, box["ideal"])
     return out
+

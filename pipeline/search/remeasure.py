@@ -44,6 +44,7 @@ from pipeline.pareto import dominates
 from pipeline.search import storage as A
 from pipeline.search.remeasured import (  # noqa: F401 - the report types, re-exported
     IN_SEARCH_LABEL,
+    NOISY_SOURCES,
     RemeasureReport,
     VariantStats,
     apply_remeasured,
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from pipeline.search.records import TrialRecord
 
 METERED = ("rapl", "nvml")
-NOISY_SOURCES = ("latency", "energy", "carbon")  # objective sources a timing window decides
 MAX_VARIANTS = 32  # re-measured at most (baselines and the in-search front come first)
 MIN_RUNS_PER_ROUND = 3
 

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from pipeline.objectives import ObjectiveInfo
     from pipeline.search.records import TrialRecord
 
+NOISY_SOURCES = ("latency", "energy", "carbon")  # objective sources a timing window decides (re-measured)
+
 
 def method_label(rounds: int) -> str:
     return f"re-measured interleaved, {rounds} rounds"

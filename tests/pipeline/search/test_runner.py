@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -458,6 +459,29 @@ def test_search_json_output_is_one_json_document(ray_local, mlflow_uri, tmp_path
         sys.stdout.write("🏃 View run trial-000 at: http://127.0.0.1:5000/#/experiments/1/runs/x\n")
     captured = capsys.readouterr()
     assert captured.out == "" and "View run trial-000" in captured.err
+
+
+@pytest.mark.slow
+def test_the_printed_promote_command_runs_as_printed_and_the_hypervolume_says_it_is_remeasured(
+        ray_local, mlflow_uri, tmp_path, capsys):
+    import shlex
+
+    from pipeline.cli import main
+
+    base = ["--config", str(ROOT / "search_spaces" / "digits_mlp.yaml"), "--tracking-uri", mlflow_uri,
+            "--set", f"workdir={tmp_path / 'work'}", "--set", "search.formats=[fp32,int8]",
+            "--set", "measure.runs=6", "--set", "measure.warmup=1", "--set", "measure.remeasure_rounds=2",
+            "--set", "measure.energy.min_seconds=0.05", "--set", "measure.energy.repeats=1"]
+    capsys.readouterr()
+    assert main(["search", *base, "--trials", "3", "--study", "printed", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # after the re-measurement the hypervolume is taken on its numbers, and says so, with the in-search one
+    assert re.search(r"hypervolume \d\.\d{4} on the re-measured timings \(\d\.\d{4} on the in-search ones\)", out)
+    line = next(ln for ln in out.splitlines() if "promote the knee:" in ln)
+    argv = shlex.split(line.split("promote the knee:", 1)[1])
+    assert Path(argv[0]).name == "precision-search" and argv[1] == "promote"
+    assert main([*argv[1:], "--tracking-uri", mlflow_uri]) == 0  # as printed (the store given as the search's)
+    assert "registered" in capsys.readouterr().out.lower()
 
 
 @pytest.mark.slow
