@@ -504,7 +504,7 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | 
     try:
         cfg = SearchConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, SearchConfig)) from None
     cfg.base_dir = base_dir or Path(".")
     problems = _check_framework(cfg)
     if check_imports and not problems:

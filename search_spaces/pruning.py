@@ -86,6 +86,15 @@ def group_mode(spec: SearchSpec, searched: Sequence[str]) -> str:
     return "role" if 2 * len(roles) <= len(searched) else "layer"
 
 
+def dominated_emulated(formats: Sequence[Format], emulated: set[Format]) -> list[Format]:
+    """The formats of ``formats`` a layer leaves out: emulated on this backend (stored, computed in fp32,
+    slower than fp32) while a native one of them stores as few bits. An emulated format that is the only way
+    to a smaller layer (int4 on a Conv, beside native int8) is kept: size may want it. One rule for the
+    search space (:func:`layer_choices`) and the sensitivity seeding's allowed formats."""
+    native_bits = [WEIGHT_BITS[Format(f)] for f in formats if f not in emulated]
+    return [f for f in formats if f in emulated and native_bits and min(native_bits) <= WEIGHT_BITS[Format(f)]]
+
+
 def layer_choices(spec: SearchSpec, searched: Sequence[str], *,
                   emulated: Mapping[str, set[Format]] | None = None,
                   allowed: Mapping[str, Sequence[Format]] | None = None) -> LayerChoices:
@@ -101,9 +110,7 @@ def layer_choices(spec: SearchSpec, searched: Sequence[str], *,
             # An emulated format costs time and buys nothing a native one does not: leave it out where a
             # native format here stores as few bits (bf16/fp8 beside native int8). Where it is the only way
             # to a smaller layer (int4 on a Conv, stored int4 and computed in fp32) it stays: size may want it.
-            emu = emulated.get(n, set())
-            native_bits = [WEIGHT_BITS[Format(f)] for f in fmts if f not in emu]
-            gone = [f for f in fmts if f in emu and native_bits and min(native_bits) <= WEIGHT_BITS[Format(f)]]
+            gone = dominated_emulated(fmts, emulated.get(n, set()))
             for f in gone:
                 left_out[f] = left_out.get(f, 0) + 1
             fmts = [f for f in fmts if f not in gone]

@@ -84,11 +84,17 @@ def run(args) -> int:
     )
     with stdout_to_stderr(args.json):
         summary = run_search(cfg, opts)
+    # A study in which no trial completed has nothing to review or promote: a non-zero exit, so a script or
+    # CI job that runs the search does not go on as if it had found something (the failed trials are kept).
+    rc = 1 if summary.trials_complete == 0 and summary.trials_failed > 0 else 0
     if args.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))
-        return 0
+        return rc
     print_summary(summary, args.config, workdir=f"{cfg.work_root} ({cfg.work_where})")
-    return 0
+    if rc:
+        console.print(f"[red]no trial completed[/red]: all {summary.trials_failed} failed (each one's reason was "
+                      "printed as it ended, and is in its MLflow run); fix the cause and run the search again")
+    return rc
 
 
 def print_summary(summary, config_path: str = "<config>", workdir: str | None = None) -> None:
@@ -135,7 +141,8 @@ def print_summary(summary, config_path: str = "<config>", workdir: str | None = 
     console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.svg; "
                   f"front trials are tagged pareto=true")
     console.print(escape(f"  list it again: {command('front', '--config', config_path, '--study', summary.study)}"))
-    console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study, '--policy', 'knee')}"))
+    if summary.front:
+        console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study, '--policy', 'knee')}"))
     console.print(f"done in {summary.wall_seconds:.0f} s")
 
 

@@ -93,7 +93,8 @@ def check_batch_memory(config: SearchConfig, row_arrays: dict[str, np.ndarray], 
 
 
 def check_inputs(config: SearchConfig, reference: Any, parallel: int = 1) -> None:
-    """Data against the reference's inputs (:func:`pipeline.data_check.check_data`) and the batch memory."""
+    """Data against the reference's inputs (:func:`pipeline.data_check.check_data`), the batch memory, and the
+    metric on the reference's outputs (:func:`check_metric`)."""
     from pipeline.data import load_eval_set
     from pipeline.data_check import check_data
 
@@ -109,4 +110,30 @@ def check_inputs(config: SearchConfig, reference: Any, parallel: int = 1) -> Non
         raise ConfigError(f"data: loading the calibration or eval set failed: {_first_line(exc)}; check "
                           "data.calibration.source and data.eval.source") from None
     check_batch_memory(config, ev.inputs, parallel)
+    check_metric(config)
+
+
+def check_metric(config: SearchConfig) -> float | None:
+    """Score the FP32 reference once, here: a metric that cannot read the model's outputs or the targets
+    (a wrong ``metric.output``, targets of another length, a custom metric that raises) ends the command
+    with :class:`pipeline.measure.MetricError` naming the field, instead of failing every trial the same
+    way. The value is cached beside the reference (keyed by metric, eval rows and backend), so the trials
+    on this machine read it instead of scoring the reference again. Skipped (None) where the driver cannot
+    run the configured backend (a GPU backend on a CPU-only driver): there the first trial names it."""
+    from pipeline.backends.base import BackendUnavailable
+    from pipeline.evaluation import Evaluator
+    from pipeline.measure import MetricError
+
+    try:
+        ev = Evaluator(config)
+    except BackendUnavailable:
+        return None
+    if ev.backend.needs_gpu:
+        return None  # a CPU-only driver of a GPU cluster may not have it; the trials' workers do
+    try:
+        return ev.reference_accuracy
+    except (MetricError, ConfigError):
+        raise
+    except Exception:  # noqa: BLE001 - e.g. non-finite reference outputs: the trials say it with their context
+        return None
 

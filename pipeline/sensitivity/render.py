@@ -58,7 +58,7 @@ def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
         for f in t.formats:
             d = t.drop(n, f)
             cell = t.cell(n, f)
-            text = _fmt_drop(d)
+            text = _fmt_drop(d) if cell is not None else "-"  # not measured (e.g. the backend only emulates it)
             if cell and cell.execution == "emulated":
                 text += "e"
             if t.source == "proxy" and t.proxy and n not in t.proxy.layers:
@@ -75,7 +75,8 @@ def rich_table(t: SensitivityTable, max_rows: int | None = None) -> Table:
 
 
 def summary_lines(t: SensitivityTable) -> list[str]:
-    lines = [f"columns: {t.metric} drop per format (e = the backend emulates it"
+    lines = [f"columns: {t.metric} drop per format (e = the backend emulates it; - = not measured there: the "
+             "table skips formats the backend only emulates; failed = the candidate failed"
              + ("; ~ = predicted from the proxy, not measured" if t.source == "proxy" else "")
              + "); size% = share of FP32 weight bits; "
              f"lat%* = {t.latency_source}", f"single-layer candidates: {t.plan_defaults}"]

@@ -282,7 +282,13 @@ def seeding_for(config: SearchConfig, evaluator=None, *, layer_table: LayerTable
 def _seeding_from(config: SearchConfig, sens: SensitivityTable, table: LayerTable,
                   emulated: dict[str, set[Format]], charged: float) -> Seeding:
     spec = config.search
-    allowed_base = {n: [f for f in spec.formats if spec.include_emulated or f not in emulated.get(n, set())]
+    from search_spaces.pruning import dominated_emulated
+
+    # The search space's own rule (an emulated format stays where it is the only way to a smaller layer); such a
+    # format has no table cell (table_scope does not measure emulated cells), so the pruning keeps it unjudged
+    # and the solver, which needs a measured drop, never seeds it: the sampler may still try it.
+    allowed_base = {n: [f for f in spec.formats if spec.include_emulated
+                        or f not in dominated_emulated(spec.formats, emulated.get(n, set()))]
                     for n in table.names}
     allowed = prune_formats(sens, spec.max_accuracy_drop, allowed=allowed_base)
     if Format.FP32 not in spec.formats:  # prune_formats keeps fp32 as the safe choice; the user ruled it out

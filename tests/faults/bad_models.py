@@ -24,3 +24,18 @@ def mlp_checkpoint(path: str) -> None:
 
 def empty_eval():
     return np.zeros((0, 64), dtype=np.float32), np.zeros((0,), dtype=np.int64)
+
+
+
+def eval_inputs():
+    """The digits eval rows alone (their targets come from data.targets)."""
+    from pipeline.examples.digits import mlp_eval
+
+    return mlp_eval()[0]
+
+
+def short_targets():
+    """Targets for only the first 50 eval rows: every score of the reference fails."""
+    from pipeline.examples.digits import mlp_eval
+
+    return mlp_eval()[1][:50]

@@ -72,6 +72,13 @@ CASES = {
     "unknown config field": (lambda t: ["--set", "measure.bogus=1"], ["measure.bogus"]),
     "data source not importable": (lambda t: ["--set", "data.eval.source=no_such_module:fn"],
                                    ["data.eval.source", "no_such_module"]),
+    # the metric is scored on the FP32 reference before Ray starts (pipeline.search.preflight.check_metric)
+    "metric output not a model output": (lambda t: ["--set", "metric.output=pred"],
+                                         ["metric.output", "'pred'", "fix metric.output"]),
+    "targets shorter than the eval set": (
+        lambda t: ["--set", "data.eval.source=tests.faults.bad_models:eval_inputs",
+                   "--set", "data.targets.source=tests.faults.bad_models:short_targets"],
+        ["metric.name: accuracy", "(50,)", "data.targets"]),
     "config file missing": (lambda t: ["--config", str(t / "missing.yaml")], ["missing.yaml", "does not exist"]),
 }
 

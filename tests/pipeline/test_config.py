@@ -53,7 +53,8 @@ def test_good_config_loads_with_defaults():
         ({"metric": {"name": "spearman", "pairs": "rows"}}, "metric.pairs", "halves"),
         ({"measure__eval_batch_size": 0}, "measure.eval_batch_size", "greater than or equal to 1"),
         ({"data__targets": {"source": "pipeline.examples.digits:nope"}}, "data.targets.source", "no attribute"),
-        ({"modle": {}}, "modle", "unknown field"),
+        ({"modle": {}}, "modle", "unknown field - did you mean model? (valid here: data, export, loss, measure,"),
+        ({"measure": {"warmpu": 3}}, "measure.warmpu", "did you mean warmup? (valid here: backend, batch_size,"),
         ({"name": "has space"}, "name", "letters"),
     ],
 )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import parse_config
+from pipeline.config import ConfigError, parse_config
 from pipeline.search import payload, ray_exec
 from pipeline.search.worker import TrialOutcome, TrialTask
 from tests.conftest import ROOT
@@ -73,6 +73,28 @@ def test_a_config_loads_with_its_module_beside_it_and_ships_it(tmp_path, monkeyp
     monkeypatch.setattr(sys, "path", list(sys.path))
     cfg = load_config(path)  # the import check finds beside_cfg in the config's folder
     assert payload.user_code(cfg) == [str((tmp_path / "beside_cfg.py").resolve())]
+
+
+def test_a_config_loads_with_its_module_in_the_current_directory_and_ships_it(tmp_path, monkeypatch):
+    """The installed command does not put the current directory on sys.path (``python`` does): the config
+    load looks there after the config's folder, and a module found nowhere says where it looked."""
+    import yaml
+
+    from pipeline.config import load_config
+
+    here, configs = tmp_path / "project", tmp_path / "configs"
+    here.mkdir(), configs.mkdir()
+    (here / "from_cwd_models.py").write_text("def build():\n    return None\n\ndef rows():\n    return None\n")
+    path = configs / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_user_config(configs, "from_cwd_models:build", "from_cwd_models:rows")))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", os.getcwd())])
+    monkeypatch.chdir(tmp_path)  # not where the module is: refused, naming the places looked at
+    with pytest.raises(ConfigError, match=r"model\.factory: cannot import module 'from_cwd_models': no such module "
+                                          r"beside the config file, in the current directory or on PYTHONPATH"):
+        load_config(path)
+    monkeypatch.chdir(here)
+    cfg = load_config(path)
+    assert payload.user_code(cfg) == [str((here / "from_cwd_models.py").resolve())]
 
 
 def test_user_code_leaves_out_the_project_and_installed_packages(tmp_path):

@@ -238,3 +238,35 @@ def test_no_cell_is_measured_for_a_format_the_search_never_proposes_there(encode
     space = SearchSpace.build(cfg.search, reference_for(cfg).layer_table.names, **space_inputs(cfg, None, seeding))
     for plan in seeding.plans:  # every seed is a point of the space (no emulated fp8 matmul)
         space.params_for({n: c.format for n, c in plan.resolve(reference_for(cfg).layer_table.names).items()})
+
+
+def test_an_emulated_format_the_space_keeps_is_not_pruned_by_the_seeding(cnn_config, tmp_path):
+    """int4 on a Conv is emulated on ORT CPU (stored int4, computed in fp32) but it is the only way to a smaller
+    conv, so the space keeps it; the table has no cell for it, and the seeding must neither prune it ("pruned by
+    sensitivity" with no measurement behind it) nor seed it (the solver needs a measured drop)."""
+    from pipeline.sensitivity.render import rich_table
+    from pipeline.sensitivity.seeding import backend_emulated, reference_for
+
+    cfg = cnn_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
+    cfg.base_dir = cnn_config.base_dir
+    cfg.search.formats, cfg.search.int8_activations = [Format.FP32, Format.INT8, Format.INT4], ["static"]
+    cfg.search.sensitivity.seed, cfg.search.sensitivity.eval_limit = True, 64
+    names = reference_for(cfg).layer_table.names
+    emulated = backend_emulated(cfg, reference_for(cfg).layer_table)
+    convs = [n for n in names if Format.INT4 in emulated.get(n, set())]
+    assert convs, "the digits CNN's convs run int4 emulated on ORT CPU"
+    seeding = seeding_for(cfg)
+    assert all(Format.INT4 in seeding.allowed[n] for n in convs)
+    assert not any(seeding.table.cell(n, Format.INT4) for n in convs)
+    space = SearchSpace.build(cfg.search, names, **space_inputs(cfg, None, seeding))
+    assert space.choices.everywhere(Format.INT4)  # uniform INT4 stays a baseline of the seeded search
+    assert not any("pruned" in note and "int4" in note for note in space.choices.notes), space.choices.notes
+    for plan in seeding.plans:
+        formats = {n: c.format for n, c in plan.resolve(names).items()}
+        assert not any(formats[n] is Format.INT4 for n in convs)
+    # the sensitivity table shows such a cell as not measured, not as a failed candidate
+    from rich.console import Console
+
+    console = Console(width=300, record=True)
+    console.print(rich_table(seeding.table))
+    assert "failed" not in console.export_text()
