@@ -311,9 +311,14 @@ class KerasAdapter(ModelAdapter):
     def _export(self, model, out_path: Path, digest: str) -> ReferenceModel:
         tf, keras = self.tf()
         sample = self.sample_inputs()
-        expected = self._call(model, sample)
+        raw = model(self.model_inputs(model, sample), training=False)
+        expected = _flatten_outputs(raw)
         n_out = len(expected)
-        output_names = self.config.model.output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        # A model that returns a dict names its outputs (flattened by sorted key, as tf2onnx does): metric.output
+        # can then say "parity", as with a PyTorch model returning a dict.
+        default = ([str(k) for k in sorted(raw)] if isinstance(raw, dict) else
+                   ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        output_names = self.config.model.output_names or default
         if len(output_names) != n_out:
             raise ConfigError(f"model.output_names: {len(output_names)} names for {n_out} model outputs")
 

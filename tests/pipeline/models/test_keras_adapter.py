@@ -218,6 +218,37 @@ def test_conv1d_einsum_shared_and_named_inputs(tmp_path):
     np.testing.assert_allclose(sess.run(None, inputs)[0], want, rtol=1e-4, atol=1e-5)
 
 
+def two_heads():
+    """A functional model returning a dict of two heads (named like the keys, in unsorted order)."""
+    _, keras = import_tf()
+    L = keras.layers
+    keras.utils.set_random_seed(2)
+    feat = keras.Input((5,), name="feat")
+    h = L.Dense(8, activation="relu", name="trunk")(feat)
+    return keras.Model(feat, {"parity": L.Dense(2, name="parity")(h), "digit": L.Dense(10, name="digit")(h)})
+
+
+def feat_data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(16, 5)).astype(np.float32)
+
+
+def test_a_model_returning_a_dict_names_its_outputs_by_key(tmp_path):
+    """metric.output can name a head ("parity") as with a PyTorch model returning a dict (not output_1)."""
+    cfg = parse_config({"name": "keras-heads", "workdir": str(tmp_path),
+                        "model": {"framework": "keras", "factory": f"{THIS}:two_heads"},
+                        "data": {"calibration": {"source": f"{THIS}:feat_data"}, "eval": {"source": f"{THIS}:feat_data"}},
+                        "metric": {"name": "mse", "output": "parity"}})
+    ref = KerasAdapter(cfg).export_reference(tmp_path)
+    assert ref.output_names == ["digit", "parity"]
+    x = feat_data()
+    want = KerasAdapter(cfg).load_model()(x, training=False)
+    sess = _session(ref.onnx_path)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))  # one array: "input"
+    for name in ("digit", "parity"):  # each ONNX output holds the head of its name
+        np.testing.assert_allclose(got[name], np.asarray(want[name]), rtol=1e-4, atol=1e-5)
+
+
 def test_saved_keras_file_loads_via_model_path(tmp_path):
     model = multi_model()
     model(multi_data()[0])
