@@ -60,6 +60,30 @@ def ray_init(address: str | None, verbose: bool, config: SearchConfig | None = N
     if ray.is_initialized():
         return False
     _route_raylet_messages(verbose)
+    with _keeping_sigterm():
+        _init(ray, address, verbose, config)
+    return True
+
+
+@contextlib.contextmanager
+def _keeping_sigterm():
+    """Keep the driver's SIGTERM handler across ``ray.init``: Ray installs its own, which exits through the
+    core worker's fatal-signal dump (exit 134, no clean-up), so the search's SIGTERM -> KeyboardInterrupt
+    path (:func:`pipeline.search.runner.run_search`: in-flight trials orphaned and re-queued, MLflow closed)
+    would never run."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM")
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(ray, address: str | None, verbose: bool, config: SearchConfig | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     user = payload.user_code(config) if config is not None else []
@@ -72,7 +96,6 @@ def ray_init(address: str | None, verbose: bool, config: SearchConfig | None = N
         env = {"py_modules": user, "excludes": payload.SHIP_EXCLUDES} if user else None
         with _loopback_node():
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env, **quiet)
-    return True
 
 
 @contextlib.contextmanager

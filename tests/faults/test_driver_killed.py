@@ -43,3 +43,39 @@ def test_driver_sigkill_then_resume(tmp_path):
     assert set(numbers) == {t.number for t in s.get_trials() if t.state.is_finished()
                             and t.user_attrs.get("duplicate_of") is None}
     assert all(r.status in ("FINISHED", "FAILED") for _, r in runs)
+
+
+def test_driver_sigterm_ends_cleanly_then_resumes(tmp_path):
+    """SIGTERM to the driver alone (what `kill PID` or a batch scheduler sends): the search takes its clean
+    interrupt path (Ray's own SIGTERM handler, installed by ray.init, used to abort it with a core dump and
+    exit 134), orphans and re-queues the trial in flight, and the same command then finishes the study."""
+    import os
+    import signal
+
+    work = tmp_path / "work"
+    args = search_args(work, "--trials", "4", "--parallel", "1", **{"measure.energy.min_seconds": 1,
+                                                                     "search.sensitivity.seed": "false"})
+    log = tmp_path / "first.log"
+    p = start_cli(args, tmp_path, log)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"\[2/4\] trial", log.read_text()) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert p.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)  # the third trial is in flight
+        os.kill(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=120)
+    finally:
+        stop_group(p)
+    text = log.read_text()
+    assert rc == 130 and "interrupted" in text, text[-3000:]
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
+    s = optuna_study(f"sqlite:///{work / 'digits-mlp' / 'optuna.db'}")
+    assert not [t for t in s.get_trials() if t.state.name == "RUNNING"]  # nothing left for a resume to guess about
+    orphans = [t for t in s.get_trials() if t.user_attrs.get("orphaned")]
+    assert orphans and all(t.state.name == "FAIL" for t in orphans), ([(t.number, t.state.name) for t in s.get_trials()], text[-2500:])
+    done = cli(args, tmp_path, timeout=400)
+    assert done.rc == 0, done.text[-4000:]
+    from pipeline.search.storage import study_counts
+
+    assert study_counts(optuna_study(f"sqlite:///{work / 'digits-mlp' / 'optuna.db'}")).measured == 4
