@@ -55,8 +55,15 @@ def _quality(t: TrialRecord, higher_is_better: bool) -> float:
     return acc if higher_is_better else -acc
 
 
+def _measured(t: TrialRecord, metric: str) -> float | None:
+    """``metric`` as the front was decided on: the interleaved re-measurement's ``<metric>_remeasured`` where the
+    trial has one (latency, metered energy), else the trial's own in-search value."""
+    again = t.metric(f"{metric}_remeasured")
+    return again if again is not None else t.metric(metric)
+
+
 def _energy_or_none(t: TrialRecord) -> float | None:
-    return t.metric(O.get("energy").metric)
+    return _measured(t, O.get("energy").metric)
 
 
 def require_one_energy_source(trials: Iterable[TrialRecord], policy: str) -> str | None:
@@ -116,7 +123,7 @@ def _max_accuracy(front: list[TrialRecord], policy: str, budget: Budget, higher_
             if e is None or e > budget.max_energy_j:
                 continue
         if budget.max_latency_ms is not None:
-            lat = t.metric("latency_ms_p50")
+            lat = _measured(t, "latency_ms_p50")
             if lat is None or lat > budget.max_latency_ms:
                 continue
         pool.append(t)
@@ -125,7 +132,7 @@ def _max_accuracy(front: list[TrialRecord], policy: str, budget: Budget, higher_
             es = [e for e in (_energy_or_none(t) for t in front) if e is not None]
             notes.append(f"lowest energy on the front: {fmt(min(es) if es else None, ' J/inference')}")
         if budget.max_latency_ms is not None:
-            ls = [x for x in (t.metric("latency_ms_p50") for t in front) if x is not None]
+            ls = [x for x in (_measured(t, "latency_ms_p50") for t in front) if x is not None]
             notes.append(f"lowest latency on the front: {fmt(min(ls) if ls else None, ' ms')}")
         raise PromotionError("no trial on the front meets the budget (" + "; ".join(notes) + "); relax it")
     best = max(pool, key=lambda t: (_quality(t, higher_is_better), -(_energy_or_none(t) or 0.0),
@@ -147,7 +154,7 @@ def _min_objective(study: StudyRecord, front: list[TrialRecord], policy: str, ob
     if limit is None:
         raise PromotionError(f"policy {policy} needs an accuracy limit: --max-accuracy-drop D "
                              "(or search.max_accuracy_drop in the config)")
-    value = lambda t: t.metric(obj.metric)  # noqa: E731
+    value = lambda t: _measured(t, obj.metric)  # noqa: E731
     measured = [t for t in front if value(t) is not None]
     if not measured:
         raise PromotionError(f"policy {policy}: no trial on the front has a {obj.name} measurement "

@@ -197,6 +197,27 @@ def test_max_accuracy_respects_the_budget_and_needs_one(searched):
         choose(study, "max-accuracy", Budget(max_energy_j=min(energies) / 10))
 
 
+def test_latency_budgets_and_min_latency_read_the_remeasured_latency_where_a_trial_has_one(searched):
+    """The front was decided on the interleaved re-measurement: a latency budget is judged on the same numbers
+    (``latency_ms_p50_remeasured``), not on the one in-search timing."""
+    import dataclasses
+
+    from pipeline.promotion.choose import Budget, PromotionError, choose
+
+    _, study = _open(searched)
+    front = sorted(study.front, key=lambda t: t.metric("accuracy"), reverse=True)
+    best = front[0]
+    # re-measured: the most accurate front trial is far faster than its in-search timing said, the rest slower
+    fast = {t.number: (0.001 if t.number == best.number else 1e6) for t in front}
+    trials = [t.model_copy(update={"metrics": {**t.metrics, "latency_ms_p50_remeasured": fast[t.number]}})
+              if t.number in fast else t for t in study.trials]
+    again = dataclasses.replace(study, trials=trials)
+    assert choose(again, "max-accuracy", Budget(max_latency_ms=0.01)).trial.number == best.number
+    assert choose(again, "min-latency", Budget(max_accuracy_drop=1.0)).trial.number == best.number
+    with pytest.raises(PromotionError, match=r"lowest latency on the front: 0\.001"):
+        choose(again, "max-accuracy", Budget(max_latency_ms=0.0001))
+
+
 def test_knee_is_the_knee_the_search_reported(searched):
     from pipeline.promotion.choose import choose
 
