@@ -58,7 +58,7 @@ from pipeline.search.storage import (
     T_BASELINE,
     T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, T_SEED,
     Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage,
-    init_lock_path, make_sampler, measured_count, set_metric_names, store_init_lock, study_counts,
+    existing_study_attrs, init_lock_path, make_sampler, refuse_changed_config, measured_count, set_metric_names, store_init_lock, study_counts,
     validate_study_name,
 )
 from pipeline.search.retries import Retries
@@ -126,6 +126,9 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
         self.reference = export_reference(cfg, self.work)  # cached; workers reuse the file
         check_inputs(cfg, self.reference, self.opts.parallel or 1)  # data and batch memory, before Ray
         self.layer_names = self.reference.layer_table.names
+        self.hash, self.storage_shown = config_hash(cfg), mask_url(self.storage)  # never the password, anywhere
+        refuse_changed_config(existing_study_attrs(self.storage, self.study_name, init_lock_path(self.storage, self.work)),
+                              self.study_name, self.storage_shown, self.hash)  # before the table is measured
         # Sensitivity (issue 15): formats the backend only emulates are left out where a native one is as
         # small; when the search is seeded (search.sensitivity.seed: auto decides by the table's cost, see
         # seed_decision) the per-layer table also prunes hopeless formats, seeds the study with solver plans
@@ -137,8 +140,6 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
                                    progress=self._table_progress, units_runner_for=self._table_units)
         self.space = SearchSpace.build(cfg.search, self.layer_names, target=quant_target_for(cfg.measure.backend),
                                        **space_inputs(cfg, self.reference.layer_table, self.seeding))
-        self.hash = config_hash(cfg)
-        self.storage_shown = mask_url(self.storage)  # every print, param and error: never the password
         names = list(cfg.search.objectives)
         self.infos = objective_infos(names, cfg.metric.name, bool(cfg.metric.higher_is_better), None)
         # Optuna creates its tables on first use; drivers started together on a fresh workdir take turns.
@@ -151,12 +152,7 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
         if held:
             self.study.sampler = make_sampler(cfg, offset=held)
         attrs = self.study.user_attrs
-        if A_CONFIG_HASH in attrs and attrs[A_CONFIG_HASH] != self.hash:
-            raise ConfigError(
-                f"--study: study {self.study_name!r} in {self.storage_shown} was created from a different config "
-                f"(model, data, metric, measure or search settings changed); its trials are not comparable. "
-                f"Use --study NEW_NAME (trial count, tracking and workdir may change freely)"
-            )
+        refuse_changed_config(attrs, self.study_name, self.storage_shown, self.hash)  # a driver that raced us
         if A_CONFIG_HASH not in attrs:
             for k, v in {A_CONFIG_HASH: self.hash, A_OBJECTIVES: names, A_MAX_DROP: self.max_drop,
                          "metric": cfg.metric.name, "config_name": cfg.name}.items():

@@ -177,6 +177,28 @@ def init_lock_path(url: str, workdir: Path) -> Path:
     return workdir / ".store-init.lock"
 
 
+
+def refuse_changed_config(attrs: dict, study_name: str, storage_shown: str, digest: str) -> None:
+    """A study created from another config (its stored ``config_hash``) is not continued: its trials are not
+    comparable with the new config's."""
+    if A_CONFIG_HASH in attrs and attrs[A_CONFIG_HASH] != digest:
+        raise ConfigError(
+            f"--study: study {study_name!r} in {storage_shown} was created from a different config "
+            f"(model, data, metric, measure or search settings changed); its trials are not comparable. "
+            f"Use --study NEW_NAME (trial count, tracking and workdir may change freely)")
+
+
+def existing_study_attrs(storage: str, study_name: str, lock: Path) -> dict:
+    """The user attributes of the study if it exists ({} if not), read before any costly setup (the sensitivity
+    table), so a refused config costs nothing."""
+    import optuna
+
+    with store_init_lock(lock):  # the first touch of a fresh store creates its tables
+        try:
+            return dict(optuna.load_study(study_name=study_name, storage=storage).user_attrs)
+        except KeyError:
+            return {}
+
 @contextlib.contextmanager
 def store_init_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``fcntl`` lock while a store is opened (and, on first use, created and migrated).

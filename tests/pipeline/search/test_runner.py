@@ -261,6 +261,19 @@ def test_a_changed_config_does_not_resume_an_old_study(mlp_config):
         run_search(mlp_config, SearchOptions(study="changed-config", progress="off"))
 
 
+def test_a_changed_config_is_refused_before_the_sensitivity_table_is_measured(make_config, capsys):
+    """The refusal reads the stored study first: a seeded search does not spend the table's minutes on it."""
+    from pipeline.search.storage import default_storage
+
+    cfg = make_config("digits_mlp.yaml", **{"search.sensitivity.seed": True})
+    old = optuna.create_study(study_name="changed-seeded", storage=default_storage(cfg), directions=["maximize"] * 3)
+    old.set_user_attr("config_hash", "0123456789abcdef")
+    with pytest.raises(ConfigError, match="created from a different config"):
+        run_search(cfg, SearchOptions(study="changed-seeded", progress="lines"))
+    assert "sensitivity" not in capsys.readouterr().out
+    assert not list(cfg.work_path.rglob("sensitivity*"))
+
+
 def _node(cpus, gpus=0, alive=True):
     res = {"CPU": float(cpus)}
     if gpus:
