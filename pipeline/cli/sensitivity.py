@@ -2,13 +2,12 @@
 
 Measured on the artifact through the configured backend (an eval subset, labelled), cached per
 reference model + eval data + format set + metric, printed as a table, written as a heat map PNG,
-a CSV and JSON, and logged to MLflow when a tracking URI is given (``--tracking-uri`` or
-``MLFLOW_TRACKING_URI``).
+a CSV and JSON, and logged to MLflow (the store ``search`` uses: ``--tracking-uri``, else
+``MLFLOW_TRACKING_URI``, else ``<workdir>/mlflow.db``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pipeline.cli.common import add_config_arg, console, load
@@ -32,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--check-layers", type=int, default=4, help="layers measured on the artifact with --proxy")
     p.add_argument("--no-cache", action="store_true", help="measure again even if a cached table exists")
     p.add_argument("--out", default=None, help="folder for the PNG/CSV/JSON (default: <workdir>/<name>/sensitivity)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else none)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db, as search)")
     p.add_argument("--rows", type=int, default=None, help="show only the N most sensitive layers")
     p.set_defaults(func=run)
 
@@ -96,10 +96,11 @@ def run(args) -> int:
     json_path.write_text(table.model_dump_json(indent=1))
     files.append(json_path)
     console.print("wrote " + ", ".join(str(f) for f in files), highlight=False, soft_wrap=True)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        run_id = log_to_mlflow(table, files, uri, cfg.tracking.experiment or cfg.name)
-        console.print(f"logged to MLflow ({uri}), run {run_id}", highlight=False)
-    else:
-        console.print("not logged to MLflow (no --tracking-uri and no MLFLOW_TRACKING_URI)", highlight=False)
+    from pipeline.tracking.record import default_tracking_uri
+    from pipeline.urls import mask_url
+
+    # The store `search` logs to (and `make ui` shows): --tracking-uri, $MLFLOW_TRACKING_URI, else the workdir's.
+    uri = args.tracking_uri or default_tracking_uri(cfg.work_root)
+    run_id = log_to_mlflow(table, files, uri, cfg.tracking.experiment or cfg.name)
+    console.print(f"logged to MLflow ({mask_url(uri)}), run {run_id}", highlight=False, soft_wrap=True)
     return 0

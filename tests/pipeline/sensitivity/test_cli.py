@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 from pipeline.cli import main
 from tests.pipeline.sensitivity.conftest import EVAL_LIMIT, FRAGILE_FACTORY
@@ -41,3 +42,23 @@ def test_cli_names_a_bad_format(capsys):
     rc = main(["sensitivity", "--config", "search_spaces/digits_mlp.yaml", "--formats", "int3"])
     assert rc == 2
     assert "--formats" in capsys.readouterr().err
+
+
+def test_cli_logs_to_the_store_the_search_uses_by_default(fragile_config, fragile_search_table, tmp_path, capsys,
+                                                         monkeypatch):
+    """No --tracking-uri, no MLFLOW_TRACKING_URI: the workdir's mlflow.db, as `search` (and `make ui`) use."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = tmp_path / "w"
+    shutil.copytree(fragile_config.work_path, work / fragile_config.name)  # the cached table, without re-measuring
+    rc = main(["sensitivity", "--config", "search_spaces/digits_mlp.yaml", "--set", f"workdir={work}",
+               "--set", f"model.factory={FRAGILE_FACTORY}", "--set", "name=digits-mlp-fragile",
+               "--set", "measure.runs=5", "--set", "measure.warmup=1", "--set", "measure.energy.min_seconds=0.05",
+               "--set", "measure.energy.repeats=1", "--eval-limit", str(EVAL_LIMIT), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    db = (work / "mlflow.db").resolve()
+    assert f"logged to MLflow (sqlite:///{db})" in " ".join(capsys.readouterr().out.split())
+    (run,) = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("digits-mlp-fragile").experiment_id])
+    assert run.data.tags["precision_search.kind"] == "sensitivity"
