@@ -321,6 +321,9 @@ def param_importances(study, metric_index: int) -> dict[str, float]:
         study = view
     with warnings.catch_warnings():  # its "computes importances for low target values" notice: handled above
         warnings.filterwarnings("ignore", message=".*low `target` values.*")
+        # "Some regimes for parameter X have less than 2 trials": every small study; the importance plot's
+        # title says how many measured trials it rests on, so the console need not repeat it per parameter
+        warnings.filterwarnings("ignore", message=".*have less than 2 trials.*")
         return optuna.importance.get_param_importances(study, target=lambda t: sign * t.values[metric_index])
 
 
@@ -408,8 +411,10 @@ def write_review(client, parent_run_id: str, *, study=None, metric_name: str = "
                     w.writerow(["param", f"importance_for_{metric_name}"])
                     w.writerows([k, f"{v:.6g}"] for k, v in imp.items())
                     (out / "importance.csv").write_text(buf.getvalue())
-                    plot_importance_png(imp, out / "importance.png",
-                                        f"What drives {metric_name} up: parameter importance ({title})", metric_name)
+                    n = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"
+                            and t.user_attrs.get(T_DUPLICATE_OF) is None)
+                    plot_importance_png(imp, out / "importance.png", f"What drives {metric_name} up: parameter "
+                                        f"importance ({title}; from {n} measured trials)", metric_name)
                     review.artifacts += [ARTIFACT_IMPORTANCE_CSV, ARTIFACT_IMPORTANCE_PNG]
                 else:
                     review.notes.append("importance view skipped: the study has no varying parameters")
