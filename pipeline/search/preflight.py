@@ -8,6 +8,7 @@ same problem would fail every trial one by one with a worker's traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,13 @@ def export_reference(config: SearchConfig, work: Path) -> Any:
                 f"model.factory ({spec.factory}) builds ({_first_line(exc)}); give the checkpoint saved from this "
                 "architecture (torch.save(model.state_dict(), path)), or the factory and kwargs it was saved from"
             ) from None
+        keyword = re.search(r"forward\(\) (got an unexpected keyword argument '\w+'|missing \d+ required "
+                            r"positional arguments?: .*)", text)
+        if keyword:  # the data's dict keys are the forward() arguments: the data, not the model, is named
+            raise ConfigError(
+                f"data.calibration.source / data.eval.source: the model's forward() {keyword.group(1)} - the "
+                "data's dict keys are passed to forward() as keyword arguments; name them like forward()'s "
+                "parameters (or give one array for a one-input model)") from None
         where = f"model.factory ({spec.factory})" if spec.factory else f"model.path ({spec.path})"
         raise ConfigError(
             f"{where}: building or exporting the FP32 reference failed: {_first_line(exc)}; fix the model "

@@ -39,3 +39,26 @@ def short_targets():
     from pipeline.examples.digits import mlp_eval
 
     return mlp_eval()[1][:50]
+
+
+def two_input_mlp():
+    """A two-input model: forward(left, right)."""
+    import torch
+
+    class TwoInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 10), torch.nn.Linear(32, 10)
+
+        def forward(self, left, right):
+            return self.a(left) + self.b(right)
+
+    return TwoInput()
+
+
+def split_rows():
+    """The digits rows split in two inputs whose keys are not named like forward()'s parameters."""
+    from pipeline.examples.digits import mlp_eval
+
+    x, y = mlp_eval()
+    return {"first": x[:, :32], "second": x[:, 32:]}, y

@@ -72,6 +72,10 @@ CASES = {
     "unknown config field": (lambda t: ["--set", "measure.bogus=1"], ["measure.bogus"]),
     "data source not importable": (lambda t: ["--set", "data.eval.source=no_such_module:fn"],
                                    ["data.eval.source", "no_such_module"]),
+    "data keys not named like forward()'s arguments": (
+        lambda t: ["--set", "model.factory=tests.faults.bad_models:two_input_mlp"]
+        + [a for f in ("calibration", "eval", "train") for a in ("--set", f"data.{f}.source=tests.faults.bad_models:split_rows")],
+        ["data.calibration.source", "unexpected keyword argument 'first'", "name them like forward()'s parameters"]),
     # the metric is scored on the FP32 reference before Ray starts (pipeline.search.preflight.check_metric)
     "metric output not a model output": (lambda t: ["--set", "metric.output=pred"],
                                          ["metric.output", "'pred'", "fix metric.output"]),
