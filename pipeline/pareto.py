@@ -88,15 +88,19 @@ def hypervolume(points, directions: Sequence[Direction], reference) -> float:
     return float(compute_hypervolume(front, ref, assume_pareto=True))
 
 
-def knee_point(points, directions: Sequence[Direction]) -> int:
+def knee_point(points, directions: Sequence[Direction], scale: tuple[Sequence[float], Sequence[float]] | None = None
+               ) -> int:
     """Index of the knee of a front: the balanced trade-off.
 
-    Each objective is min-max normalised over the given points (oriented so 0 is
-    the best value seen and 1 the worst); the knee is the point closest (L2) to
-    the ideal point (0, ..., 0). Only non-dominated points are candidates, so
-    passing all trials or only the front gives the same answer. Objectives that
-    are constant over the points carry no trade-off and are ignored. Ties go to
-    the earlier index, so the result is deterministic.
+    Each objective is normalised so 0 is its best and 1 its worst, and the knee is the point closest (L2) to
+    the ideal point (0, ..., 0). With ``scale`` = (ideal, reference), the hypervolume's box: accuracy is
+    measured in shares of the accuracy budget (FP32 accuracy = 0, the drop limit = 1) and each cost in shares
+    of the worst uniform baseline's, so the knee weighs what the user allowed against what one format
+    everywhere costs. Without it each objective is min-max normalised over the front: then a front whose
+    accuracies differ by one eval row stretches that row to the same weight as a 20x latency range, and noise
+    picks the knee (why the search passes its box). Only non-dominated points are candidates, so passing all
+    trials or only the front gives the same answer. Objectives that do not vary carry no trade-off and are
+    ignored. Ties go to the earlier index, so the result is deterministic.
     """
     losses = to_losses(points, directions)
     if len(losses) == 0:
@@ -104,11 +108,16 @@ def knee_point(points, directions: Sequence[Direction]) -> int:
     front = pareto_front(losses, ["minimize"] * losses.shape[1])
     sub = losses[front]
     lo, hi = sub.min(axis=0), sub.max(axis=0)
+    if scale is not None:
+        best, worst = to_losses([scale[0]], directions)[0], to_losses([scale[1]], directions)[0]
+        if np.all(worst - best > 0):
+            lo, hi = best, worst
     span = hi - lo
-    varying = span > 0
+    varying = (sub.max(axis=0) - sub.min(axis=0)) > 0
     if not np.any(varying):
         return front[0]
-    norm = (sub[:, varying] - lo[varying]) / span[varying]
+    # better than the ideal (accuracy above FP32's) is no distance from it
+    norm = np.maximum((sub[:, varying] - lo[varying]) / span[varying], 0.0)
     dist = np.linalg.norm(norm, axis=1)
     return front[int(np.argmin(dist))]
 

@@ -195,8 +195,24 @@ def build_records(study, infos: list[ObjectiveInfo]) -> list[TrialRecord]:
     front = [r for r in records if r.on_front]
     if front:
         pts = [[r.values[o.name] for o in infos] for r in front]
-        front[knee_point(pts, [o.direction for o in infos])].knee = True
+        box = scoring_box(records, infos, study.user_attrs.get(A.A_HV_BOX))
+        front[knee_point(pts, [o.direction for o in infos], scale=box)].knee = True
     return records
+
+
+def scoring_box(records: list[TrialRecord], infos: list[ObjectiveInfo],
+                box: dict[str, list[float]] | None) -> tuple[list[float], list[float]] | None:
+    """(ideal, reference) the hypervolume and the knee are measured in: the study's fixed box
+    (:func:`hypervolume_box`), with the time-decided axes re-fixed from the re-measured baselines once the
+    re-measurement replaced those values (the accuracy bounds do not move). None before the box is fixed."""
+    if not box:
+        return None
+    reference = list(box["reference"])
+    timed_baselines = [r for r in records if r.baseline and r.remeasured and r.feasible is not False]
+    for i, o in enumerate(infos):
+        if o.source in NOISY_SOURCES and timed_baselines:
+            reference[i] = float(max(r.values[o.name] for r in timed_baselines))
+    return list(box["ideal"]), reference
 
 
 def hypervolume_box(records: list[TrialRecord], infos: list[ObjectiveInfo], reference_accuracy: float | None,
@@ -263,12 +279,8 @@ def front_summary(records: list[TrialRecord], infos: list[ObjectiveInfo],
     # baselines (the accuracy bounds do not move); the in-search one is kept beside it.
     pts = [[(r.values_in_search or r.values)[o.name] for o in infos] for r in feasible]
     out["hypervolume_in_search"] = normalized_hypervolume(pts, dirs, box["reference"], box["ideal"])
-    reference = list(box["reference"])
-    timed_baselines = [r for r in remeasured if r.baseline]
-    for i, o in enumerate(infos):
-        if o.source in NOISY_SOURCES and timed_baselines:
-            reference[i] = float(max(r.values[o.name] for r in timed_baselines))
+    ideal, reference = scoring_box(records, infos, box)
     pts = [[r.values[o.name] for o in infos] for r in remeasured]
-    out["hypervolume"] = normalized_hypervolume(pts, dirs, reference, box["ideal"])
+    out["hypervolume"] = normalized_hypervolume(pts, dirs, reference, ideal)
     return out
 

@@ -84,6 +84,22 @@ def test_knee_is_the_balanced_point_and_ignores_dominated_points():
     assert knee_point([[0.7, 3.0]], dirs) == 0
 
 
+def test_knee_in_the_box_does_not_let_one_eval_row_outweigh_a_large_speedup():
+    dirs = ["maximize", "minimize"]
+    # two front points: one eval row of 300 more accurate (0.9700 vs 0.9667) but 19x slower
+    front = [[0.9700, 19.0], [0.9667, 1.0]]
+    # min-max over the front stretches the 0.0033 accuracy span to the same weight as the 18 ms one: a tie that
+    # goes to the slow point
+    assert knee_point(front, dirs) == 0
+    # in the box (ideal = FP32 accuracy 0.97 at zero cost, reference = the 0.03 drop limit and the worst uniform
+    # baseline's 20 ms) the row is a ninth of the budget and the speedup most of the cost range
+    assert knee_point(front, dirs, scale=([0.97, 0.0], [0.94, 20.0])) == 1
+    # accuracy above the ideal's is no distance from it (not a penalty)
+    assert knee_point([[0.99, 5.0], [0.96, 4.0]], dirs, scale=([0.97, 0.0], [0.94, 20.0])) == 0
+    # a degenerate box falls back to min-max
+    assert knee_point(front, dirs, scale=([0.97, 0.0], [0.97, 20.0])) == 0
+
+
 def test_bad_input_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="finite"):
         pareto_front([[1.0, float("nan")]], ["maximize", "minimize"])
