@@ -177,7 +177,6 @@ def init_lock_path(url: str, workdir: Path) -> Path:
     return workdir / ".store-init.lock"
 
 
-
 def refuse_changed_config(attrs: dict, study_name: str, storage_shown: str, digest: str) -> None:
     """A study created from another config (its stored ``config_hash``) is not continued: its trials are not
     comparable with the new config's."""
@@ -198,6 +197,7 @@ def existing_study_attrs(storage: str, study_name: str, lock: Path) -> dict:
             return dict(optuna.load_study(study_name=study_name, storage=storage).user_attrs)
         except KeyError:
             return {}
+
 
 @contextlib.contextmanager
 def store_init_lock(path: Path) -> Iterator[None]:
@@ -512,14 +512,18 @@ class Resume:
         where it can run, else their in-search p50s; and a note saying which."""
         from dataclasses import replace
 
-        from pipeline.search.remeasure import retime_baselines
+        from pipeline.search.remeasure import BaselineRetiming, retime_baselines
 
         if len(timings) < 2:
             return timings, "the baselines' in-search p50s"
-        self._say(f"timing the {len(timings)} uniform baselines again, interleaved, to order the formats by speed")
-        got = retime_baselines(self.config, self.study)
-        self.study.set_user_attr(A_BASELINE_RETIMING, {"latency_ms": got.latency_ms, "method": got.method,
-                                                       "error": got.error})
+        stored = self.study.user_attrs.get(A_BASELINE_RETIMING) or {}
+        if stored.get("latency_ms") and set(stored["latency_ms"]) >= {t.label for t in timings}:
+            got = BaselineRetiming(stored["latency_ms"], stored.get("method", ""))  # a resumed study: as it was
+        else:
+            self._say(f"timing the {len(timings)} uniform baselines again, interleaved, to order the formats by speed")
+            got = retime_baselines(self.config, self.study)
+            self.study.set_user_attr(A_BASELINE_RETIMING, {"latency_ms": got.latency_ms, "method": got.method,
+                                                           "error": got.error})
         if not got.latency_ms:
             return timings, f"the baselines' in-search p50s (not re-timed: {got.error})"
         return ([replace(t, latency_ms=got.latency_ms.get(t.label, t.latency_ms)) for t in timings],

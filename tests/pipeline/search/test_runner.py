@@ -604,6 +604,9 @@ def test_the_default_search_is_seeded_when_the_table_is_cheap_and_reads_it_from_
     out = capsys.readouterr().out
     assert "sensitivity table from the cache (8 cells" in out and "measuring the sensitivity table" not in out
     assert "from the cache" in again.seeding
+    # ... and the baselines' re-timing from the study: the speed ratios the seeds were solved with stand
+    assert "timing the 4 uniform baselines again" not in out
+    assert open_study(cfg, "auto-seed").user_attrs[A_BASELINE_RETIMING] == retimed
 
 
 @pytest.mark.slow
