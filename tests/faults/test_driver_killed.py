@@ -11,17 +11,24 @@ from collections import Counter
 from tests.faults.helpers import cli, optuna_study, search_args, start_cli, stop_group, study_runs
 
 
+def _third_trial_in_flight(p, log, trials: int) -> None:
+    """Wait until the driver logged its second finished trial (of ``trials``), then a moment: the third runs."""
+    deadline = time.monotonic() + 300
+    while not re.search(rf"\[2/{trials}\] trial", log.read_text()) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert p.poll() is None, log.read_text()[-3000:]
+    time.sleep(0.5)
+
+
 def test_driver_sigkill_then_resume(tmp_path):
     work = tmp_path / "work"
-    args = search_args(work, "--trials", "5", "--parallel", "1", **{"measure.energy.min_seconds": 1})
+    # unseeded: after the baselines a seeded driver re-times them (no trial in flight for a moment)
+    args = search_args(work, "--trials", "5", "--parallel", "1", **{"measure.energy.min_seconds": 1,
+                                                                     "search.sensitivity.seed": "false"})
     log = tmp_path / "first.log"
     p = start_cli(args, tmp_path, log)
     try:
-        deadline = time.monotonic() + 300
-        while not re.search(r"\[2/5\] trial", log.read_text()) and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.1)
-        assert p.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)  # the third trial is in flight
+        _third_trial_in_flight(p, log, 5)
     finally:
         stop_group(p)  # SIGKILL to the driver's whole process group
     done = cli(args, tmp_path, timeout=400)
@@ -58,11 +65,7 @@ def test_driver_sigterm_ends_cleanly_then_resumes(tmp_path):
     log = tmp_path / "first.log"
     p = start_cli(args, tmp_path, log)
     try:
-        deadline = time.monotonic() + 300
-        while not re.search(r"\[2/4\] trial", log.read_text()) and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.1)
-        assert p.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)  # the third trial is in flight
+        _third_trial_in_flight(p, log, 4)
         os.kill(p.pid, signal.SIGTERM)
         rc = p.wait(timeout=120)
     finally:
