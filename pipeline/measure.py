@@ -76,6 +76,13 @@ class MetricError(ConfigError):
     """The metric raised or returned something other than one number: a config (or metric code) problem."""
 
 
+class ReferenceFailure(ConfigError):
+    """The FP32 reference itself cannot be scored (its data or metric fails): every trial would fail alike, so
+    the search stops asking for more (:class:`pipeline.search.runner.StudyRunner`) instead of failing them one
+    by one. The driver scores the reference before Ray starts where it can (``preflight.check_metric``); this
+    is the worker's side, for a backend the driver cannot run."""
+
+
 def task_metric(config: SearchConfig, outputs: dict[str, np.ndarray], targets: Any) -> float:
     """The configured metric over all eval outputs and the targets.
 

@@ -33,6 +33,7 @@ from pipeline.measure import (
     exclusive_measurement,
     measure_lock_path,
     measure_energy,
+    ReferenceFailure,
     run_dataset,
     settle,
     task_metric,
@@ -114,6 +115,14 @@ class Evaluator:
                                                      input_specs=specs), self.eval_set.targets)
         cache.write_text(json.dumps({"value": value}))
         return value
+
+    def scored_reference(self) -> float:
+        """:attr:`reference_accuracy`, or :class:`pipeline.measure.ReferenceFailure` naming the data or metric
+        problem: the study's failure (every trial would fail alike), not one plan's."""
+        try:
+            return self.reference_accuracy
+        except ConfigError as exc:
+            raise ReferenceFailure(f"the FP32 reference could not be scored: {exc}") from exc
 
     @cached_property
     def screen(self):
@@ -204,7 +213,7 @@ class Evaluator:
     def _measure(self, artifact: str | Path, energy: bool = True, screen: bool = False) -> "_Measured":
         """:meth:`measure`, plus what the trial records beside it; ``screen``: may end in :class:`TrialPruned`."""
         cfg = self.config
-        ref = self.reference_accuracy  # first: a data or metric problem fails here, named, on the reference
+        ref = self.scored_reference()
         # The peak-memory objective's probe: the process's peak RSS growth while the artifact is opened and
         # run on the eval set (pipeline.objectives.peak_memory says what it counts and what it cannot).
         with peak_rss_probe() as probes:
@@ -249,6 +258,7 @@ class Evaluator:
         out_dir.mkdir(parents=True, exist_ok=True)
         # Resolved once, here: a plan naming unknown layers is a user error, raised as is.
         choices = resolved(plan, self.reference.layer_table.names)
+        self.scored_reference()  # before the candidate is built: a reference that cannot be scored fails first
         try:
             artifact, layers, extra, curve = self.quantize(choices, out_dir, progress=progress)
         except TrialFailure:
@@ -262,7 +272,7 @@ class Evaluator:
         try:
             measured = self._measure(artifact, energy=energy, screen=screen)
             measurement, engine_path = measured.measurement, measured.engine_path
-        except TrialFailure:
+        except (TrialFailure, ReferenceFailure):
             raise
         except Exception as exc:  # noqa: BLE001
             raise TrialFailure(f"measurement failed on {self.backend.name}: {type(exc).__name__}: {exc}") from exc

@@ -397,6 +397,14 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
                 self._track(self.tracker.fail_trial, fl.run_id, outcome.reason, outcome.seconds, placed)
             self.progress.trial_finished(fl.trial.number, "FAIL", f"{fl.label or ''} {outcome.reason.splitlines()[0]}".strip(),
                                          counts=study_counts(self.study))
+            if outcome.fatal and not self.stopped_early:  # the reference itself failed: so would every trial
+                self._stop_early(f"{outcome.reason.splitlines()[0]}; every trial would fail the same way: fix it "
+                                 "and run the search again")
+
+    def _stop_early(self, why: str) -> None:
+        self.stopped_early = f"stopped asking for new trials: {why}"
+        self.progress.message(self.stopped_early)
+        self._track(self.tracker.log_stopped_early, self.stopped_early)
 
     def _refresh_front(self, force_plots: bool = False) -> dict[str, float]:
         records = build_records(self.study, self.infos)
@@ -486,13 +494,11 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
                                 break
                             told = self._dispatch(dispatcher, res)
                             if self.consecutive_duplicates >= self.opts.max_consecutive_duplicates:
-                                self.stopped_early = (
-                                    f"stopped asking for new trials: the sampler proposed "
-                                    f"{self.consecutive_duplicates} plans in a row that this study had already "
-                                    f"measured (the space looks exhausted or the sampler has converged); the study "
-                                    f"holds {self._finished()} measured trial(s) of the {self.target} asked for")
-                                self.progress.message(self.stopped_early)
-                                self._track(self.tracker.log_stopped_early, self.stopped_early)
+                                self._stop_early(
+                                    f"the sampler proposed {self.consecutive_duplicates} plans in a row that this "
+                                    f"study had already measured (the space looks exhausted or the sampler has "
+                                    f"converged); the study holds {self._finished()} measured trial(s) of the "
+                                    f"{self.target} asked for")
                                 break
                             if told:
                                 finished = self._finished()

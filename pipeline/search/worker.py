@@ -67,6 +67,7 @@ class TrialOutcome(BaseModel):
     node: str = ""  # hostname of the machine that ran it
     node_id: str = ""  # Ray node id ("" outside Ray)
     attempt: int = 0  # Ray's attempt number: > 0 when the task was re-run after a worker/node died
+    fatal: bool = False  # the failure is the study's, not the plan's (measure.ReferenceFailure)
     # Artifact files (name -> bytes) when the worker's filesystem is not the driver's.
     files: dict[str, bytes] = Field(default_factory=dict)
 
@@ -190,7 +191,7 @@ def run_trial(task: TrialTask | dict[str, Any], shared: list | None = None) -> d
     ``shared``: ``[ObjectRef]`` of the driver's reference bundle (None: build it here).
     Returns ``TrialOutcome.model_dump()`` (a plain dict crosses Ray cheaply).
     """
-    from pipeline.measure import TrialFailure, TrialPruned
+    from pipeline.measure import ReferenceFailure, TrialFailure, TrialPruned
     from pipeline.plan import QuantPlan
 
     task = TrialTask.model_validate(task)
@@ -213,6 +214,9 @@ def run_trial(task: TrialTask | dict[str, Any], shared: list | None = None) -> d
                             node=node, node_id=node_id, attempt=attempt).model_dump()
     except TrialFailure as exc:
         reason = str(exc)
+    except ReferenceFailure as exc:  # every trial would fail alike: the driver stops asking for more
+        return TrialOutcome(number=task.number, status="fail", reason=str(exc), seconds=time.perf_counter() - t0,
+                            node=node, node_id=node_id, attempt=attempt, fatal=True).model_dump()
     except MemoryError:
         reason = "out of memory (MemoryError) while quantizing or measuring"
     except Exception as exc:  # noqa: BLE001 - an unexpected error fails this trial, not the study

@@ -154,6 +154,23 @@ def test_a_trial_task_uses_the_drivers_bundle_and_records_where_it_ran(ray_one_c
     assert list((tmp_path / "worker-work" / cfg.name / "node-cache").glob("*/reference.onnx"))
 
 
+def test_a_reference_that_cannot_be_scored_on_the_worker_is_the_studys_failure_not_the_plans(make_config, tmp_path):
+    """Where the driver could not score the reference first (a backend it cannot run), the worker that cannot
+    says so as a fatal outcome: the runner then stops asking for trials that would all fail alike."""
+    from pipeline.plan import QuantPlan
+    from pipeline.search.worker import TrialTask, run_trial
+
+    cfg = make_config("digits_mlp.yaml", **{"metric.output": "no_such_output"})
+    task = TrialTask(study="s", number=0, config=cfg.model_dump(mode="json"), base_dir=str(ROOT), cwd=str(tmp_path),
+                     plan_yaml=QuantPlan.uniform("int8").to_yaml(), out_dir=str(tmp_path / "t"), energy=False)
+    out = TrialOutcome.model_validate(run_trial(task))
+    assert out.status == "fail" and out.fatal
+    assert out.reason.startswith("the FP32 reference could not be scored: metric.name: accuracy raised")
+    assert "metric.output 'no_such_output' is not a model output" in out.reason
+    good = TrialTask(**{**task.model_dump(), "config": make_config("digits_mlp.yaml").model_dump(mode="json")})
+    assert not TrialOutcome.model_validate(run_trial(good)).fatal
+
+
 def test_an_outcome_that_never_reached_a_worker_has_no_placement():
     assert TrialOutcome(number=1, status="fail", reason="the Ray task failed").placement() == {}
 
