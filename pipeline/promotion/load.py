@@ -71,6 +71,11 @@ def load_registered(client, ref: str, dst: str | Path) -> LoadedModel:
     meta = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").exists() else {}
     data = ((meta.get("flavors") or {}).get("onnx") or {}).get("data")
     onnx_path = local / data if data else next(iter(sorted(local.glob("*.onnx"))), None)
+    if onnx_path is None and list(local.glob("*.tflite")):
+        tfl = next(iter(sorted(local.glob("*.tflite"))))
+        raise PromotionError(f"{uri} is a TFLite model ({tfl}): run it with TensorFlow Lite "
+                             f"(tf.lite.Interpreter(model_path={str(tfl)!r})), not ONNX Runtime; `load --dst DIR` "
+                             "keeps the file")
     if onnx_path is None or not onnx_path.exists():
         raise PromotionError(f"{uri}: the downloaded model has no ONNX file (files: {sorted(p.name for p in local.iterdir())})")
     engine = mv.tags.get(VTAG_ENGINE)

@@ -310,7 +310,10 @@ class StudyTracker:
             tags[S.TAG_FEASIBLE] = "true" if feasible else "false"
         model_id = None
         art = Path(result.artifact_path)
-        if art.is_file():
+        if art.is_file() and art.suffix != ".onnx":  # e.g. the TFLite backend's candidate.tflite
+            model_id = self._log_file_model(run_id, art, result)
+            tags[S.TAG_MODEL_URI] = f"models:/{model_id}"
+        elif art.is_file():
             on_disk = sum(p.stat().st_size for p in art.parent.glob(art.stem + "*") if p.is_file())
             big = on_disk > 1_500_000_000  # protobuf cannot hold > 2 GB: keep tensors as external data
             info = mlflow.onnx.log_model(
@@ -330,6 +333,22 @@ class StudyTracker:
                                                for k, v in metrics.items()],
                               tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
         self.client.set_terminated(run_id, status="FINISHED")
+
+    def _log_file_model(self, run_id: str, art: Path, result: "TrialResult") -> str:
+        """A non-ONNX artifact (a ``.tflite`` flatbuffer) as the run's logged model ``candidate``: MLflow has no
+        flavor for it, so the file goes into a LoggedModel of its own (model_type = its suffix), which the
+        registry can version like the ONNX ones; ``load`` says how to run it."""
+        import shutil
+        import tempfile
+
+        model = self.client.create_logged_model(
+            self.client.get_run(run_id).info.experiment_id, name=S.ARTIFACT_MODEL, source_run_id=run_id,
+            model_type=art.suffix.lstrip("."), tags={S.VTAG_PLAN: result.plan_summary[:2000]})
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy2(art, Path(tmp) / art.name)
+            self.client.log_model_artifacts(model.model_id, tmp)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
 
     def fail_trial(self, run_id: str, reason: str, seconds: float | None = None,
                    placement: dict[str, str] | None = None) -> None:
@@ -559,6 +578,9 @@ def run_has_artifact_dir(client, run_id: str, path: str) -> bool:
         return False
 
 
+MODEL_FILE_SUFFIXES = (".tflite",)  # logged models that are one file of another runtime (StudyTracker._log_file_model)
+
+
 def find_logged_model(client, study: StudyRecord, t: TrialRecord):
     """The trial's ONNX logged model (``mlflow.onnx.log_model(name="candidate")``), checked to hold its files."""
     from mlflow.exceptions import MlflowException
@@ -582,7 +604,8 @@ def find_logged_model(client, study: StudyRecord, t: TrialRecord):
                               "its artifact was never uploaded, so there is nothing to register")
         model = max(models, key=lambda m: m.creation_timestamp or 0)
     files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
-    if "MLmodel" not in files or not any(p.endswith(".onnx") for p in files):
+    onnx_model = "MLmodel" in files and any(p.endswith(".onnx") for p in files)
+    if not onnx_model and not any(p.endswith(MODEL_FILE_SUFFIXES) for p in files):
         raise RecordError(f"trial {t.number}: logged model {model.model_id} is incomplete (files: {sorted(files)}); "
                           "the upload was interrupted; rerun the trial")
     return model

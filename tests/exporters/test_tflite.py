@@ -214,3 +214,38 @@ def test_trial_helpers_plug_into_measurement(tmp_path):
         times = time_batches(sess, ev.fixed_batch(64), warmup=1, runs=3)
         assert len(times) == 3 and np.all(times > 0)
     assert accs["ref"] > 0.9 and accs["ref"] - accs["cand"] < 0.03
+
+
+@pytest.mark.slow
+def test_a_tflite_search_logs_every_trial_and_promotes_the_tflite_model(tmp_path, capsys, monkeypatch):
+    """The TFLite backend's candidates are .tflite files: every trial is logged complete (the file as the run's
+    logged model, not parsed as ONNX), the knee is promoted, and `load` says how to run it."""
+    pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install -e '.[keras]'")
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--config", str(ROOT / "search_spaces" / "digits_keras_tflite.yaml"), "--tracking-uri", uri,
+              "--set", f"workdir={tmp_path / 'w'}"]
+    rc = main(["search", *common, "--trials", "3", "--parallel", "1", "--no-progress", "--set", "measure.runs=3",
+               "--set", "measure.warmup=1", "--set", "measure.energy.min_seconds=0.05", "--set",
+               "measure.energy.repeats=1", "--set", "measure.remeasure_rounds=0", "--set",
+               "search.sensitivity.seed=false"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-3000:]
+    assert "finish_trial failed" not in out.out + out.err
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("digits-keras-tflite")
+    trials = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("precision_search.role") == "trial"]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert all(r.data.tags.get("precision_search.state") == "COMPLETE" for r in trials)
+    assert main(["promote", *common, "--policy", "knee"]) == 0
+    assert "registered" in capsys.readouterr().out.lower()
+    rc = main(["load", "digits-keras-tflite@champion", "--tracking-uri", uri, "--dst", str(tmp_path / "got")])
+    got = capsys.readouterr()
+    text = " ".join((got.out + got.err).split())
+    assert rc == 2 and "is a TFLite model" in text and "tf.lite.Interpreter" in text, text[-2000:]
+    assert list((tmp_path / "got").rglob("candidate.tflite"))
