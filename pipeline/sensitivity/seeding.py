@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 from dataclasses import dataclass, field
 
 from pipeline.config import SearchConfig
@@ -90,10 +91,21 @@ class Seeding:
         """Why this proposal is not worth a trial, or None to run it."""
         if self.table is None or self.budget is None:
             return None
-        drop = self.table.predicted_drop(plan)
+        t = self.table
+        choices = {n: Format(c.format) for n, c in plan.resolve(t.layers).items() if Format(c.format) is not Format.FP32}
+        # A cell the table never measured (a format the backend only emulates there, e.g. int4 on a Conv) is
+        # unknown, not hopeless: it adds nothing, and the sum is a lower bound of the additive prediction.
+        measured = {n: f for n, f in choices.items() if t.cell(n, f) is not None}
+        failed = sorted(f"{n}={f.value}" for n, f in measured.items() if not math.isfinite(t.drop(n, f)))
+        if failed:
+            return (f"skipped: the single-layer candidate of {', '.join(failed[:3])}"
+                    f"{' ...' if len(failed) > 3 else ''} failed in the sensitivity table ({t.eval_label})")
+        drop = float(sum(max(t.drop(n, f), 0.0) for n, f in measured.items()))
         if drop > SKIP_MARGIN * self.budget:
-            return (f"skipped: predicted {self.table.metric} drop {drop:.4f} (sum of single-layer drops, "
-                    f"{self.table.eval_label}) exceeds {SKIP_MARGIN:g} x search.max_accuracy_drop {self.budget}")
+            unknown = len(choices) - len(measured)
+            return (f"skipped: predicted {t.metric} drop {drop:.4f} (sum of single-layer drops, {t.eval_label}"
+                    + (f"; {unknown} layer choice(s) not in the table counted as 0" if unknown else "")
+                    + f") exceeds {SKIP_MARGIN:g} x search.max_accuracy_drop {self.budget}")
         return None
 
 

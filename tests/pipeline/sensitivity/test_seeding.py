@@ -264,6 +264,12 @@ def test_an_emulated_format_the_space_keeps_is_not_pruned_by_the_seeding(cnn_con
     for plan in seeding.plans:
         formats = {n: c.format for n, c in plan.resolve(names).items()}
         assert not any(formats[n] is Format.INT4 for n in convs)
+    # a proposal with such a cell is judged on its measured cells (the unknown one adds nothing), never as "inf"
+    plan = QuantPlan(layers={convs[0]: "int4"})
+    assert seeding.skip_reason(plan) is None
+    hopeless = QuantPlan(layers={**{n: "int4" for n in convs}, **{n: "int8" for n in names if n not in convs}})
+    reason = seeding.skip_reason(hopeless)
+    assert reason is None or ("inf" not in reason and f"{len(convs)} layer choice(s) not in the table" in reason)
     # the sensitivity table shows such a cell as not measured, not as a failed candidate
     from rich.console import Console
 
