@@ -381,6 +381,8 @@ class Resume:
         if runs is None:
             return False
         for t in self.study.get_trials(deepcopy=False):
+            if t.state.name == "PRUNED" and not t.user_attrs.get(T_RUN_ID) and not runs.get(t.number):
+                continue  # skipped at proposal time by the sensitivity screen: never had a run, and gets none now
             if t.state.is_finished():
                 self._reconcile(t, runs.get(t.number, []))
         for original, numbers in self.duplicates.items():

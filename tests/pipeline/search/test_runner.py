@@ -6,6 +6,7 @@ settings are cut down by the shared conftest (few timing runs, short energy wind
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -307,6 +308,28 @@ def _children(summary, study_name):
     runs = client.search_runs([summary.experiment_id], filter_string=f"tags.`{S.TAG_STUDY}` = '{study_name}'")
     parent = next(r for r in runs if r.data.tags.get(S.TAG_ROLE) == S.ROLE_STUDY)
     return parent, [r for r in runs if r.data.tags.get(S.TAG_ROLE) == S.ROLE_TRIAL]
+
+
+@pytest.mark.slow
+def test_a_resume_logs_no_run_for_a_proposal_the_sensitivity_screen_skipped(ray_local, mlflow_uri, make_config):
+    """A proposal skipped at proposal time (PRUNED, never measured) has no MLflow run; a resume's reconciliation
+    must not back-fill one as a FAILED run (it did: every skipped proposal of the first session became one)."""
+    from pipeline.search.storage import T_FAIL_REASON
+
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"], "search.int8_activations": ["dynamic"],
+                                            "search.calibrations": ["minmax"], "search.trials": 2})
+    opts = SearchOptions(study="skipped", parallel=1, progress="off", tracking_uri=mlflow_uri)
+    summary = run_search(cfg, opts)
+    study = open_study(cfg, "skipped")
+    trial = study.ask()  # as the runner records a skipped proposal
+    trial.set_user_attr(T_FAIL_REASON, "skipped: predicted accuracy drop 0.9 exceeds 2 x search.max_accuracy_drop")
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    again = run_search(cfg, dataclasses.replace(opts, trials=3))
+    _, children = _children(again, "skipped")
+    numbers = sorted(int(r.data.tags[S.TAG_TRIAL_NUMBER]) for r in children)
+    assert trial.number not in numbers
+    assert len(numbers) == len(set(numbers)) == again.trials_complete + again.trials_failed
+    assert summary.parent_run_id == again.parent_run_id
 
 
 @pytest.mark.slow
