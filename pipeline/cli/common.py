@@ -52,7 +52,8 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
 
 def tracking_uri(args, cfg=None, study: str | None = None) -> str:
     """Where the MLflow record is, for the read commands: ``--tracking-uri``; else $MLFLOW_TRACKING_URI; else
-    the URI the study recorded in its Optuna storage (``--storage``/$PRECISION_SEARCH_STORAGE: a cluster's record
+    the URI the study recorded in its Optuna storage (``--storage``/$PRECISION_SEARCH_STORAGE, else the workdir's
+    ``optuna.db`` where it exists: a search given ``--tracking-uri`` is found again without it; a cluster's record
     is found from the study alone; it is recorded without a password, which
     PGPASSWORD / ~/.pgpass then supply); else ``sqlite:///<work_root>/mlflow.db``. Database URLs go to the installed
     driver. A SQLite file that does not exist is refused with where it looked (:mod:`pipeline.cli.stores`),
@@ -69,6 +70,8 @@ def tracking_uri(args, cfg=None, study: str | None = None) -> str:
     uri = getattr(args, "tracking_uri", None) or user_tracking_uri()
     origin = "given by --tracking-uri or $MLFLOW_TRACKING_URI" if uri else None
     storage = getattr(args, "storage", None) or os.environ.get("PRECISION_SEARCH_STORAGE")
+    if not uri and not storage and cfg is not None and (cfg.work_path.resolve() / "optuna.db").is_file():
+        storage = f"sqlite:///{cfg.work_path.resolve() / 'optuna.db'}"  # the default study store, where it exists
     if not uri and storage and cfg is not None:
         import optuna
 
@@ -96,3 +99,15 @@ def tracking_uri(args, cfg=None, study: str | None = None) -> str:
         uri = default_tracking_uri(work, create=False)
     uri = normalize_db_url(uri, "--tracking-uri")
     return must_exist(uri, "--tracking-uri", "MLflow tracking database", cfg, config_arg, origin=origin)
+
+
+def same_study_args(args) -> list[str]:
+    """The arguments a follow-up command (``front``, ``promote``) needs to find the same study: the ``--set``
+    overrides (a ``workdir`` among them moves every store) and ``--storage`` (without its password: the
+    command reads it from PGPASSWORD / ~/.pgpass, as the search did). ``promote`` finds MLflow from the study."""
+    from pipeline.urls import without_password
+
+    out = [a for item in getattr(args, "set", None) or [] for a in ("--set", item)]
+    if getattr(args, "storage", None):
+        out += ["--storage", without_password(args.storage)]
+    return out

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.hints import command
-from pipeline.cli.common import add_config_arg, load
+from pipeline.cli.common import add_config_arg, load, same_study_args
 
 # Wide enough for per-layer plans when the output is a log file (rich assumes 80 columns there).
 console = Console(width=None if Console().is_terminal else 400)  # logs and pipes get the full table
@@ -71,7 +71,8 @@ def run(args) -> int:
                 # What decides every row's numbers besides its plan (dynamic INT8 scales per eval batch):
                 + f"; timing batch {cfg.measure.batch_size}, eval batch {cfg.measure.eval_batch}",
                 energy_source=attrs.get(A_ENERGY_SOURCE), full=args.full,
-                promote=command("promote", "--config", args.config, "--study", study.study_name, "--policy", "knee"))
+                promote=command("promote", "--config", args.config, "--study", study.study_name, "--policy", "knee",
+                                *same_study_args(args)))
     if pin.get("meter"):
         console.print(escape(f"energy meter pinned to {pin['meter']} ({pin.get('by', '')})"))
     note = attrs.get(A_ENERGY_NOTE)

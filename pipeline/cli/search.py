@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from rich.markup import escape
 
 from pipeline.hints import command
-from pipeline.cli.common import add_config_arg, parse_overrides
+from pipeline.cli.common import add_config_arg, parse_overrides, same_study_args
 from pipeline.cli.front import console
 
 
@@ -90,14 +90,17 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))
         return rc
-    print_summary(summary, args.config, workdir=f"{cfg.work_root} ({cfg.work_where})")
+    print_summary(summary, args.config, workdir=f"{cfg.work_root} ({cfg.work_where})", follow=same_study_args(args))
     if rc:
         console.print(f"[red]no trial completed[/red]: all {summary.trials_failed} failed (each one's reason was "
                       "printed as it ended, and is in its MLflow run); fix the cause and run the search again")
     return rc
 
 
-def print_summary(summary, config_path: str = "<config>", workdir: str | None = None) -> None:
+def print_summary(summary, config_path: str = "<config>", workdir: str | None = None,
+                  follow: list[str] | None = None) -> None:
+    """The search's closing screen; ``follow``: the arguments its printed commands need to find this study."""
+    follow = follow or []
     from pipeline.cli.front import print_front
 
     console.print()
@@ -140,9 +143,11 @@ def print_summary(summary, config_path: str = "<config>", workdir: str | None = 
     console.print(escape(summary.ui_hint.replace("make ui,", make_ui(config_path) + ",", 1)), soft_wrap=True)
     console.print(f"  front table/plots: parent run artifacts pareto/front.csv, pareto/front.png, pareto/front.svg; "
                   f"front trials are tagged pareto=true")
-    console.print(escape(f"  list it again: {command('front', '--config', config_path, '--study', summary.study)}"))
+    console.print(escape(f"  list it again: {command('front', '--config', config_path, '--study', summary.study, *follow)}"),
+                  soft_wrap=True)  # never wrapped: a command is copied whole
     if summary.front:
-        console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study, '--policy', 'knee')}"))
+        console.print(escape(f"  promote the knee: {command('promote', '--config', config_path, '--study', summary.study, '--policy', 'knee', *follow)}"),
+                      soft_wrap=True)
     console.print(f"done in {summary.wall_seconds:.0f} s")
 
 

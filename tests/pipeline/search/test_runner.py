@@ -513,10 +513,13 @@ def test_the_printed_promote_command_runs_as_printed_and_the_hypervolume_says_it
     out = capsys.readouterr().out
     # after the re-measurement the hypervolume is taken on its numbers, and says so, with the in-search one
     assert re.search(r"hypervolume \d\.\d{4} on the re-measured timings \(\d\.\d{4} on the in-search ones\)", out)
-    line = next(ln for ln in out.splitlines() if "promote the knee:" in ln)
-    argv = shlex.split(line.split("promote the knee:", 1)[1])
-    assert Path(argv[0]).name == "precision-search" and argv[1] == "promote"
-    assert main([*argv[1:], "--tracking-uri", mlflow_uri]) == 0  # as printed (the store given as the search's)
+    # both follow-up commands run exactly as printed: they carry the --set overrides (the workdir moves every store)
+    for hint, verb in (("list it again:", "front"), ("promote the knee:", "promote")):
+        line = next(ln for ln in out.splitlines() if hint in ln)
+        argv = shlex.split(line.split(hint, 1)[1])
+        assert Path(argv[0]).name == "precision-search" and argv[1] == verb
+        assert f"workdir={tmp_path / 'work'}" in argv
+        assert main(argv[1:]) == 0, capsys.readouterr()
     assert "registered" in capsys.readouterr().out.lower()
 
 
