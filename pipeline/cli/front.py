@@ -41,7 +41,11 @@ def run(args) -> int:
 
     cfg = load(args)
     study = open_study(cfg, args.study, read_storage(cfg, args.storage, args.config))
-    infos = study_objectives(study, cfg.metric.name)
+    # The study's own metric and its direction (a study made by the Python API may have a lower-is-better
+    # custom metric while the config given here names another): labels and verdicts follow the study.
+    recorded = study.user_attrs.get("metric")
+    infos = study_objectives(study, recorded or cfg.metric.name)
+    hib = next((o.direction == "maximize" for o in infos if o.name == "accuracy"), bool(cfg.metric.higher_is_better))
     records = build_records(study, infos)
     shown = records if args.all else [r for r in records if r.on_front]
     first = infos[0]
@@ -49,7 +53,7 @@ def run(args) -> int:
                reverse=first.direction == "maximize")
     attrs = study.user_attrs
     pin = attrs.get(A_ENERGY_PIN) or {}
-    verdict = remeasure_verdict(records, attrs, bool(cfg.metric.higher_is_better))
+    verdict = remeasure_verdict(records, attrs, hib)
     if args.json:
         print(json.dumps({
             "study": study.study_name,
@@ -73,6 +77,10 @@ def run(args) -> int:
                 energy_source=attrs.get(A_ENERGY_SOURCE), full=args.full,
                 promote=command("promote", "--config", args.config, "--study", study.study_name, "--policy", "knee",
                                 *same_study_args(args)))
+    if recorded and recorded != cfg.metric.name:
+        console.print(escape(f"note: study {study.study_name!r} was scored with metric {recorded!r} "
+                             f"({'higher' if hib else 'lower'} is better), not the config's {cfg.metric.name!r}: "
+                             "its own metric and direction are shown"), soft_wrap=True)
     if pin.get("meter"):
         console.print(escape(f"energy meter pinned to {pin['meter']} ({pin.get('by', '')})"))
     note = attrs.get(A_ENERGY_NOTE)

@@ -60,10 +60,13 @@ def run(args) -> int:
         if args.trial is not None:
             choice = explicit_choice(study, args.trial)
         else:
+            # the study's own objectives and metric direction, where its record has them (not the config's)
+            hib = study.higher_is_better
             choice = choose(study, args.policy,
                             Budget(max_energy_j=args.max_energy_j, max_latency_ms=args.max_latency_ms,
                                    max_accuracy_drop=drop),
-                            objectives=cfg.search.objectives, higher_is_better=bool(cfg.metric.higher_is_better))
+                            objectives=study.objectives or cfg.search.objectives,
+                            higher_is_better=bool(cfg.metric.higher_is_better) if hib is None else hib)
         done = promote(client, study, choice, registry_name=name, alias=alias, metric_name=cfg.metric.name,
                        tracking_uri=uri)
     except RecordError as exc:  # a refused promotion (PromotionError) or a missing record

@@ -107,6 +107,23 @@ class StudyRecord:
     parent_run_id: str
     parent_tags: dict[str, str]
     trials: list[TrialRecord] = field(default_factory=list)
+    parent_params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def objectives(self) -> list[str] | None:
+        """The objectives the study optimised (its parent run's ``objectives`` param), None if not recorded."""
+        names = self.parent_params.get("objectives")
+        return names.split(",") if names else None
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """The direction the study optimised its metric in (``accuracy`` in ``directions``), None if not recorded:
+        the study's own, not whatever config a later command is given (a study made by the Python API with a
+        lower-is-better metric read through a config that names another)."""
+        names, dirs = self.objectives, self.parent_params.get("directions", "").split(",")
+        if not names or "accuracy" not in names or len(dirs) != len(names):
+            return None
+        return dirs[names.index("accuracy")] == "maximize"
 
     def trial(self, number: int) -> TrialRecord | None:
         matches = [t for t in self.trials if t.number == number]

@@ -553,7 +553,8 @@ def _study_record(client, exp, parent) -> StudyRecord:
         seen.setdefault(t.number, t)
     return StudyRecord(experiment_id=exp.experiment_id, experiment_name=exp.name,
                        study=parent.data.tags.get(S.TAG_STUDY, ""), parent_run_id=parent.info.run_id,
-                       parent_tags=dict(parent.data.tags), trials=sorted(seen.values(), key=lambda t: t.number))
+                       parent_tags=dict(parent.data.tags), parent_params=dict(parent.data.params),
+                       trials=sorted(seen.values(), key=lambda t: t.number))
 
 
 def run_artifact_text(client, run_id: str, path: str) -> str | None:

@@ -36,3 +36,8 @@ def accuracy(outputs: dict[str, np.ndarray], targets: np.ndarray) -> float:
     if action == "exit":
         os._exit(3)
     return value
+
+
+def error_rate(outputs: dict[str, np.ndarray], targets: np.ndarray) -> float:
+    """1 - top-1 accuracy: a lower-is-better metric (``higher_is_better: false``)."""
+    return 1.0 - top1_accuracy(next(iter(outputs.values())), targets)

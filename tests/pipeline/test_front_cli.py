@@ -37,3 +37,41 @@ def test_duplicates_are_listed_as_such_and_not_counted_as_a_source(capsys):
     print_front(records, INFOS, title="t")
     out = " ".join(capsys.readouterr().out.split())
     assert "duplicate of trial 0" in out and "not comparable" not in out
+
+
+def test_front_and_promote_follow_the_studys_metric_direction_not_the_configs(tmp_path, capsys, monkeypatch):
+    """A study scored with a lower-is-better metric, read through a config that names another (as a study made
+    by the Python API is): `front` labels and judges by the study's metric, and max-accuracy picks the lowest."""
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main
+    from tests.conftest import ROOT
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PRECISION_SEARCH_STORAGE", raising=False)
+    common = ["--config", str(ROOT / "search_spaces" / "digits_mlp.yaml"), "--set", f"workdir={tmp_path / 'w'}"]
+    tiny = ["--set", "measure.runs=5", "--set", "measure.warmup=1", "--set", "measure.energy.min_seconds=0.05",
+            "--set", "measure.energy.repeats=1", "--set", "measure.remeasure_rounds=0", "--set",
+            "search.sensitivity.seed=false", "--set", "search.formats=[fp32,int8,int4]",
+            # fc1 of this MLP cannot take int4: the front's error rates differ
+            "--set", "model.factory=tests.pipeline.sensitivity.fragile:fragile_mlp", "--set", "name=digits-mlp",
+            "--set", "search.int8_activations=[dynamic]", "--set", "search.calibrations=[minmax]",
+            "--set", "search.max_accuracy_drop=0.5"]
+    lower = ["--set", "metric.name=tests.pipeline.flaky_metric:error_rate", "--set", "metric.higher_is_better=false"]
+    assert main(["search", *common, *tiny, *lower, "--trials", "6", "--parallel", "1", "--study", "err",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["front", *common, "--study", "err"]) == 0  # the config's metric: accuracy (higher is better)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "was scored with metric 'tests.pipeline.flaky_metric:error_rate' (lower is better)" in out
+    assert main(["promote", *common, "--study", "err", "--policy", "max-accuracy", "--max-latency-ms", "1e9"]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'w' / 'mlflow.db').resolve()}")
+    front = [r for r in client.search_runs([client.get_experiment_by_name("digits-mlp").experiment_id])
+             if r.data.tags.get("pareto") == "true"]
+    import re
+
+    chosen = re.search(r"trial (\d+) \(max-accuracy", out).group(1)
+    by_number = {r.data.tags["precision_search.trial_number"]: r.data.metrics["accuracy"] for r in front}
+    assert len(set(by_number.values())) > 1  # a real choice: the front's error rates differ
+    assert by_number[chosen] == min(by_number.values())  # the lowest error rate, not the highest
