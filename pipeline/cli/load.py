@@ -43,7 +43,9 @@ def _random_feeds(session, batch: int = 1) -> dict[str, np.ndarray]:
             dtype = np.float16 if "float16" in i.type else np.float32
             feeds[i.name] = rng.standard_normal(shape).astype(dtype)
         elif "int" in i.type:
-            feeds[i.name] = np.zeros(shape, dtype=np.int64 if "int64" in i.type else np.int32)
+            # ones, not zeros: an all-zero attention mask masks every position and softmax returns NaN,
+            # which would report a healthy model as "finite: False"; token id 1 exists in any vocabulary
+            feeds[i.name] = np.ones(shape, dtype=np.int64 if "int64" in i.type else np.int32)
         elif "bool" in i.type:
             feeds[i.name] = np.ones(shape, dtype=bool)
         else:
@@ -51,8 +53,11 @@ def _random_feeds(session, batch: int = 1) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _file_feeds(path: str, session) -> dict[str, np.ndarray]:
+def _file_feeds(path: str, session, onnx_path: Path) -> dict[str, np.ndarray]:
+    """The arrays of ``--input``, checked against the model's inputs (names, ranks, fixed sizes, dtypes), so a
+    wrong file ends in one line naming the input and what the model takes, not in ONNX Runtime's traceback."""
     from pipeline.config import ConfigError
+    from pipeline.data_check import check_feeds, onnx_input_specs
 
     names = [i.name for i in session.get_inputs()]
     if path.endswith(".npz"):
@@ -61,10 +66,14 @@ def _file_feeds(path: str, session) -> dict[str, np.ndarray]:
         missing = sorted(set(names) - set(feeds))
         if missing:
             raise ConfigError(f"--input {path}: no array named {missing} (the model's inputs are {names})")
-        return feeds
-    if len(names) != 1:
+    elif len(names) != 1:
         raise ConfigError(f"--input {path}: the model has inputs {names}; give an .npz with one array per name")
-    return {names[0]: np.load(path, allow_pickle=False)}
+    else:
+        feeds = {names[0]: np.load(path, allow_pickle=False)}
+    problems = check_feeds(feeds, onnx_input_specs(onnx_path))
+    if problems:
+        raise ConfigError(f"--input {path}: the arrays do not fit the model's inputs:\n  - " + "\n  - ".join(problems))
+    return feeds
 
 
 def run(args) -> int:
@@ -123,7 +132,7 @@ def run(args) -> int:
                 reg = loaded.tags.get("metric.accuracy")
                 report["registered_value"] = float(reg) if reg is not None else None
         else:
-            feeds = _file_feeds(args.input, session) if args.input else _random_feeds(session)
+            feeds = _file_feeds(args.input, session, loaded.onnx_path) if args.input else _random_feeds(session)
             outs = session.run(out_names, feeds)
             outputs = dict(zip(out_names, outs))
             report["input"] = args.input or "random batch of 1 (smoke test)"

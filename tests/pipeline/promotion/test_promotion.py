@@ -391,6 +391,17 @@ def test_cli_promote_then_load_runs_the_model_with_onnx_runtime(searched, tmp_pa
     with np.load(out_npz) as z:
         assert z["output"].shape == (3, 10) and np.all(np.isfinite(z["output"]))
 
+    # an input of the wrong width or dtype: one line naming the input and what the model takes, no traceback
+    capsys.readouterr()
+    np.save(tmp_path / "narrow.npy", x[:, :40])
+    rc = main(["load", "digits-cli@champion", "--input", str(tmp_path / "narrow.npy"), "--tracking-uri", uri])
+    got = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in got.err, got.err[-2000:]
+    assert "narrow.npy: the arrays do not fit the model's inputs" in got.err and "(N, 64)" in got.err
+    np.save(tmp_path / "f64.npy", x.astype(np.float64))
+    assert main(["load", "digits-cli@champion", "--input", str(tmp_path / "f64.npy"), "--tracking-uri", uri]) == 2
+    assert "dtype float64, the model takes float32" in capsys.readouterr().err
+
     rc = main(["load", "digits-cli@nope", "--tracking-uri", uri])
     assert rc == 2 and "not found in the registry" in capsys.readouterr().out
 
