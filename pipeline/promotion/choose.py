@@ -164,12 +164,22 @@ def _min_objective(study: StudyRecord, front: list[TrialRecord], policy: str, ob
         drops = [d for d in (accuracy_drop(study, t, higher_is_better) for t in measured) if d is not None]
         raise PromotionError(f"no trial on the front has an accuracy drop <= {limit:g} (smallest: "
                              f"{fmt(min(drops) if drops else None)}); raise --max-accuracy-drop")
+    # --max-latency-ms / --max-energy-j also bound a min-<objective> choice (they were ignored: a budget a user
+    # gives is never dropped silently)
+    limits = [f"accuracy drop <= {limit:g}"]
+    for metric, cap, label in (("latency_ms_p50", budget.max_latency_ms, "latency p50 <= {:g} ms"),
+                               (O.get("energy").metric, budget.max_energy_j, "energy <= {:g} J/inference")):
+        if cap is not None:
+            kept = [t for t in pool if (v := _measured(t, metric)) is not None and v <= cap]
+            if not kept:
+                raise PromotionError(f"no front trial within {', '.join(limits)} has {label.format(cap)}; relax it")
+            pool, limits = kept, [*limits, label.format(cap)]
     if obj.one_source:
         require_one_energy_source(pool, policy)
     best = min(pool, key=lambda t: (value(t), -_quality(t, higher_is_better)))
     source = f", {best.energy_source or 'unknown'}" if obj.one_source else ""
     reason = (f"lowest {obj.name} ({fmt(value(best), obj.long_unit)}{source}) "
-              f"of {len(pool)} front trial(s) with accuracy drop <= {limit:g}")
+              f"of {len(pool)} front trial(s) with {' and '.join(limits)}")
     return Choice(best, policy, reason)
 
 
