@@ -101,6 +101,6 @@ def run(args) -> int:
 
     # The store `search` logs to (and `make ui` shows): --tracking-uri, $MLFLOW_TRACKING_URI, else the workdir's.
     uri = args.tracking_uri or default_tracking_uri(cfg.work_root)
-    run_id = log_to_mlflow(table, files, uri, cfg.tracking.experiment or cfg.name)
+    run_id = log_to_mlflow(table, files, uri, cfg.tracking.experiment or cfg.name, cfg.work_root)
     console.print(f"logged to MLflow ({mask_url(uri)}), run {run_id}", highlight=False, soft_wrap=True)
     return 0

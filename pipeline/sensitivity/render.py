@@ -143,12 +143,17 @@ def heatmap(t: SensitivityTable, path: str | Path) -> Path:
     return path
 
 
-def log_to_mlflow(t: SensitivityTable, files: list[Path], tracking_uri: str, experiment: str) -> str:
+def log_to_mlflow(t: SensitivityTable, files: list[Path], tracking_uri: str, experiment: str,
+                  workdir: str | Path | None = None) -> str:
     """One MLflow run holding the table (as an MLflow table and the CSV/JSON) and the heat map."""
     import mlflow
 
+    from pipeline.tracking.record import ensure_experiment
+
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    # created where the search's own experiment would be (artifacts beside the store, not in ./mlruns)
+    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(tracking_uri), tracking_uri, experiment,
+                                                          workdir))
     rows = {"layer": [], "format": [], "drop": [], "execution": [], "size_share": [], "latency_share_estimate": []}
     for c in t.cells:
         cost = t.cost(c.layer)

@@ -93,13 +93,25 @@ def default_tracking_uri(workdir: str | Path, create: bool = True) -> str:
     return f"sqlite:///{path / DEFAULT_DB}"
 
 
-def sqlite_artifact_location(uri: str, experiment: str) -> str | None:
-    """For a server-less SQLite store: artifacts in ``mlartifacts/<experiment>`` next to the database
-    (MLflow's own default is ./mlruns in whatever folder the command ran from)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):])
-    return (db.resolve().parent / DEFAULT_ARTIFACTS / experiment).as_uri()
+def artifact_location(uri: str, experiment: str, workdir: str | Path | None = None) -> str | None:
+    """Where a new experiment's artifacts go when no server decides it (MLflow's own default is ./mlruns in
+    whatever folder the command ran from: the repository, a home folder...): for a SQLite store
+    ``mlartifacts/<experiment>`` next to the database; for another database URL (PostgreSQL, MySQL: no
+    server) ``<workdir>/mlartifacts/<experiment>``; None for a tracking server (it stores them)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.resolve().parent / DEFAULT_ARTIFACTS / experiment).as_uri()
+    if "://" in uri and not uri.startswith(("http://", "https://", "databricks", "file:")) and workdir is not None:
+        return (Path(workdir).resolve() / DEFAULT_ARTIFACTS / experiment).as_uri()
+    return None
+
+
+def ensure_experiment(client, uri: str, name: str, workdir: str | Path | None = None, tags: dict | None = None) -> str:
+    """The experiment's id, created (with :func:`artifact_location`) when it does not exist."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name, workdir), tags=tags)
+    return exp.experiment_id
 
 
 def _quote(value: str) -> str:
@@ -177,8 +189,7 @@ class StudyTracker:
         kind = {S.EXPERIMENT_KIND_TAG: S.EXPERIMENT_KIND}
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            return self.client.create_experiment(name, artifact_location=sqlite_artifact_location(self.uri, name),
-                                                 tags=kind)
+            return ensure_experiment(self.client, self.uri, name, self.workdir, tags=kind)
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
         if exp.tags.get(S.EXPERIMENT_KIND_TAG) is None:

@@ -62,3 +62,15 @@ def test_cli_logs_to_the_store_the_search_uses_by_default(fragile_config, fragil
     (run,) = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
         [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("digits-mlp-fragile").experiment_id])
     assert run.data.tags["precision_search.kind"] == "sensitivity"
+    # created by `sensitivity` first: artifacts beside the store, as the search's, not in ./mlruns of the cwd
+    exp = mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("digits-mlp-fragile")
+    assert exp.artifact_location == (db.parent / "mlartifacts" / "digits-mlp-fragile").as_uri()
+
+
+def test_an_experiment_on_a_database_without_a_server_keeps_its_artifacts_in_the_workdir(tmp_path):
+    from pipeline.tracking.record import artifact_location
+
+    url = "postgresql://postgres@127.0.0.1:5432/test"
+    assert artifact_location(url, "e", tmp_path) == (tmp_path.resolve() / "mlartifacts" / "e").as_uri()
+    assert artifact_location("http://127.0.0.1:5000", "e", tmp_path) is None  # the server stores them
+    assert artifact_location(f"sqlite:///{tmp_path / 'm.db'}", "e") == (tmp_path.resolve() / "mlartifacts" / "e").as_uri()
