@@ -116,3 +116,38 @@ def normalize_db_url(url: str, field: str = "storage") -> str:
             "run `.venv/bin/pip install -e '.[cluster]'` (installs psycopg 3), or use a sqlite:/// URL"
         )
     return f"postgresql+{driver}://{rest}"
+
+
+def same_database(a: str | None, b: str | None) -> bool:
+    """Whether two SQLAlchemy URLs name the same database (host, port, database, and the ``options`` /
+    ``search_path`` that would put them in different schemas); False for anything that is not a database URL
+    (an MLflow server's http://)."""
+    if not a or not b:
+        return False
+    try:
+        from sqlalchemy.engine import make_url
+
+        ua, ub = make_url(normalize_db_url(a, "url")), make_url(normalize_db_url(b, "url"))
+    except Exception:  # noqa: BLE001 - not a database URL (http://, a typo the stores' own checks name)
+        return False
+    family = lambda u: u.get_backend_name()  # noqa: E731 - postgresql+psycopg and postgresql are one server
+    if family(ua) != family(ub):
+        return False
+    if family(ua) == "sqlite":
+        from pathlib import Path
+
+        return bool(ua.database) and bool(ub.database) and Path(ua.database).resolve() == Path(ub.database).resolve()
+    default_port = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}.get(family(ua))
+    where = lambda u: (u.host or "localhost", u.port or default_port, u.database, dict(u.query).get("options"))  # noqa: E731
+    return where(ua) == where(ub)
+
+
+def check_separate_stores(storage: str | None, tracking: str | None) -> None:
+    """Optuna's storage and MLflow's store cannot share one database: both keep their schema version in an
+    ``alembic_version`` table there, so the second to open it fails (or half-migrates). Refused up front."""
+    if same_database(storage, tracking):
+        raise ConfigError(
+            f"--storage and --tracking-uri name the same database ({mask_url(storage)}): Optuna and MLflow each "
+            "keep an alembic_version table and cannot share one; give MLflow a database of its own "
+            "(createdb mlflow; --tracking-uri .../mlflow) or a schema of its own "
+            "(--tracking-uri '...?options=-csearch_path%3Dmlflow', after CREATE SCHEMA mlflow)")

@@ -17,7 +17,13 @@ def run_search(config, opts: SearchOptions | None = None) -> SearchSummary:
     """Run (or resume) a study until it holds ``opts.trials`` finished trials, with its MLflow record
     and, at the end, the interleaved re-measurement of the front and the baselines
     (:mod:`pipeline.tracking.remeasure`) and the review on the parent run."""
+    import os
+
+    from pipeline.urls import check_separate_stores
+
     opts = opts or SearchOptions()
+    check_separate_stores(opts.storage or os.environ.get("PRECISION_SEARCH_STORAGE"),
+                          opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     return run_study(config, opts, recorder=StudyTracker.factory(config, opts.tracking_uri),
                      # the re-measurement first: the review then reads the final front
                      finishers=(remeasure_finisher(config), review_finisher(config)))

@@ -57,6 +57,10 @@ CASES = {
     "storage is a folder": (lambda t: ["--storage", f"sqlite:///{t}"], ["--storage", "is a folder"]),
     "storage is the MLflow store": (lambda t: ["--storage", _mlflow_db(t / "m.db")],
                                     ["--storage", "not an Optuna one", "MLflow"]),
+    "storage and tracking uri the same database": (
+        lambda t: ["--storage", "postgresql://postgres@127.0.0.1:5432/test",
+                   "--tracking-uri", "postgresql+psycopg://postgres@127.0.0.1/test"],
+        ["--storage and --tracking-uri name the same database", "alembic_version", "search_path"]),
     "tracking uri is a folder": (lambda t: ["--tracking-uri", f"sqlite:///{t}"], ["--tracking-uri", "is a folder"]),
     "tracking uri is an Optuna database": (lambda t: ["--tracking-uri", _optuna_db(t / "o.db")],
                                            ["--tracking-uri", "cannot be opened as an MLflow store"]),

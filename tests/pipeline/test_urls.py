@@ -55,3 +55,16 @@ def test_missing_driver_names_the_field_and_the_extra(monkeypatch):
 ])
 def test_mask_url(url, shown):
     assert mask_url(url) == shown
+
+
+def test_same_database_is_the_same_server_database_and_schema_whatever_the_spelling(tmp_path):
+    from pipeline.urls import same_database
+
+    pg = "postgresql://postgres@127.0.0.1:5432/test"
+    assert same_database(pg, "postgres://postgres@127.0.0.1/test")  # scheme alias and default port
+    assert same_database(pg, "postgresql+psycopg2://postgres:pw@127.0.0.1:5432/test")
+    assert not same_database(pg, "postgresql://postgres@127.0.0.1:5432/postgres")  # another database
+    assert not same_database(pg, pg + "?options=-csearch_path%3Dmlflow")  # another schema
+    assert not same_database(pg, "http://127.0.0.1:5000")  # a tracking server
+    assert same_database(f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / '.' / 'a.db'}")
+    assert not same_database(f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}")
