@@ -340,6 +340,10 @@ class StudyTracker:
             self.client.log_artifact(run_id, result.engine_path, S.ARTIFACT_ENGINE)
         tags[S.TAG_STATE] = "COMPLETE"  # last: a COMPLETE tag means every artifact above is there
         now = int(time.time() * 1000)
+        if result.qat_curve:  # the loss curve as a stepped metric: MLflow charts it per trial
+            curve = [Metric(S.METRIC_QAT_LOSS, float(v), now, i) for i, v in enumerate(result.qat_curve)]
+            for i in range(0, len(curve), 1000):  # MLflow takes at most 1,000 metrics per batch
+                self.client.log_batch(run_id, metrics=curve[i:i + 1000])
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id)
                                                for k, v in metrics.items()],
                               tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])

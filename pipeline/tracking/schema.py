@@ -70,6 +70,7 @@ def param_key(name: str) -> str:
 
     return re.sub(r"[^A-Za-z0-9_\-.:/ ]", "_", name.replace("*", "all"))[:250]
 METRIC_TRIAL_SECONDS = "trial_seconds"
+METRIC_QAT_LOSS = "qat_loss"  # a QAT trial's training loss, one value per step (TrialResult.qat_curve)
 METRIC_OBJECTIVE_PREFIX = "objective."  # + objective name: the exact value Optuna optimised
 
 ROLE_STUDY = "study"

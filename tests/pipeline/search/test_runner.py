@@ -333,6 +333,22 @@ def test_a_resume_logs_no_run_for_a_proposal_the_sensitivity_screen_skipped(ray_
 
 
 @pytest.mark.slow
+def test_a_qat_trial_logs_its_loss_curve_as_a_stepped_metric(ray_local, mlflow_uri, make_config):
+    cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"], "search.int8_activations": ["dynamic"],
+                                            "search.calibrations": ["minmax"], "search.methods": ["qat"],
+                                            "search.qat_steps": [12], "search.baselines": False,
+                                            "search.trials": 1})
+    summary = run_search(cfg, SearchOptions(study="qat-curve", parallel=1, progress="off", tracking_uri=mlflow_uri))
+    assert summary.trials_complete == 1
+    _, (child,) = _children(summary, "qat-curve")
+    history = mlflow.MlflowClient(summary.tracking_uri).get_metric_history(child.info.run_id, S.METRIC_QAT_LOSS)
+    (t,) = open_study(cfg, "qat-curve").get_trials()
+    curve = t.user_attrs["result"]["qat_curve"]
+    assert len(curve) == 12 and [m.step for m in history] == list(range(12))
+    assert [m.value for m in history] == pytest.approx(curve)
+
+
+@pytest.mark.slow
 def test_energy_meter_is_pinned_to_the_first_trials_source(ray_local, mlflow_uri, make_config):
     cfg = make_config("digits_mlp.yaml", **{"search.formats": ["fp32", "int8"], "search.int8_activations": ["dynamic"],
                                             "search.calibrations": ["minmax"], "search.trials": 3})
