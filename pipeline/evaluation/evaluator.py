@@ -58,6 +58,17 @@ class _Measured:
     lock_wait_s: float  # time spent waiting for the node's measurement lock
 
 
+def optimized_reference(config: SearchConfig, raw: ReferenceModel, calibration: Dataset, backend: str) -> ReferenceModel:
+    """The export after ``export.optimize`` for ``backend`` (cached beside it): the one graph every candidate is
+    built from and the FP32 accuracy is measured on - here, in the sensitivity table and in every Ray trial
+    (the search ships this one to its workers: :func:`pipeline.search.preflight.trial_reference`)."""
+    from exporters.optimize import optimize_reference
+
+    path, table = optimize_reference(raw.onnx_path, raw.layer_table, raw.content_hash, config.export.optimize,
+                                     backend, calibration_batches(calibration, raw.input_names)[:1])
+    return raw.model_copy(update={"onnx_path": path, "layer_table": table})
+
+
 class Evaluator:
     def __init__(self, config: SearchConfig, workdir: str | Path | None = None):
         self.config = config
@@ -70,12 +81,8 @@ class Evaluator:
     @cached_property
     def reference(self) -> ReferenceModel:
         """The graph candidates start from and the FP32 accuracy is measured on (export.optimize)."""
-        from exporters.optimize import optimize_reference
-
-        raw = self.adapter.export_reference(self.workdir)
-        path, table = optimize_reference(raw.onnx_path, raw.layer_table, raw.content_hash, self.config.export.optimize,
-                                         self.backend.name, calibration_batches(self.calibration, raw.input_names)[:1])
-        return raw.model_copy(update={"onnx_path": path, "layer_table": table})
+        return optimized_reference(self.config, self.adapter.export_reference(self.workdir), self.calibration,
+                                   self.backend.name)
 
     @cached_property
     def calibration(self) -> Dataset:

@@ -121,6 +121,27 @@ def check_inputs(config: SearchConfig, reference: Any, parallel: int = 1) -> Non
     check_metric(config)
 
 
+def trial_reference(config: SearchConfig, raw: Any) -> Any:
+    """The reference the search ships to its workers: the export after ``export.optimize``, as every Evaluator
+    builds it (:func:`pipeline.evaluation.evaluator.optimized_reference`). Shipping the raw export made the
+    trials quantize another graph than the one the sensitivity table, ``evaluate`` and the docs use (the same
+    plan came out with another size). A backend the driver cannot resolve (a GPU one) is named as configured;
+    ``auto`` there keeps the export as is (the workers' backend is unknown here)."""
+    from pipeline.backends.base import BackendUnavailable
+    from pipeline.backends.registry import AUTO, resolve_backend
+    from pipeline.data import load_dataset
+    from pipeline.evaluation.evaluator import optimized_reference
+
+    try:
+        backend = resolve_backend(config.measure.backend)[0].name
+    except BackendUnavailable:
+        if config.measure.backend == AUTO:
+            return raw
+        backend = config.measure.backend
+    calibration = load_dataset(config.data.calibration, config, "data.calibration")
+    return optimized_reference(config, raw, calibration, backend)
+
+
 def check_metric(config: SearchConfig) -> float | None:
     """Score the FP32 reference once, here: a metric that cannot read the model's outputs or the targets
     (a wrong ``metric.output``, targets of another length, a custom metric that raises) ends the command

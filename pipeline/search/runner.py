@@ -118,13 +118,14 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
         import yaml
 
         from pipeline.backends import quant_target_for
-        from pipeline.search.preflight import check_inputs, export_reference
+        from pipeline.search.preflight import check_inputs, export_reference, trial_reference
         from search_spaces.space import SearchSpace
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         cfg = self.config
         self.reference = export_reference(cfg, self.work)  # cached; workers reuse the file
         check_inputs(cfg, self.reference, self.opts.parallel or 1)  # data and batch memory, before Ray
+        self.reference = trial_reference(cfg, self.reference)  # export.optimize applied: what every trial starts from
         self.layer_names = self.reference.layer_table.names
         self.hash, self.storage_shown = config_hash(cfg), mask_url(self.storage)  # never the password, anywhere
         refuse_changed_config(existing_study_attrs(self.storage, self.study_name, init_lock_path(self.storage, self.work)),

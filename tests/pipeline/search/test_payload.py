@@ -161,7 +161,8 @@ def test_a_reference_that_cannot_be_scored_on_the_worker_is_the_studys_failure_n
     from pipeline.search.worker import TrialTask, run_trial
 
     cfg = make_config("digits_mlp.yaml", **{"metric.output": "no_such_output"})
-    task = TrialTask(study="s", number=0, config=cfg.model_dump(mode="json"), base_dir=str(ROOT), cwd=str(tmp_path),
+    # run inline, the worker's chdir to the task's cwd is this process's: keep it where it is
+    task = TrialTask(study="s", number=0, config=cfg.model_dump(mode="json"), base_dir=str(ROOT), cwd=os.getcwd(),
                      plan_yaml=QuantPlan.uniform("int8").to_yaml(), out_dir=str(tmp_path / "t"), energy=False)
     out = TrialOutcome.model_validate(run_trial(task))
     assert out.status == "fail" and out.fatal

@@ -55,3 +55,25 @@ def test_spool_counts_and_clears(tmp_path):
     assert sp.down and sp.pending() == 2 and sp.probe_due()
     sp.clear()
     assert not sp.down and sp.pending() == 0 and not sp.path.exists()
+
+
+def test_the_trials_start_from_the_same_optimized_graph_as_every_evaluator(encoder_config, tmp_path):
+    """The reference the search ships to its workers is the export after export.optimize, the file an Evaluator
+    (the sensitivity table, `evaluate`, the FP32 accuracy) builds candidates from (it used to ship the raw
+    export, so a trial and `evaluate` of one plan quantized different graphs)."""
+    import onnx
+
+    from pipeline.evaluation import Evaluator
+    from pipeline.search.preflight import export_reference, trial_reference
+
+    cfg = encoder_config.model_copy(deep=True, update={"workdir": str(tmp_path / "w")})
+    cfg.base_dir = encoder_config.base_dir
+    cfg.export.optimize = "basic"
+    raw = export_reference(cfg, cfg.work_path)
+    shipped = trial_reference(cfg, raw)
+    ev = Evaluator(cfg)
+    assert shipped.onnx_path == ev.reference.onnx_path != raw.onnx_path
+    assert shipped.layer_table == ev.reference.layer_table
+    # ORT's saved graph imports every domain it knows; the ones no node uses are dropped
+    used = {n.domain for n in onnx.load(shipped.onnx_path).graph.node} | {""}
+    assert {o.domain for o in onnx.load(shipped.onnx_path).opset_import} <= used | {"ai.onnx"}
