@@ -129,14 +129,16 @@ def run_strategy(name: str, seed: int, config, measured: Measured, seeding, n_tr
     names = measured.names
     keys, skipped = [], 0
     trace: list[tuple[int, str | None]] = []  # (trial index, plan key or None when pruned/failed), in order
-    if name == "uniform":
-        for i, f in enumerate(config.search.formats):
-            plan = QuantPlan.uniform(f)
+    if name == "uniform":  # the product's own uniform baselines: each format, INT8 in each activation mode
+        space = SearchSpace.build(config.search, names)
+        baselines = space.uniform_baselines()
+        for i, params in enumerate(baselines.values()):
+            plan = space.plan_from_params(params)
             k = measured.key(plan, names) if measured(plan) else None
             trace.append((i, k))
             if k:
                 keys.append(k)
-        return {"keys": keys, "trace": trace, "trials": len(config.search.formats), "skipped": 0}
+        return {"keys": keys, "trace": trace, "trials": len(baselines), "skipped": 0}
     kwargs = space_inputs(config, None, seeding) if name == "seeded" else {}
     space = SearchSpace.build(config.search, names, **kwargs)
     if name == "random":
