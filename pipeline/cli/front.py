@@ -72,8 +72,8 @@ def run(args) -> int:
         return 0
     print_front(shown, infos, title=f"study {study.study_name}: "
                 + (f"all {len(shown)} trials" if args.all else
-                   f"Pareto front ({len(shown)} of {sum(r.state not in ('WAITING', 'RUNNING') for r in records)} "
-                   "finished trials)")  # enqueued seeds not yet run are not trials of the front's study yet
+                   # of the finished trials: enqueued seeds not yet run are not counted
+                   f"Pareto front ({len(shown)} of {sum(r.state not in ('WAITING', 'RUNNING') for r in records)} trials)")
                 # What decides every row's numbers besides its plan (dynamic INT8 scales per eval batch):
                 + f"; timing batch {cfg.measure.batch_size}, eval batch {cfg.measure.eval_batch}",
                 energy_source=attrs.get(A_ENERGY_SOURCE), full=args.full,

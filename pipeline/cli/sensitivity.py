@@ -43,7 +43,8 @@ def run(args) -> int:
     from pipeline.config import ConfigError
     from pipeline.formats import Format
     from pipeline.sensitivity import build_sensitivity
-    from pipeline.sensitivity.render import heatmap, log_to_mlflow, rich_table, summary_lines, write_csv
+    from pipeline.sensitivity.render import heatmap, rich_table, summary_lines, write_csv
+    from pipeline.tracking.experiments import log_sensitivity
 
     cfg = load(args)
     try:
@@ -101,6 +102,6 @@ def run(args) -> int:
 
     # The store `search` logs to (and `make ui` shows): --tracking-uri, $MLFLOW_TRACKING_URI, else the workdir's.
     uri = args.tracking_uri or default_tracking_uri(cfg.work_root)
-    run_id = log_to_mlflow(table, files, uri, cfg.tracking.experiment or cfg.name, cfg.work_root)
+    run_id = log_sensitivity(table, files, uri, cfg.tracking.experiment or cfg.name, cfg.work_root)
     console.print(f"logged to MLflow ({mask_url(uri)}), run {run_id}", highlight=False, soft_wrap=True)
     return 0

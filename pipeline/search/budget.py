@@ -39,7 +39,14 @@ def format_duration(seconds: float) -> str:
 
 
 class TimeBudget:
-    """The runner's ``--time-budget`` check (a mixin of :class:`pipeline.search.runner.StudyRunner`)."""
+    """The runner's ``--time-budget`` check and its other reasons to stop proposing (a mixin of
+    :class:`pipeline.search.runner.StudyRunner`)."""
+
+    def _stop_early(self, why: str, prefix: str = "stopped asking for new trials: ") -> None:
+        """Stop proposing, saying why once: progress, MLflow, the summary."""
+        self.stopped_early = prefix + why
+        self.progress.message(self.stopped_early)
+        self._track(self.tracker.log_stopped_early, self.stopped_early)
 
     def _budget_spent(self) -> bool:
         """True once ``--time-budget`` has run out (and says so once: progress, MLflow, the summary).
@@ -49,10 +56,8 @@ class TimeBudget:
         budget = self.opts.time_budget_s
         if budget is None or time.monotonic() - self._budget_t0 + self.seeding.charged_s < budget:
             return False
-        self.stopped_early = (
-            f"stopped proposing trials: the time budget of {format_duration(budget)} is spent; "
-            f"{len(self.in_flight)} trial(s) in flight were finished, and the study holds {self._finished()} "
-            f"measured trial(s) of the {self.target} asked for (run the command again to continue it)")
-        self.progress.message(self.stopped_early)
-        self._track(self.tracker.log_stopped_early, self.stopped_early)
+        self._stop_early(f"the time budget of {format_duration(budget)} is spent; {len(self.in_flight)} trial(s) "
+                         f"in flight are finished, and the study holds {self._finished()} measured trial(s) of the "
+                         f"{self.target} asked for (run the command again to continue it)",
+                         prefix="stopped proposing trials: ")
         return True

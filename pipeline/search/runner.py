@@ -55,13 +55,13 @@ from pipeline.search.records import T_PLAN_BRIEF, TrialRecord, build_records, fr
 from pipeline.search.storage import (
     A_CONFIG_HASH, A_ENERGY_METER, A_ENERGY_MODE, A_ENERGY_NOTE, A_ENERGY_PIN, A_ENERGY_SOURCE, A_HV_BOX,
     A_MAX_DROP, A_OBJECTIVES, A_PARENT_RUN, A_REFERENCE_ACCURACY, A_REMEASURED, A_TRACKING_URI, A_VERDICT, CONSTRAINT,
-    T_BASELINE,
-    T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, T_SEED,
-    Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage,
-    existing_study_attrs, init_lock_path, make_sampler, refuse_changed_config, measured_count, set_metric_names, store_init_lock, study_counts,
-    validate_study_name,
+    T_BASELINE, T_FAIL_REASON, T_PLAN_KEY, T_PLAN_SUMMARY, T_RESULT, T_RETRY_OF, T_RUN_ID, T_SECONDS, T_SEED,
+    Resume, StudyLock, check_optuna_storage, check_workdir, config_hash, default_storage, existing_study_attrs,
+    init_lock_path, make_sampler, measured_count, refuse_changed_config, set_metric_names, store_init_lock,
+    study_counts, validate_study_name,
 )
 from pipeline.search.retries import Retries
+from pipeline.search.seed_queue import SeedQueue
 from pipeline.search.spool import Spool, Tracking
 from pipeline.search.worker import TrialTask
 from pipeline.urls import mask_url, normalize_db_url, without_password
@@ -84,7 +84,7 @@ class _InFlight:
     out_dir: Path
 
 
-class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
+class StudyRunner(Resume, SeedQueue, Duplicates, Retries, Tracking, TimeBudget):
     """One invocation of ``search``: sets up the study, the recorder and Ray, then runs the loop."""
 
     def __init__(self, config: SearchConfig, opts: SearchOptions, recorder: RecorderFactory | None = None,
@@ -401,11 +401,6 @@ class StudyRunner(Resume, Duplicates, Retries, Tracking, TimeBudget):
             if outcome.fatal and not self.stopped_early:  # the reference itself failed: so would every trial
                 self._stop_early(f"{outcome.reason.splitlines()[0]}; every trial would fail the same way: fix it "
                                  "and run the search again")
-
-    def _stop_early(self, why: str) -> None:
-        self.stopped_early = f"stopped asking for new trials: {why}"
-        self.progress.message(self.stopped_early)
-        self._track(self.tracker.log_stopped_early, self.stopped_early)
 
     def _refresh_front(self, force_plots: bool = False) -> dict[str, float]:
         records = build_records(self.study, self.infos)

@@ -141,38 +141,3 @@ def heatmap(t: SensitivityTable, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def log_to_mlflow(t: SensitivityTable, files: list[Path], tracking_uri: str, experiment: str,
-                  workdir: str | Path | None = None) -> str:
-    """One MLflow run holding the table (as an MLflow table and the CSV/JSON) and the heat map."""
-    import mlflow
-
-    from pipeline.tracking.record import ensure_experiment
-
-    mlflow.set_tracking_uri(tracking_uri)
-    # created where the search's own experiment would be (artifacts beside the store, not in ./mlruns)
-    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(tracking_uri), tracking_uri, experiment,
-                                                          workdir))
-    rows = {"layer": [], "format": [], "drop": [], "execution": [], "size_share": [], "latency_share_estimate": []}
-    for c in t.cells:
-        cost = t.cost(c.layer)
-        rows["layer"].append(c.layer)
-        rows["format"].append(c.format.value)
-        rows["drop"].append(c.drop)
-        rows["execution"].append(c.execution)
-        rows["size_share"].append(cost.size_share)
-        rows["latency_share_estimate"].append(cost.latency_share)
-    with mlflow.start_run(run_name=f"sensitivity-{t.model}") as run:
-        mlflow.set_tags({"precision_search.kind": "sensitivity", "backend": t.backend, "device": t.device,
-                         "sensitivity.source": t.source, "sensitivity.eval": t.eval_label,
-                         "sensitivity.latency_source": t.latency_source, "sensitivity.cache_key": t.cache_key})
-        mlflow.log_params({"metric": t.metric, "formats": ",".join(f.value for f in t.formats),
-                           "layers": len(t.layers), "plan_defaults": t.plan_defaults})
-        mlflow.log_metric("reference_accuracy", t.reference_accuracy)
-        if t.proxy and t.proxy.spearman is not None:
-            mlflow.log_metric("proxy_spearman", t.proxy.spearman)
-        mlflow.log_table(rows, artifact_file="sensitivity/table.json")
-        for f in files:
-            mlflow.log_artifact(str(f), artifact_path="sensitivity")
-        return run.info.run_id

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.search.records import StudyRecord, TrialRecord
 from pipeline.tracking import schema as S
+from pipeline.tracking.experiments import ensure_experiment, log_file_model
 from pipeline.tracking.layers_table import execution_tag, layers_csv
 from pipeline.tracking.plots import front_csv, plot_front
 from pipeline.urls import mask_url, normalize_db_url
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
-DEFAULT_ARTIFACTS = "mlartifacts"
 MAX_PARAM = 6000  # MLflow param value limit
 MAX_TAG = 5000
 
@@ -91,27 +91,6 @@ def default_tracking_uri(workdir: str | Path, create: bool = True) -> str:
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / DEFAULT_DB}"
-
-
-def artifact_location(uri: str, experiment: str, workdir: str | Path | None = None) -> str | None:
-    """Where a new experiment's artifacts go when no server decides it (MLflow's own default is ./mlruns in
-    whatever folder the command ran from: the repository, a home folder...): for a SQLite store
-    ``mlartifacts/<experiment>`` next to the database; for another database URL (PostgreSQL, MySQL: no
-    server) ``<workdir>/mlartifacts/<experiment>``; None for a tracking server (it stores them)."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.resolve().parent / DEFAULT_ARTIFACTS / experiment).as_uri()
-    if "://" in uri and not uri.startswith(("http://", "https://", "databricks", "file:")) and workdir is not None:
-        return (Path(workdir).resolve() / DEFAULT_ARTIFACTS / experiment).as_uri()
-    return None
-
-
-def ensure_experiment(client, uri: str, name: str, workdir: str | Path | None = None, tags: dict | None = None) -> str:
-    """The experiment's id, created (with :func:`artifact_location`) when it does not exist."""
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_location(uri, name, workdir), tags=tags)
-    return exp.experiment_id
 
 
 def _quote(value: str) -> str:
@@ -322,7 +301,7 @@ class StudyTracker:
         model_id = None
         art = Path(result.artifact_path)
         if art.is_file() and art.suffix != ".onnx":  # e.g. the TFLite backend's candidate.tflite
-            model_id = self._log_file_model(run_id, art, result)
+            model_id = log_file_model(self.client, run_id, art, result.plan_summary)
             tags[S.TAG_MODEL_URI] = f"models:/{model_id}"
         elif art.is_file():
             on_disk = sum(p.stat().st_size for p in art.parent.glob(art.stem + "*") if p.is_file())
@@ -348,22 +327,6 @@ class StudyTracker:
                                                for k, v in metrics.items()],
                               tags=[RunTag(k, str(v)[:MAX_TAG]) for k, v in tags.items()])
         self.client.set_terminated(run_id, status="FINISHED")
-
-    def _log_file_model(self, run_id: str, art: Path, result: "TrialResult") -> str:
-        """A non-ONNX artifact (a ``.tflite`` flatbuffer) as the run's logged model ``candidate``: MLflow has no
-        flavor for it, so the file goes into a LoggedModel of its own (model_type = its suffix), which the
-        registry can version like the ONNX ones; ``load`` says how to run it."""
-        import shutil
-        import tempfile
-
-        model = self.client.create_logged_model(
-            self.client.get_run(run_id).info.experiment_id, name=S.ARTIFACT_MODEL, source_run_id=run_id,
-            model_type=art.suffix.lstrip("."), tags={S.VTAG_PLAN: result.plan_summary[:2000]})
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy2(art, Path(tmp) / art.name)
-            self.client.log_model_artifacts(model.model_id, tmp)
-        self.client.finalize_logged_model(model.model_id, "READY")
-        return model.model_id
 
     def fail_trial(self, run_id: str, reason: str, seconds: float | None = None,
                    placement: dict[str, str] | None = None) -> None:
@@ -594,7 +557,7 @@ def run_has_artifact_dir(client, run_id: str, path: str) -> bool:
         return False
 
 
-MODEL_FILE_SUFFIXES = (".tflite",)  # logged models that are one file of another runtime (StudyTracker._log_file_model)
+MODEL_FILE_SUFFIXES = (".tflite",)  # logged models that are one file of another runtime (experiments.log_file_model)
 
 
 def find_logged_model(client, study: StudyRecord, t: TrialRecord):

@@ -117,7 +117,7 @@ def test_run_dataset_errors_are_named_not_raw_tracebacks(reference):
 def test_evaluator_fails_once_with_the_field_for_bad_data_and_a_raising_metric(reference, tmp_path):
     from pipeline.evaluate import Evaluator
     from pipeline.formats import Format
-    from pipeline.measure import MetricError, TrialFailure
+    from pipeline.measure import MetricError, ReferenceFailure
     from pipeline.plan import QuantPlan
 
     cfg, _ = reference
@@ -130,5 +130,7 @@ def test_evaluator_fails_once_with_the_field_for_bad_data_and_a_raising_metric(r
     with pytest.raises(MetricError, match=r"(?s)metric.name: accuracy raised ValueError: accuracy needs one label "
                                           r"per output row: 360 rows but 3 targets.*fix metric.output"):
         _ = ev.reference_accuracy
-    with pytest.raises(TrialFailure, match="metric.name: accuracy raised"):  # a trial says the same
+    # a trial says the same, as the study's failure (every trial would fail alike), before building its candidate
+    with pytest.raises(ReferenceFailure, match="the FP32 reference could not be scored: metric.name: accuracy raised"):
         ev.evaluate(QuantPlan.uniform(Format.INT8), tmp_path / "int8", energy=False)
+    assert not (tmp_path / "int8").exists() or not list((tmp_path / "int8").glob("*.onnx"))

@@ -68,7 +68,7 @@ def test_cli_logs_to_the_store_the_search_uses_by_default(fragile_config, fragil
 
 
 def test_an_experiment_on_a_database_without_a_server_keeps_its_artifacts_in_the_workdir(tmp_path):
-    from pipeline.tracking.record import artifact_location
+    from pipeline.tracking.experiments import artifact_location
 
     url = "postgresql://postgres@127.0.0.1:5432/test"
     assert artifact_location(url, "e", tmp_path) == (tmp_path.resolve() / "mlartifacts" / "e").as_uri()
