@@ -20,13 +20,18 @@ def _third_trial_in_flight(p, log, trials: int) -> None:
     time.sleep(0.5)
 
 
-def test_driver_sigkill_then_resume(tmp_path):
+def _start(tmp_path, trials: int):
+    """The search command, started: (workdir, its arguments, its log, the process). Unseeded: after the
+    baselines a seeded driver re-times them, with no trial in flight for a moment."""
     work = tmp_path / "work"
-    # unseeded: after the baselines a seeded driver re-times them (no trial in flight for a moment)
-    args = search_args(work, "--trials", "5", "--parallel", "1", **{"measure.energy.min_seconds": 1,
-                                                                     "search.sensitivity.seed": "false"})
+    args = search_args(work, "--trials", str(trials), "--parallel", "1",
+                       **{"measure.energy.min_seconds": 1, "search.sensitivity.seed": "false"})
     log = tmp_path / "first.log"
-    p = start_cli(args, tmp_path, log)
+    return work, args, log, start_cli(args, tmp_path, log)
+
+
+def test_driver_sigkill_then_resume(tmp_path):
+    work, args, log, p = _start(tmp_path, 5)
     try:
         _third_trial_in_flight(p, log, 5)
     finally:
@@ -59,11 +64,7 @@ def test_driver_sigterm_ends_cleanly_then_resumes(tmp_path):
     import os
     import signal
 
-    work = tmp_path / "work"
-    args = search_args(work, "--trials", "4", "--parallel", "1", **{"measure.energy.min_seconds": 1,
-                                                                     "search.sensitivity.seed": "false"})
-    log = tmp_path / "first.log"
-    p = start_cli(args, tmp_path, log)
+    work, args, log, p = _start(tmp_path, 4)
     try:
         _third_trial_in_flight(p, log, 4)
         os.kill(p.pid, signal.SIGTERM)
