@@ -27,13 +27,13 @@ from pipeline.config import SearchConfig
 from pipeline.data import CALIBRATION_BATCH, Dataset, calibration_batches, load_dataset, load_eval_set
 from pipeline.data_check import onnx_input_specs
 from pipeline.measure import (
+    ReferenceFailure,
     TrialFailure,
     TrialPruned,
     effective_bits_per_weight,
     exclusive_measurement,
     measure_lock_path,
     measure_energy,
-    ReferenceFailure,
     run_dataset,
     settle,
     task_metric,
