@@ -224,15 +224,18 @@ def test_min_objective_policies_also_honour_a_latency_budget(searched):
     _, study = _open(searched)
     free = choose(study, "min-size", Budget(max_accuracy_drop=1.0))
     lat = free.trial.metric("latency_ms_p50")
-    others = [t.metric("latency_ms_p50") for t in study.front if t.metric("latency_ms_p50") < lat]
-    if not others:
-        pytest.skip("the smallest front trial is also the fastest here: no budget separates them")
-    cap = max(others)
-    bound = choose(study, "min-size", Budget(max_accuracy_drop=1.0, max_latency_ms=cap))
-    assert bound.trial.metric("latency_ms_p50") <= cap and bound.trial.number != free.trial.number
-    assert f"latency p50 <= {cap:g} ms" in bound.reason
-    with pytest.raises(PromotionError, match="has latency p50 <= "):
-        choose(study, "min-size", Budget(max_accuracy_drop=1.0, max_latency_ms=min(others) / 1e6))
+    faster = [t for t in study.front if t.metric("latency_ms_p50") < lat]
+    # a cap just under the smallest trial's latency: it is out; a faster front trial is chosen, or none fits
+    cap = max([t.metric("latency_ms_p50") for t in faster], default=lat * 0.999)
+    if faster:
+        bound = choose(study, "min-size", Budget(max_accuracy_drop=1.0, max_latency_ms=cap))
+        assert bound.trial.metric("latency_ms_p50") <= cap and bound.trial.number != free.trial.number
+        assert f"latency p50 <= {cap:g} ms" in bound.reason
+    else:
+        with pytest.raises(PromotionError, match="has latency p50 <= "):
+            choose(study, "min-size", Budget(max_accuracy_drop=1.0, max_latency_ms=cap))
+    with pytest.raises(PromotionError, match="has latency p50 <= "):  # a cap below every front trial's latency
+        choose(study, "min-size", Budget(max_accuracy_drop=1.0, max_latency_ms=lat / 1e6))
 
 
 def test_knee_is_the_knee_the_search_reported(searched):
